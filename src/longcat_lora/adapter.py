@@ -1,0 +1,354 @@
+"""The format-neutral LoRA model every reader produces and every writer consumes.
+
+A `LoraAdapter` maps each adapted base weight (LongCat's original module name) to a `LoraModule`: a list
+of `Part`s, each owning a contiguous row range of the weight, with its own down matrix, up matrix and
+scale. The weight change is exact by construction:
+
+    dW[rows_i] += scale_i * up_i @ down_i        for every part i
+
+A native module with n up blocks is n parts whose downs are consecutive row slices of one down matrix;
+a FastVideo split layer is one part; a standard LoRA with a block-diagonal up matrix is split back into
+its blocks. Tensors are `Source`s: lazy references into a file (or in-memory tensors), loaded only when
+a writer or the runtime needs them, so converting a file never holds more than one module in memory.
+No value is rounded unless a target format cannot hold it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import LoraError
+from .st import SafeFile
+
+
+class Source:
+    """A 2-D tensor known by shape and dtype, loaded on demand."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+    def load(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rows(self, lo: int, hi: int) -> Source:
+        if (lo, hi) == (0, self.shape[0]):
+            return self
+        return Computed((hi - lo, self.shape[1]), self.dtype, lambda: self.load()[lo:hi].contiguous())
+
+
+@dataclass(frozen=True, eq=False)
+class FileSource(Source):
+    """A tensor (or a rectangle of it) stored in a safetensors file."""
+
+    file: SafeFile
+    key: str
+    row_range: tuple[int, int] | None = None
+    col_range: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:  # type: ignore[override]
+        full = self.file.info(self.key).shape
+        r = self.row_range or (0, full[0])
+        c = self.col_range or (0, full[1])
+        return (r[1] - r[0], c[1] - c[0])
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self.file.info(self.key).dtype
+
+    def load(self) -> torch.Tensor:
+        t = self.file.read(self.key, self.row_range)
+        if self.col_range is not None:
+            t = t[:, self.col_range[0]:self.col_range[1]].contiguous()
+        return t
+
+    def rows(self, lo: int, hi: int) -> Source:
+        base = self.row_range[0] if self.row_range else 0
+        return FileSource(self.file, self.key, (base + lo, base + hi), self.col_range)
+
+    def cols(self, lo: int, hi: int) -> FileSource:
+        base = self.col_range[0] if self.col_range else 0
+        return FileSource(self.file, self.key, self.row_range, (base + lo, base + hi))
+
+
+@dataclass(frozen=True, eq=False)
+class TensorSource(Source):
+    """An in-memory tensor."""
+
+    tensor: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:  # type: ignore[override]
+        return tuple(self.tensor.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return self.tensor.dtype
+
+    def load(self) -> torch.Tensor:
+        return self.tensor
+
+
+@dataclass(frozen=True, eq=False)
+class Computed(Source):
+    """A tensor derived from others at load time (concatenation, padding, scale folding)."""
+
+    shape: tuple[int, int]  # type: ignore[misc]
+    dtype: torch.dtype  # type: ignore[misc]
+    fn: Callable[[], torch.Tensor]
+
+    def load(self) -> torch.Tensor:
+        return self.fn()
+
+
+@dataclass
+class Part:
+    """dW[rows[0]:rows[1]] += scale * up @ down."""
+
+    rows: tuple[int, int]
+    down: Source  # [r, in]
+    up: Source  # [rows, r]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+@dataclass
+class LoraModule:
+    """All LoRA parts that adapt one base weight (named in LongCat's original naming)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    parts: list[Part]
+    # "longcat" normally; "fastvideo" for a FastVideo layer the naming table cannot translate
+    naming: str = "longcat"
+
+    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The weight change at multiplier 1, [out, in], computed in `dtype`."""
+        d = torch.zeros(self.out_features, self.in_features, dtype=dtype)
+        for p in self.parts:
+            d[p.rows[0]:p.rows[1]] += p.scale * (p.up.load().to(dtype) @ p.down.load().to(dtype))
+        return d
+
+    @property
+    def ranks(self) -> list[int]:
+        return [p.rank for p in self.parts]
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA in memory, whatever format it came from. Modules are keyed by LongCat module name."""
+
+    modules: dict[str, LoraModule]
+    format: str = "memory"
+    path: str | None = None
+    notes: list[str] = field(default_factory=list)
+    # dtype of the native alpha_scale tensors, when known, so native -> X -> native is bit-exact
+    scale_dtype: torch.dtype | None = None
+    files: list[SafeFile] = field(default_factory=list, repr=False)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> LoraAdapter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def num_parameters(self) -> int:
+        seen = set()
+        n = 0
+        for m in self.modules.values():
+            for p in m.parts:
+                for s in (p.down, p.up):
+                    if id(s) not in seen:
+                        seen.add(id(s))
+                        n += s.shape[0] * s.shape[1]
+        return n
+
+
+def validate_module(m: LoraModule, where: str) -> None:
+    """Check a module's parts are consistent with each other and with its shape."""
+    for p in m.parts:
+        lo, hi = p.rows
+        if not 0 <= lo < hi <= m.out_features:
+            raise LoraError(f"{where}: module {m.name}: rows {lo}:{hi} outside its {m.out_features} outputs")
+        if p.down.shape[1] != m.in_features:
+            raise LoraError(f"{where}: module {m.name}: down matrix has {p.down.shape[1]} inputs, "
+                            f"other parts have {m.in_features}")
+        if p.up.shape != (hi - lo, p.down.shape[0]):
+            raise LoraError(f"{where}: module {m.name}: up matrix {list(p.up.shape)} does not fit down "
+                            f"{list(p.down.shape)} over {hi - lo} rows (inconsistent rank or shape)")
+
+
+# ---------------------------------------------------------------- building blocks for writers
+
+_ORDER = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+def promote(*dtypes: torch.dtype) -> torch.dtype:
+    """The narrowest float dtype holding every input exactly (fp16 + bf16 -> fp32)."""
+    ds = set(dtypes)
+    if len(ds) == 1:
+        return ds.pop()
+    return max(ds | {torch.float32}, key=_ORDER.index)
+
+
+def folded(src: Source, factor: float) -> Source:
+    """src * factor, computed in float64 and stored in at least float32 (exact to one fp32 rounding)."""
+    if factor == 1.0:
+        return src
+    dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
+    return Computed(src.shape, dtype, lambda: (src.load().to(torch.float64) * factor).to(dtype))
+
+
+def cat_rows(srcs: list[Source]) -> Source:
+    if len(srcs) == 1:
+        return srcs[0]
+    dtype = promote(*(s.dtype for s in srcs))
+    shape = (sum(s.shape[0] for s in srcs), srcs[0].shape[1])
+    return Computed(shape, dtype, lambda: torch.cat([s.load().to(dtype) for s in srcs], 0))
+
+
+def placed(shape: tuple[int, int], pieces: list[tuple[int, int, Source]]) -> Source:
+    """A zero matrix with each (row offset, col offset, source) block written in."""
+    dtype = promote(*(s.dtype for _, _, s in pieces))
+
+    def make() -> torch.Tensor:
+        out = torch.zeros(shape, dtype=dtype)
+        for r, c, s in pieces:
+            out[r:r + s.shape[0], c:c + s.shape[1]] = s.load()
+        return out
+
+    return Computed(shape, dtype, make)
+
+
+def common_scale(parts: list[Part]) -> float:
+    for p in parts:
+        if p.scale != 0.0:
+            return p.scale
+    return 0.0
+
+
+@dataclass
+class StdLayer:
+    """One standard LoRA layer: dW = scale * b @ a."""
+
+    a: Source  # [R, in]
+    b: Source  # [out, R]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+def standard_layer(m: LoraModule, lo: int, hi: int) -> StdLayer | None:
+    """The single standard LoRA giving exactly module m's weight change on rows lo:hi, or None.
+
+    One part covering the rows keeps its tensors untouched (bit-exact); several parts become one LoRA of
+    summed rank with their up matrices placed block-diagonally, different scales folded into the ups.
+    """
+    pieces = [(p, max(lo, p.rows[0]), min(hi, p.rows[1])) for p in m.parts
+              if p.rows[0] < hi and p.rows[1] > lo]
+    if not pieces:
+        return None
+    if len(pieces) == 1:
+        p, r0, r1 = pieces[0]
+        if (r0, r1) == (lo, hi):
+            return StdLayer(p.down, p.up.rows(r0 - p.rows[0], r1 - p.rows[0]), p.scale)
+    scale = common_scale([p for p, _, _ in pieces])
+    downs, blocks, col = [], [], 0
+    for p, r0, r1 in pieces:
+        up = p.up.rows(r0 - p.rows[0], r1 - p.rows[0])
+        if p.scale != scale:
+            up = folded(up, p.scale / scale if scale else 0.0)
+        downs.append(p.down)
+        blocks.append((r0 - lo, col, up))
+        col += p.rank
+    return StdLayer(cat_rows(downs), placed((hi - lo, col), blocks), scale)
+
+
+def parts_from_standard(a: Source, b: Source, scale: float, row0: int, chunks: int) -> list[Part]:
+    """Parts for a standard LoRA layer on rows row0:row0+out; a block-diagonal b (exactly zero off the
+    diagonal, `chunks` blocks) is split back into its blocks, otherwise it stays one part."""
+    out, R = b.shape
+    if chunks > 1 and R % chunks == 0 and out % chunks == 0 and isinstance(b, FileSource):
+        r, h = R // chunks, out // chunks
+        full = b.load()
+        mask = torch.ones(out, R, dtype=torch.bool)
+        for j in range(chunks):
+            mask[j * h:(j + 1) * h, j * r:(j + 1) * r] = False
+        if not bool((full[mask] != 0).any()):
+            return [Part((row0 + j * h, row0 + (j + 1) * h), a.rows(j * r, (j + 1) * r),
+                         b.rows(j * h, (j + 1) * h).cols(j * r, (j + 1) * r), scale)
+                    for j in range(chunks)]
+    return [Part((row0, row0 + out), a, b, scale)]
+
+
+def native_blocks(m: LoraModule, chunks_hint: int) -> tuple[Source, list[Source], float]:
+    """(down, up blocks, alpha_scale) in LongCat's native form, exact for any parts.
+
+    Parts on an equal row grid (the module's native chunking, or as many cells as parts) become up
+    blocks; ranks that differ are zero-padded, missing cells are zero blocks, differing scales are folded
+    into the ups. Anything else becomes a single up block (one standard LoRA).
+    """
+    parts = sorted(m.parts, key=lambda p: p.rows)
+    out = m.out_features
+    for g in dict.fromkeys([chunks_hint, len(parts)]):
+        if g < 1 or out % g:
+            continue
+        h = out // g
+        cells: dict[int, Part] = {}
+        for p in parts:
+            k = p.rows[0] // h
+            if p.rows != (k * h, (k + 1) * h) or k in cells:
+                break
+            cells[k] = p
+        else:
+            scale = common_scale(parts)
+            r = max(p.rank for p in parts)
+            if len(cells) == g and all(p.rank == r and p.scale == scale for p in parts):
+                return cat_rows([p.down for p in parts]), [p.up for p in parts], scale
+            downs, ups = [], []
+            down_dtype = promote(*(p.down.dtype for p in parts))
+            for k in range(g):
+                p = cells.get(k)
+                if p is None:
+                    downs.append(_zeros((r, m.in_features), down_dtype))
+                    ups.append(_zeros((h, r), promote(*(q.up.dtype for q in parts))))
+                    continue
+                up = p.up if p.scale == scale else folded(p.up, p.scale / scale if scale else 0.0)
+                downs.append(_pad_rows(p.down, r))
+                ups.append(_pad_cols(up, r))
+            return cat_rows(downs), ups, scale
+    layer = standard_layer(m, 0, out)
+    assert layer is not None
+    return layer.a, [layer.b], layer.scale
+
+
+def _zeros(shape: tuple[int, int], dtype: torch.dtype) -> Source:
+    return Computed(shape, dtype, lambda: torch.zeros(shape, dtype=dtype))
+
+
+def _pad_rows(s: Source, r: int) -> Source:
+    if s.shape[0] == r:
+        return s
+    return Computed((r, s.shape[1]), s.dtype,
+                    lambda: torch.cat([s.load(), torch.zeros(r - s.shape[0], s.shape[1], dtype=s.dtype)], 0))
+
+
+def _pad_cols(s: Source, r: int) -> Source:
+    if s.shape[1] == r:
+        return s
+    return Computed((s.shape[0], r), s.dtype,
+                    lambda: torch.cat([s.load(), torch.zeros(s.shape[0], r - s.shape[1], dtype=s.dtype)], 1))

@@ -1,0 +1,117 @@
+"""The `longcat-lora` command: a thin layer over the library.
+
+Exit codes: 0 ok, 1 verify mismatch (or demo over tolerance), 2 bad input or usage. Errors are one line
+on stderr; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import LoraError
+from .formats import FORMATS, convert, load_lora
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .summary import format_report, inspect_lora
+
+    report = inspect_lora(args.file)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    skipped = convert(args.input, args.output, args.to, overwrite=args.overwrite,
+                      skip_unmapped=args.skip_unmapped, allow_nonfinite=args.allow_nonfinite, progress=True)
+    for m in skipped:
+        print(f"skipped (no name in {args.to}): {m}", file=sys.stderr)
+    print(f"wrote {args.output} ({args.to})" + (f", {len(skipped)} modules skipped" if skipped else ""))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import compare
+
+    with load_lora(args.a) as a, load_lora(args.b) as b:
+        c = compare(a, b)
+    for name in c.only_a:
+        print(f"only in {args.a}: {name}")
+    for name in c.only_b:
+        print(f"only in {args.b}: {name}")
+    ok = c.equivalent(args.rtol)
+    print(f"{len(c.errors)} modules compared; worst relative error {c.worst:.3e} at {c.worst_module} "
+          f"(rtol {args.rtol:g}): {'equivalent' if ok else 'NOT equivalent'}")
+    return 0 if ok else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longcat-lora", description="Read, validate, convert, apply and merge "
+                                "LongCat-Video LoRA adapters exactly.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--debug", action="store_true", help="show a traceback on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("inspect", help="summarise and validate a LoRA file (any format)")
+    s.add_argument("file")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=_inspect)
+
+    s = sub.add_parser("convert", help="convert a LoRA to another format")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--to", required=True, choices=sorted(FORMATS))
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.add_argument("--skip-unmapped", action="store_true",
+                   help="leave out (and list) modules the target format cannot name")
+    s.add_argument("--allow-nonfinite", action="store_true", help="convert NaN/Inf weights instead of refusing")
+    s.set_defaults(fn=_convert)
+
+    s = sub.add_parser("verify", help="compare the weight change of two LoRAs (any formats)")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
+    s.set_defaults(fn=_verify)
+
+    s = sub.add_parser("demo", help="run the end-to-end demo on a generated LoRA")
+    s.add_argument("--keep", metavar="DIR", help="write the demo files here instead of a temp dir")
+    s.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except LoraError as e:
+        if args.debug:
+            raise
+        print(f"longcat-lora: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"longcat-lora: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longcat-lora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"longcat-lora: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

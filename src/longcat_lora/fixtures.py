@@ -1,0 +1,69 @@
+"""Generate full-structure LongCat native LoRA files (the published key sets) for tests and benchmarks.
+
+Files are generated on demand, never committed. Tensors are written one at a time, so a full-size
+1.6 GB refinement file is produced with bounded memory. Values are seeded per tensor and deterministic.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from . import naming
+from .naming import DitDims
+from .st import Entry, write_safetensors
+
+PREFIX = "lora___lorahyphen___"
+SEP = "___lorahyphen___"
+LAYOUTS = {"cfg_step": naming.CFG_STEP_KINDS, "refinement": naming.REFINEMENT_KINDS}
+
+
+def native_modules(layout: str, dims: DitDims) -> list[tuple[str, int, int, int]]:
+    """(module, out, in, up blocks) for every module of a published layout, in file order."""
+    kinds = LAYOUTS[layout]
+    out = []
+    for i in range(dims.depth):
+        for k in naming.TABLE:
+            if k.per_block and k.kind in kinds:
+                out.append((k.longcat.format(i=i), *k.shape(dims), k.chunks))
+    for k in naming.TABLE:
+        if not k.per_block and k.kind in kinds:
+            out.append((k.longcat, *k.shape(dims), k.chunks))
+    return out
+
+
+def _random(key: str, shape: tuple[int, int], dtype: torch.dtype, seed: int, std: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()) ^ seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(dtype)
+
+
+def native_entries(layout: str = "refinement", dims: DitDims = naming.OFFICIAL, rank: int = 128,
+                   dtype: torch.dtype = torch.bfloat16, alpha_scale: float | None = 0.5,
+                   scale_dtype: torch.dtype | None = None, seed: int = 0) -> list[Entry]:
+    """Entries of a native LoRA file: lora_down, lora_up(.blocks.i), alpha_scale per module."""
+    entries = []
+    for module, out, inp, n in native_modules(layout, dims):
+        base = PREFIX + module.replace(".", SEP)
+
+        def mk(key: str, shape: tuple[int, int], std: float) -> Entry:
+            return Entry(key, dtype, shape, lambda: _random(key, shape, dtype, seed, std))
+
+        entries.append(mk(f"{base}.lora_down.weight", (n * rank, inp), inp ** -0.5))
+        if n == 1:
+            entries.append(mk(f"{base}.lora_up.weight", (out, rank), 0.02))
+        else:
+            entries += [mk(f"{base}.lora_up.blocks.{i}.weight", (out // n, rank), 0.02) for i in range(n)]
+        if alpha_scale is not None:
+            sd = scale_dtype or dtype
+            entries.append(Entry(f"{base}.alpha_scale", sd, (), lambda sd=sd: torch.tensor(alpha_scale, dtype=sd)))
+    return entries
+
+
+def write_native_lora(path: str, layout: str = "refinement", **kwargs) -> str:
+    """Write a full-structure native LoRA (1,152 keys for cfg_step, 1,543 for refinement at depth 48)."""
+    write_safetensors(path, native_entries(layout, **kwargs), {"format": "pt"})
+    return path
+
+
+SMALL = DitDims(hidden=64, ffn=176, adaln=32, final_out=16, depth=48)

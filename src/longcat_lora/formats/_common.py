@@ -1,0 +1,230 @@
+"""Helpers every format module shares: tensor checks, scalar reads, standard (A/B/alpha) layers."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import naming
+from ..adapter import (FileSource, LoraAdapter, LoraModule, Source, parts_from_standard, standard_layer,
+                       validate_module)
+from ..errors import LoraError, UnmappedModulesError
+from ..st import FLOAT_DTYPES, Entry, SafeFile
+
+
+@dataclass
+class WriteOptions:
+    skip_unmapped: bool = False
+    allow_nonfinite: bool = False
+    skipped: list[str] = field(default_factory=list)  # filled in by writers: modules left out
+    progress: Callable[[int], None] | None = None  # called with bytes written
+
+
+def weight(sf: SafeFile, key: str) -> FileSource:
+    """A lazy 2-D float weight; anything else is refused by name."""
+    info = sf.info(key)
+    if info.dtype not in FLOAT_DTYPES:
+        raise LoraError(f"{sf.path}: tensor {key!r} has dtype {info.dtype}; LoRA weights must be floating point")
+    if len(info.shape) != 2:
+        raise LoraError(f"{sf.path}: tensor {key!r} has shape {list(info.shape)}; LoRA weights must be 2-D")
+    if 0 in info.shape:
+        raise LoraError(f"{sf.path}: tensor {key!r} is empty (shape {list(info.shape)})")
+    return FileSource(sf, key)
+
+
+def scalar(sf: SafeFile, key: str) -> tuple[float, torch.dtype]:
+    """A finite scalar (shape [] or [1]) such as alpha_scale or lora_alpha, and its dtype."""
+    info = sf.info(key)
+    if info.dtype not in FLOAT_DTYPES and info.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8):
+        raise LoraError(f"{sf.path}: tensor {key!r} has dtype {info.dtype}; expected a number")
+    if info.shape not in ((), (1,)):
+        raise LoraError(f"{sf.path}: tensor {key!r} has shape {list(info.shape)}; expected a scalar")
+    value = float(sf.read(key).reshape(()).item())
+    if not math.isfinite(value):
+        raise LoraError(f"{sf.path}: tensor {key!r} is {value}; expected a finite number")
+    return value, info.dtype
+
+
+def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
+    """An output tensor whose values are checked for NaN/Inf as they stream past."""
+
+    def produce() -> torch.Tensor:
+        t = src.load()
+        if not opts.allow_nonfinite and not bool(torch.isfinite(t).all()):
+            raise LoraError(f"module {module}: non-finite values (NaN/Inf) in its LoRA weights "
+                            f"(pass --allow-nonfinite to convert anyway)")
+        return t.to(src.dtype)
+
+    return Entry(name, src.dtype, tuple(src.shape), produce)
+
+
+def scalar_entry(name: str, value: float, dtype: torch.dtype) -> Entry:
+    return Entry(name, dtype, (), lambda: torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
+def exact_dtype(value: float, preferred: torch.dtype) -> torch.dtype:
+    """`preferred` if it holds value exactly, else float32 if that does, else float64."""
+    for dt in (preferred, torch.float32, torch.float64):
+        if torch.tensor(value, dtype=torch.float64).to(dt).double().item() == value:
+            return dt
+    return torch.float64
+
+
+def finish(adapter: LoraAdapter, where: str) -> LoraAdapter:
+    if not adapter.modules:
+        raise LoraError(f"{where}: no LoRA modules found")
+    for m in adapter.modules.values():
+        validate_module(m, where)
+    return adapter
+
+
+def unmapped(modules: list[str], opts: WriteOptions, target: str) -> None:
+    if modules and not opts.skip_unmapped:
+        raise UnmappedModulesError(f"{len(modules)} modules have no name in {target} "
+                                   f"(pass --skip-unmapped to leave them out)", sorted(modules))
+    opts.skipped.extend(sorted(modules))
+
+
+# ------------------------------------------------------------------ standard A/B/alpha layers
+
+
+@dataclass
+class StdKeys:
+    a: str | None = None
+    b: str | None = None
+    alpha: str | None = None
+
+
+def group_keys(sf: SafeFile, patterns: list[tuple[re.Pattern[str], str]], what: str) -> dict[str, StdKeys]:
+    """Group keys into layers by the (regex with a 'layer' group, role) patterns; refuse strays."""
+    layers: dict[str, StdKeys] = {}
+    for key in sf.keys():
+        for rx, role in patterns:
+            m = rx.match(key)
+            if m:
+                keys = layers.setdefault(m.group("layer"), StdKeys())
+                if getattr(keys, role) is not None:
+                    raise LoraError(f"{sf.path}: tensors {getattr(keys, role)!r} and {key!r} both give "
+                                    f"{role} of layer {m.group('layer')}")
+                setattr(keys, role, key)
+                break
+        else:
+            raise LoraError(f"{sf.path}: unexpected tensor {key!r} in a {what} file")
+    for layer, keys in layers.items():
+        if keys.a is None or keys.b is None:
+            missing = "down/A" if keys.a is None else "up/B"
+            raise LoraError(f"{sf.path}: layer {layer} has no {missing} matrix")
+    return layers
+
+
+def add_standard_layer(modules: dict[str, LoraModule], sf: SafeFile, layer: str, keys: StdKeys,
+                       scale_of: Callable[[int], float], fastvideo_names: bool) -> None:
+    """Add one A/B layer to `modules`, mapped to its LongCat module (splits and block-diagonals undone)."""
+    a, b = weight(sf, keys.a), weight(sf, keys.b)
+    if b.shape[1] != a.shape[0]:
+        raise LoraError(f"{sf.path}: layer {layer}: up/B {list(b.shape)} and down/A {list(a.shape)} "
+                        f"disagree on rank")
+    scale = scale_of(a.shape[0])
+    name, split, nsplit, naming_ = layer, 0, 1, "longcat"
+    mapped = naming.from_fastvideo(layer) if fastvideo_names else None
+    if mapped is not None:
+        name, split, nsplit = mapped
+    elif naming.kind_of(layer) is None and fastvideo_names:
+        naming_ = "fastvideo"
+    found = naming.kind_of(name) if naming_ == "longcat" else None
+    chunks = found[0].chunks // nsplit if found and found[0].chunks % nsplit == 0 else 1
+    h = b.shape[0]
+    m = modules.get(name)
+    if m is None:
+        m = modules[name] = LoraModule(name, nsplit * h, a.shape[1], [], naming_)
+    elif m.out_features != nsplit * h:
+        raise LoraError(f"{sf.path}: layer {layer} has {h} outputs but the other parts of {name} "
+                        f"imply {m.out_features // nsplit}")
+    m.parts.extend(parts_from_standard(a, b, scale, split * h, chunks))
+
+
+@dataclass
+class LayerInfo:
+    module: str
+    rank: int
+    alpha: float  # scale * rank
+
+
+def standard_entries(adapter: LoraAdapter, opts: WriteOptions, a_key: Callable[[str], str],
+                     b_key: Callable[[str], str], target: str) -> tuple[list[Entry], list[LayerInfo]]:
+    """One standard LoRA per module in LongCat naming (block-diagonal up matrix where it has parts)."""
+    unmapped([m.name for m in adapter.modules.values() if m.naming != "longcat"], opts, target)
+    out, infos = [], []
+    for m in sorted(adapter.modules.values(), key=lambda m: m.name):
+        if m.naming != "longcat":
+            continue
+        std = standard_layer(m, 0, m.out_features)
+        out.append(entry(a_key(m.name), std.a, opts, m.name))
+        out.append(entry(b_key(m.name), std.b, opts, m.name))
+        infos.append(LayerInfo(m.name, std.rank, std.scale * std.rank))
+    return out, infos
+
+
+def peft_config(infos: list[LayerInfo]) -> dict:
+    """A PEFT LoraConfig dict: most common rank/alpha as defaults, full-path patterns for the rest."""
+    r = Counter(i.rank for i in infos).most_common(1)[0][0]
+    alpha = Counter(i.alpha for i in infos).most_common(1)[0][0]
+    return {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": _num(alpha),
+        "target_modules": [i.module for i in infos],
+        "rank_pattern": {i.module: i.rank for i in infos if i.rank != r},
+        "alpha_pattern": {i.module: _num(i.alpha) for i in infos if i.alpha != alpha},
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+    }
+
+
+def _num(x: float) -> float | int:
+    return int(x) if x == int(x) and abs(x) < 2**53 else x
+
+
+def peft_scales(config: dict, where: str) -> Callable[[str, int], float]:
+    """module, tensor rank -> scale, resolving rank/alpha patterns exactly as PEFT does."""
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise LoraError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
+    for flag in ("use_dora",):
+        if config.get(flag):
+            raise LoraError(f"{where}: {flag} adapters are not plain LoRAs and cannot be converted")
+    try:
+        r0 = int(config.get("r", 8))
+        a0 = float(config.get("lora_alpha", 8))
+        rank_pattern = dict(config.get("rank_pattern") or {})
+        alpha_pattern = dict(config.get("alpha_pattern") or {})
+    except (TypeError, ValueError):
+        raise LoraError(f"{where}: malformed LoRA config (r / lora_alpha / patterns)") from None
+    rslora = bool(config.get("use_rslora"))
+
+    def pattern(patterns: dict, module: str):
+        for key in patterns:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return patterns[key]
+        return None
+
+    def scale(module: str, rank: int) -> float:
+        r = pattern(rank_pattern, module)
+        r = r0 if r is None else int(r)
+        a = pattern(alpha_pattern, module)
+        a = a0 if a is None else float(a)
+        if r != rank:
+            raise LoraError(f"{where}: module {module} has rank {rank} but the config says r={r}")
+        if not math.isfinite(a):
+            raise LoraError(f"{where}: module {module} has non-finite lora_alpha {a}")
+        return a / math.sqrt(r) if rslora else a / r
+
+    return scale

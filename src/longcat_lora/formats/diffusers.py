@@ -1,0 +1,56 @@
+"""diffusers LoRA file: one safetensors file for `PeftAdapterMixin.load_lora_adapter(prefix="transformer")`.
+
+Keys `transformer.<module>.lora_A.weight` / `.lora_B.weight` (original module names). diffusers ignores
+`.alpha` tensors and unprefixed metadata without a word, so the scale travels in the safetensors
+metadata `lora_adapter_metadata`: the LoRA config JSON with every key prefixed `transformer.`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from ..adapter import LoraAdapter
+from ..errors import LoraError
+from ..st import SafeFile, write_safetensors
+from ._common import WriteOptions, add_standard_layer, finish, group_keys, peft_config, peft_scales, standard_entries
+
+NAME = "diffusers"
+PREFIX = "transformer."
+METADATA_KEY = "lora_adapter_metadata"
+_PATTERNS = [(re.compile(rf"^{re.escape(PREFIX)}(?P<layer>.+)\.lora_{x}\.weight$"), role)
+             for x, role in (("A", "a"), ("B", "b"))]
+
+
+def detect(keys: list[str]) -> bool:
+    return any(k.startswith(PREFIX) for k in keys)
+
+
+def read(sf: SafeFile) -> LoraAdapter:
+    adapter = LoraAdapter({}, NAME, sf.path, files=[sf])
+    raw = sf.metadata.get(METADATA_KEY)
+    if raw is None:
+        config = {}
+        adapter.notes.append(f"no {METADATA_KEY} metadata: scale 1 (alpha = rank), as diffusers assumes")
+    else:
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError:
+            raise LoraError(f"{sf.path}: metadata {METADATA_KEY} is not JSON") from None
+        if not isinstance(meta, dict):
+            raise LoraError(f"{sf.path}: metadata {METADATA_KEY} is not a JSON object")
+        config = {k[len(PREFIX):]: v for k, v in meta.items() if k.startswith(PREFIX)}
+    scale = peft_scales(config, sf.path) if config else None
+    for layer, keys in group_keys(sf, _PATTERNS, "diffusers LoRA").items():
+        fn = (lambda r: 1.0) if scale is None else (lambda r, layer=layer: scale(layer, r))
+        add_standard_layer(adapter.modules, sf, layer, keys, fn, fastvideo_names=False)
+    return finish(adapter, sf.path)
+
+
+def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
+    entries, infos = standard_entries(adapter, opts, lambda m: f"{PREFIX}{m}.lora_A.weight",
+                                      lambda m: f"{PREFIX}{m}.lora_B.weight", "diffusers (LongCat naming)")
+    config = peft_config(infos)
+    config.pop("peft_type")
+    meta = json.dumps({PREFIX + k: v for k, v in config.items()}, sort_keys=True)
+    write_safetensors(path, entries, {"format": "pt", METADATA_KEY: meta}, opts.progress)

@@ -1,0 +1,104 @@
+"""LongCat-Video's native LoRA format (what the official repo ships and loads).
+
+Keys: `lora___lorahyphen___` + module path with `.` -> `___lorahyphen___`, then `.lora_down.weight`
+[n*r, in], `.lora_up.weight` [out, r] (n = 1) or `.lora_up.blocks.{i}.weight` [out/n, r], and
+`.alpha_scale` (alpha / r). Up block i reads rows i*r:(i+1)*r of the down output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from .. import naming
+from ..adapter import LoraAdapter, LoraModule, Part, native_blocks
+from ..errors import LoraError
+from ..st import Entry, SafeFile, write_safetensors
+from ._common import WriteOptions, entry, exact_dtype, finish, scalar, scalar_entry, unmapped, weight
+
+NAME = "longcat"
+PREFIX = "lora___lorahyphen___"
+SEP = "___lorahyphen___"
+_TENSOR = re.compile(r"^(lora_down\.weight|lora_up\.weight|alpha_scale|lora_up\.blocks\.(\d+)\.weight)$")
+
+
+def encode(module: str) -> str:
+    return PREFIX + module.replace(".", SEP)
+
+
+def detect(keys: list[str]) -> bool:
+    return any(k.startswith(PREFIX) for k in keys)
+
+
+def read(sf: SafeFile) -> LoraAdapter:
+    groups: dict[str, dict[str, str]] = defaultdict(dict)
+    for key in sf.keys():
+        if not key.startswith(PREFIX):
+            raise LoraError(f"{sf.path}: unexpected tensor {key!r} in a LongCat native LoRA file")
+        enc, dot, tname = key[len(PREFIX):].partition(".")
+        if not dot or not enc or not _TENSOR.match(tname):
+            raise LoraError(f"{sf.path}: unexpected tensor {key!r} (not lora_down/lora_up/alpha_scale)")
+        groups[enc.replace(SEP, ".")][tname] = key
+    adapter = LoraAdapter({}, NAME, sf.path, files=[sf])
+    scale_dtypes = set()
+    missing_alpha = []
+    for module, tensors in groups.items():
+        if "lora_down.weight" not in tensors:
+            raise LoraError(f"{sf.path}: module {module} has no lora_down.weight")
+        down = weight(sf, tensors["lora_down.weight"])
+        blocks = {int(_TENSOR.match(t).group(2)): k for t, k in tensors.items() if t.startswith("lora_up.blocks.")}
+        if "lora_up.weight" in tensors and blocks:
+            raise LoraError(f"{sf.path}: module {module} has both lora_up.weight and lora_up.blocks.*")
+        if "lora_up.weight" in tensors:
+            ups = [weight(sf, tensors["lora_up.weight"])]
+        elif blocks:
+            n = len(blocks)
+            if sorted(blocks) != list(range(n)):
+                gaps = sorted(set(range(max(blocks) + 1)) - set(blocks))
+                raise LoraError(f"{sf.path}: module {module} is missing up block(s) {gaps} "
+                                f"(has {sorted(blocks)})")
+            ups = [weight(sf, blocks[i]) for i in range(n)]
+        else:
+            raise LoraError(f"{sf.path}: module {module} has no lora_up weight")
+        n = len(ups)
+        h, r = ups[0].shape
+        for i, u in enumerate(ups):
+            if u.shape != (h, r):
+                raise LoraError(f"{sf.path}: module {module}: up block {i} is {list(u.shape)}, "
+                                f"block 0 is {[h, r]} (inconsistent shapes)")
+        if down.shape[0] != n * r:
+            raise LoraError(f"{sf.path}: module {module}: lora_down has {down.shape[0]} rows but "
+                            f"{n} up block(s) of rank {r} need {n * r} (inconsistent rank)")
+        if "alpha_scale" in tensors:
+            scale, dt = scalar(sf, tensors["alpha_scale"])
+            scale_dtypes.add(dt)
+        else:
+            scale = 1.0
+            missing_alpha.append(module)
+        parts = [Part((i * h, (i + 1) * h), down.rows(i * r, (i + 1) * r), ups[i], scale) for i in range(n)]
+        adapter.modules[module] = LoraModule(module, n * h, down.shape[1], parts)
+    if missing_alpha:
+        adapter.notes.append(f"{len(missing_alpha)} modules have no alpha_scale: 1.0 assumed "
+                             f"(e.g. {missing_alpha[0]})")
+    if len(scale_dtypes) == 1:
+        adapter.scale_dtype = scale_dtypes.pop()
+    return finish(adapter, sf.path)
+
+
+def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
+    out: list[Entry] = []
+    unmapped([m.name for m in adapter.modules.values() if m.naming != "longcat"], opts, "LongCat naming")
+    for m in sorted(adapter.modules.values(), key=lambda m: m.name):
+        if m.naming != "longcat":
+            continue
+        found = naming.kind_of(m.name)
+        down, ups, scale = native_blocks(m, found[0].chunks if found else 1)
+        base = encode(m.name)
+        out.append(entry(f"{base}.lora_down.weight", down, opts, m.name))
+        if len(ups) == 1:
+            out.append(entry(f"{base}.lora_up.weight", ups[0], opts, m.name))
+        else:
+            out += [entry(f"{base}.lora_up.blocks.{i}.weight", u, opts, m.name) for i, u in enumerate(ups)]
+        dt = exact_dtype(scale, adapter.scale_dtype or down.dtype)
+        out.append(scalar_entry(f"{base}.alpha_scale", scale, dt))
+    write_safetensors(path, out, {"format": "pt"}, opts.progress)

@@ -1,0 +1,71 @@
+"""PEFT adapter directory: `adapter_model.safetensors` + `adapter_config.json`, original module names.
+
+Keys `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`; the scale is lora_alpha / r from the
+config, with `rank_pattern` / `alpha_pattern` keyed by full module paths (PEFT matches them as regex
+suffixes, so short keys would also hit other modules). A fused module with several up blocks is one
+LoRA of the summed rank with a block-diagonal lora_B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from ..adapter import LoraAdapter
+from ..errors import LoraError
+from ..st import SafeFile, write_safetensors
+from ._common import WriteOptions, add_standard_layer, finish, group_keys, peft_config, peft_scales, standard_entries
+
+NAME = "peft"
+DIRECTORY = True
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+PREFIX = "base_model.model."
+_PATTERNS = [(re.compile(rf"^{re.escape(PREFIX)}(?P<layer>.+)\.lora_{x}\.weight$"), role)
+             for x, role in (("A", "a"), ("B", "b"))]
+
+
+def paths(path: str) -> tuple[str, str] | None:
+    """(weights, config) if `path` is a PEFT adapter directory or the weights file inside one."""
+    d = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isfile(path) and os.path.basename(path) != WEIGHTS:
+        return None
+    if os.path.isfile(os.path.join(d, CONFIG)):
+        return os.path.join(d, WEIGHTS), os.path.join(d, CONFIG)
+    return None
+
+
+def detect(keys: list[str]) -> bool:
+    return any(k.startswith(PREFIX) for k in keys)
+
+
+def read_config(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoraError(f"{path}: cannot read the adapter config: {e}") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"{path}: the adapter config is not a JSON object")
+    return config
+
+
+def read(sf: SafeFile, config_path: str) -> LoraAdapter:
+    scale = peft_scales(read_config(config_path), config_path)
+    adapter = LoraAdapter({}, NAME, os.path.dirname(sf.path), files=[sf])
+    for layer, keys in group_keys(sf, _PATTERNS, "PEFT adapter").items():
+        if keys.alpha is not None:
+            raise LoraError(f"{sf.path}: unexpected tensor {keys.alpha!r}")
+        add_standard_layer(adapter.modules, sf, layer, keys, lambda r, layer=layer: scale(layer, r),
+                           fastvideo_names=False)
+    return finish(adapter, sf.path)
+
+
+def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
+    entries, infos = standard_entries(adapter, opts, lambda m: f"{PREFIX}{m}.lora_A.weight",
+                                      lambda m: f"{PREFIX}{m}.lora_B.weight", "PEFT (LongCat naming)")
+    write_safetensors(os.path.join(path, WEIGHTS), entries, {"format": "pt"}, opts.progress)
+    with open(os.path.join(path, CONFIG), "w", encoding="utf-8") as f:
+        json.dump(peft_config(infos), f, indent=2)
+        f.write("\n")

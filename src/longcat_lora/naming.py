@@ -1,0 +1,126 @@
+"""The one LongCat <-> FastVideo naming table, and the DiT shapes each module has.
+
+Everything that names a module (LoRA formats, base checkpoints, the runtime, inspect) goes through
+this table; nothing else spells the mapping out. LongCat's original names are the canonical ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DitDims:
+    """Sizes that fix every Linear shape of a LongCat-Video DiT."""
+
+    hidden: int = 4096
+    ffn: int = 11008
+    adaln: int = 512  # adaln_tembed_dim
+    final_out: int = 64  # patch (1,2,2) x out_channels 16
+    depth: int = 48
+
+
+OFFICIAL = DitDims()
+
+
+@dataclass(frozen=True)
+class ModuleKind:
+    """One kind of LoRA-targetable Linear in the DiT."""
+
+    kind: str  # short name used in reports, e.g. "attn.qkv"
+    longcat: str  # template; {i} is the block index
+    fastvideo: tuple[str, ...]  # FastVideo layer(s), one per equal row split, in row order
+    chunks: int  # up blocks (n_separate) the published native files use
+    shape: Callable[[DitDims], tuple[int, int]]  # (out, in)
+
+    @property
+    def per_block(self) -> bool:
+        return "{i}" in self.longcat
+
+
+TABLE: tuple[ModuleKind, ...] = (
+    ModuleKind("attn.qkv", "blocks.{i}.attn.qkv",
+               ("blocks.{i}.self_attn.to_q", "blocks.{i}.self_attn.to_k", "blocks.{i}.self_attn.to_v"),
+               3, lambda d: (3 * d.hidden, d.hidden)),
+    ModuleKind("attn.proj", "blocks.{i}.attn.proj", ("blocks.{i}.self_attn.to_out",),
+               1, lambda d: (d.hidden, d.hidden)),
+    ModuleKind("cross_attn.q_linear", "blocks.{i}.cross_attn.q_linear", ("blocks.{i}.cross_attn.to_q",),
+               1, lambda d: (d.hidden, d.hidden)),
+    ModuleKind("cross_attn.kv_linear", "blocks.{i}.cross_attn.kv_linear",
+               ("blocks.{i}.cross_attn.to_k", "blocks.{i}.cross_attn.to_v"),
+               2, lambda d: (2 * d.hidden, d.hidden)),
+    ModuleKind("cross_attn.proj", "blocks.{i}.cross_attn.proj", ("blocks.{i}.cross_attn.to_out",),
+               1, lambda d: (d.hidden, d.hidden)),
+    ModuleKind("ffn.w1", "blocks.{i}.ffn.w1", ("blocks.{i}.ffn.w1",), 1, lambda d: (d.ffn, d.hidden)),
+    ModuleKind("ffn.w2", "blocks.{i}.ffn.w2", ("blocks.{i}.ffn.w2",), 1, lambda d: (d.hidden, d.ffn)),
+    ModuleKind("ffn.w3", "blocks.{i}.ffn.w3", ("blocks.{i}.ffn.w3",), 1, lambda d: (d.ffn, d.hidden)),
+    ModuleKind("adaLN_modulation.1", "blocks.{i}.adaLN_modulation.1", ("blocks.{i}.adaln_linear_1",),
+               6, lambda d: (6 * d.hidden, d.adaln)),
+    ModuleKind("final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1",
+               ("final_layer.adaln_linear",), 2, lambda d: (2 * d.hidden, d.adaln)),
+    ModuleKind("final_layer.linear", "final_layer.linear", ("final_layer.proj",),
+               1, lambda d: (d.final_out, d.hidden)),
+)
+
+# Module kinds in the published files (spec section 2).
+CFG_STEP_KINDS = frozenset(["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
+                            "ffn.w1", "ffn.w2", "ffn.w3"])
+REFINEMENT_KINDS = CFG_STEP_KINDS | {"adaLN_modulation.1", "final_layer.adaLN_modulation.1", "final_layer.linear"}
+
+
+def _regex(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+
+
+_LONGCAT = [(_regex(k.longcat), k) for k in TABLE]
+_FASTVIDEO = [(_regex(t), k, j) for k in TABLE for j, t in enumerate(k.fastvideo)]
+
+
+def kind_of(module: str) -> tuple[ModuleKind, int | None] | None:
+    """(kind, block index) of a LongCat module name, or None if the DiT has no such Linear."""
+    for rx, k in _LONGCAT:
+        m = rx.match(module)
+        if m:
+            return k, (int(m.group(1)) if k.per_block else None)
+    return None
+
+
+def fastvideo_layers(module: str) -> tuple[str, ...] | None:
+    """FastVideo layer names for a LongCat module, in row order (equal row splits), or None."""
+    found = kind_of(module)
+    if found is None:
+        return None
+    k, i = found
+    return tuple(t.format(i=i) for t in k.fastvideo)
+
+
+def from_fastvideo(layer: str) -> tuple[str, int, int] | None:
+    """(LongCat module, split index, number of splits) of a FastVideo layer name, or None."""
+    for rx, k, j in _FASTVIDEO:
+        m = rx.match(layer)
+        if m:
+            i = int(m.group(1)) if k.per_block else None
+            return k.longcat.format(i=i), j, len(k.fastvideo)
+    return None
+
+
+def is_fastvideo_only(module: str) -> bool:
+    """True if the name is FastVideo's and not also LongCat's (the ffn layers share their names)."""
+    return from_fastvideo(module) is not None and kind_of(module) is None
+
+
+def split_param(name: str) -> tuple[str, str]:
+    """'blocks.0.attn.qkv.weight' -> ('blocks.0.attn.qkv', 'weight')."""
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
+def expected_shapes(dims: DitDims) -> dict[str, tuple[int, int]]:
+    """Every LoRA-targetable Linear of a DiT with these dims, LongCat name -> (out, in)."""
+    out: dict[str, tuple[int, int]] = {}
+    for k in TABLE:
+        for i in range(dims.depth) if k.per_block else [None]:
+            out[k.longcat.format(i=i)] = k.shape(dims)
+    return out

@@ -1,0 +1,175 @@
+"""`inspect`: what a LoRA file holds, and how it fits the LongCat-Video DiT."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+
+import torch
+
+from . import naming
+from .adapter import LoraAdapter
+from .formats import load_lora
+
+
+def _ranges(xs: list[int]) -> str:
+    if not xs:
+        return "none"
+    out, start, prev = [], xs[0], xs[0]
+    for x in xs[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(out)
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    return os.path.getsize(path)
+
+
+def infer_dims(adapter: LoraAdapter) -> naming.DitDims:
+    """The DiT sizes a LoRA's module shapes imply (official values where the file says nothing)."""
+    found: dict[str, Counter] = defaultdict(Counter)
+    depth = 0
+    for m in adapter.modules.values():
+        kind = naming.kind_of(m.name)
+        if kind is None:
+            continue
+        k, i = kind
+        if i is not None:
+            depth = max(depth, i + 1)
+        if k.kind in ("attn.qkv", "cross_attn.kv_linear", "attn.proj", "cross_attn.q_linear", "ffn.w1",
+                      "ffn.w3", "final_layer.linear"):
+            found["hidden"][m.in_features] += 1
+        if k.kind in ("ffn.w1", "ffn.w3"):
+            found["ffn"][m.out_features] += 1
+        if k.kind == "ffn.w2":
+            found["ffn"][m.in_features] += 1
+        if k.kind in ("adaLN_modulation.1", "final_layer.adaLN_modulation.1"):
+            found["adaln"][m.in_features] += 1
+        if k.kind == "final_layer.linear":
+            found["final_out"][m.out_features] += 1
+    o = naming.OFFICIAL
+    pick = {f: (found[f].most_common(1)[0][0] if found[f] else getattr(o, f)) for f in ("hidden", "ffn", "adaln", "final_out")}
+    return naming.DitDims(depth=depth or o.depth, **pick)
+
+
+def inspect_lora(path: str, scan_values: bool = True) -> dict:
+    """A JSON-able report: counts, ranks, scales, dtypes, coverage, and validation findings."""
+    with load_lora(path) as a:
+        keys = sum(len(f.keys()) for f in a.files)
+        dtypes: Counter = Counter()
+        nonfinite = []
+        for f in a.files:
+            for k, info in f.tensors.items():
+                dtypes[str(info.dtype).removeprefix("torch.")] += 1
+                if scan_values and info.dtype.is_floating_point and info.shape:
+                    if not bool(torch.isfinite(f.read(k)).all()):
+                        nonfinite.append(k)
+        ranks, scales, alphas = Counter(), Counter(), Counter()
+        blocks_per_kind: dict[str, Counter] = defaultdict(Counter)
+        coverage: dict[str, list[int]] = defaultdict(list)
+        unknown, bad_shapes = [], []
+        dims = infer_dims(a)
+        for m in a.modules.values():
+            for p in m.parts:
+                ranks[p.rank] += 1
+                scales[p.scale] += 1
+            kind = naming.kind_of(m.name) if m.naming == "longcat" else None
+            if kind is None:
+                unknown.append(m.name)
+                continue
+            k, i = kind
+            blocks_per_kind[k.kind][len(m.parts)] += 1
+            if i is not None:
+                coverage[k.kind].append(i)
+            expect = k.shape(dims)
+            if (m.out_features, m.in_features) != expect:
+                bad_shapes.append(f"{m.name} [{m.out_features}, {m.in_features}] (expected {list(expect)})")
+            for p in m.parts:
+                alphas[p.scale * p.rank] += 1
+        kinds = set(blocks_per_kind)
+        looks = ("cfg_step-like" if kinds == naming.CFG_STEP_KINDS else
+                 "refinement-like" if kinds == naming.REFINEMENT_KINDS else "other")
+        findings = []
+        for kind, idx in sorted(coverage.items()):
+            idx = sorted(set(idx))
+            missing = sorted(set(range(dims.depth)) - set(idx))
+            if missing:
+                findings.append(f"{kind}: blocks {_ranges(missing)} not covered (covers {_ranges(idx)})")
+        if coverage and not any("not covered" in f for f in findings):
+            findings.append(f"blocks 0-{dims.depth - 1} all covered by every module type present")
+        if dims.depth != naming.OFFICIAL.depth:
+            findings.append(f"depth {dims.depth} (the official DiT has {naming.OFFICIAL.depth} blocks)")
+        off = naming.OFFICIAL
+        if (dims.hidden, dims.ffn, dims.adaln, dims.final_out) == (off.hidden, off.ffn, off.adaln, off.final_out):
+            findings.append("module sizes match the official LongCat-Video DiT (hidden 4096, ffn 11008)")
+        else:
+            findings.append(f"module sizes imply a DiT of hidden {dims.hidden}, ffn {dims.ffn}, adaLN input "
+                            f"{dims.adaln}, output {dims.final_out}; the official one is hidden 4096, ffn 11008, "
+                            f"adaLN input 512, output 64")
+        if bad_shapes:
+            findings.append(f"{len(bad_shapes)} modules have unexpected shapes: " + "; ".join(bad_shapes[:5]))
+        else:
+            findings.append("every module's shape is consistent with that DiT")
+        if unknown:
+            findings.append(f"{len(unknown)} modules are not Linear layers of the LongCat-Video DiT: "
+                            + ", ".join(sorted(unknown)[:5]))
+        if nonfinite:
+            findings.append(f"{len(nonfinite)} tensors hold NaN/Inf: " + ", ".join(nonfinite[:5]))
+        return {
+            "path": str(path),
+            "format": a.format,
+            "file_size": _size(path),
+            "keys": keys,
+            "modules": len(a.modules),
+            "parameters": a.num_parameters,
+            "ranks": {str(r): n for r, n in sorted(ranks.items())},
+            "alpha_scales": {repr(s): n for s, n in sorted(scales.items())},
+            "alphas": {repr(x): n for x, n in sorted(alphas.items())},
+            "dtypes": dict(sorted(dtypes.items())),
+            "up_blocks": {k: {str(n): c for n, c in sorted(v.items())} for k, v in sorted(blocks_per_kind.items())},
+            "coverage": {k: _ranges(sorted(set(v))) for k, v in sorted(coverage.items())},
+            "looks_like": looks,
+            "dims": {"hidden": dims.hidden, "ffn": dims.ffn, "adaln": dims.adaln, "final_out": dims.final_out,
+                     "depth": dims.depth},
+            "notes": list(a.notes),
+            "findings": findings,
+            "nonfinite_tensors": nonfinite,
+        }
+
+
+def format_report(r: dict) -> str:
+    def num(n: int) -> str:
+        return f"{n:,}"
+
+    lines = [
+        f"{r['path']}",
+        f"  format        {r['format']}  ({r['looks_like']})",
+        f"  file size     {num(r['file_size'])} bytes",
+        f"  keys          {num(r['keys'])}",
+        f"  modules       {num(r['modules'])}",
+        f"  parameters    {num(r['parameters'])}",
+        f"  rank(s)       " + ", ".join(f"{k} (x{v})" for k, v in r["ranks"].items()),
+        f"  alpha_scale   " + ", ".join(f"{k} (x{v})" for k, v in r["alpha_scales"].items()),
+        f"  alpha         " + ", ".join(f"{k} (x{v})" for k, v in r["alphas"].items()),
+        f"  dtypes        " + ", ".join(f"{k} (x{v})" for k, v in r["dtypes"].items()),
+        "  up blocks per module type:",
+    ]
+    lines += [f"    {k:32s} " + ", ".join(f"{n} block(s) x{c}" for n, c in v.items()) for k, v in r["up_blocks"].items()]
+    lines.append("  coverage (block indices):")
+    lines += [f"    {k:32s} {v}" for k, v in r["coverage"].items()]
+    if r["notes"]:
+        lines.append("  notes:")
+        lines += [f"    - {n}" for n in r["notes"]]
+    lines.append("  findings:")
+    lines += [f"    - {f}" for f in r["findings"]]
+    return "\n".join(lines)
+
+
+__all__ = ["inspect_lora", "format_report", "infer_dims"]
