@@ -17,26 +17,46 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .errors import LoraError
-from .st import SafeFile
+from .st import ITEMSIZE, FileRange, SafeFile, dtype_name, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Source:
-    """A 2-D tensor known by shape and dtype, loaded on demand."""
+    """A 2-D float tensor known by shape and dtype name, loaded on demand.
+
+    `raw()` gives its little-endian bytes as a uint8 array [rows, cols * itemsize] without torch;
+    `load()` gives a torch tensor. Writers move bytes; only arithmetic needs torch.
+    """
 
     shape: tuple[int, int]
-    dtype: torch.dtype
+    dtype: str
+
+    def raw(self) -> np.ndarray:
+        raise NotImplementedError
 
     def load(self) -> torch.Tensor:
-        raise NotImplementedError
+        import torch
+
+        raw = np.ascontiguousarray(self.raw())
+        if not raw.flags.writeable:
+            raw = raw.copy()
+        return torch.from_numpy(raw.reshape(-1)).view(torch_dtype(self.dtype)).reshape(self.shape)
+
+    def file_range(self) -> tuple[SafeFile, FileRange] | None:
+        """Where these exact bytes lie in a file, if they do (so they can be copied without reading)."""
+        return None
 
     def rows(self, lo: int, hi: int) -> Source:
         if (lo, hi) == (0, self.shape[0]):
             return self
-        return Computed((hi - lo, self.shape[1]), self.dtype, lambda: self.load()[lo:hi].contiguous())
+        return Computed((hi - lo, self.shape[1]), self.dtype, lambda: self.raw()[lo:hi])
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,14 +76,21 @@ class FileSource(Source):
         return (r[1] - r[0], c[1] - c[0])
 
     @property
-    def dtype(self) -> torch.dtype:  # type: ignore[override]
+    def dtype(self) -> str:  # type: ignore[override]
         return self.file.info(self.key).dtype
 
-    def load(self) -> torch.Tensor:
-        t = self.file.read(self.key, self.row_range)
+    def raw(self) -> np.ndarray:
+        a = self.file.read_raw(self.key, self.row_range)
         if self.col_range is not None:
-            t = t[:, self.col_range[0]:self.col_range[1]].contiguous()
-        return t
+            k = ITEMSIZE[self.dtype]
+            a = np.ascontiguousarray(a[:, self.col_range[0] * k:self.col_range[1] * k])
+        return a
+
+    def file_range(self) -> tuple[SafeFile, FileRange] | None:
+        if self.col_range is not None:
+            return None
+        off, n = self.file.byte_range(self.key, self.row_range)
+        return self.file, FileRange(self.file.fd, off, n)
 
     def rows(self, lo: int, hi: int) -> Source:
         base = self.row_range[0] if self.row_range else 0
@@ -74,19 +101,20 @@ class FileSource(Source):
         return FileSource(self.file, self.key, self.row_range, (base + lo, base + hi))
 
 
-@dataclass(frozen=True, eq=False)
 class TensorSource(Source):
-    """An in-memory tensor."""
+    """An in-memory torch tensor."""
 
-    tensor: torch.Tensor
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.dim() != 2 or not tensor.dtype.is_floating_point:
+            raise LoraError(f"LoRA weights must be 2-D float tensors, got {tensor.dtype} {list(tensor.shape)}")
+        self.tensor = tensor.detach().cpu().contiguous()
+        self.shape = tuple(self.tensor.shape)  # type: ignore[assignment]
+        self.dtype = dtype_name(self.tensor.dtype)
 
-    @property
-    def shape(self) -> tuple[int, int]:  # type: ignore[override]
-        return tuple(self.tensor.shape)  # type: ignore[return-value]
+    def raw(self) -> np.ndarray:
+        import torch
 
-    @property
-    def dtype(self) -> torch.dtype:  # type: ignore[override]
-        return self.tensor.dtype
+        return self.tensor.view(torch.uint8).numpy().reshape(self.shape[0], -1)
 
     def load(self) -> torch.Tensor:
         return self.tensor
@@ -94,13 +122,13 @@ class TensorSource(Source):
 
 @dataclass(frozen=True, eq=False)
 class Computed(Source):
-    """A tensor derived from others at load time (concatenation, padding, scale folding)."""
+    """Bytes derived from other sources at load time (concatenation, padding, placement)."""
 
     shape: tuple[int, int]  # type: ignore[misc]
-    dtype: torch.dtype  # type: ignore[misc]
-    fn: Callable[[], torch.Tensor]
+    dtype: str  # type: ignore[misc]
+    fn: Callable[[], np.ndarray]
 
-    def load(self) -> torch.Tensor:
+    def raw(self) -> np.ndarray:
         return self.fn()
 
 
@@ -129,8 +157,11 @@ class LoraModule:
     # "longcat" normally; "fastvideo" for a FastVideo layer the naming table cannot translate
     naming: str = "longcat"
 
-    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The weight change at multiplier 1, [out, in], computed in `dtype`."""
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight change at multiplier 1, [out, in], computed in `dtype` (default float64)."""
+        import torch
+
+        dtype = dtype or torch.float64
         d = torch.zeros(self.out_features, self.in_features, dtype=dtype)
         for p in self.parts:
             d[p.rows[0]:p.rows[1]] += p.scale * (p.up.load().to(dtype) @ p.down.load().to(dtype))
@@ -150,7 +181,7 @@ class LoraAdapter:
     path: str | None = None
     notes: list[str] = field(default_factory=list)
     # dtype of the native alpha_scale tensors, when known, so native -> X -> native is bit-exact
-    scale_dtype: torch.dtype | None = None
+    scale_dtype: str | None = None
     files: list[SafeFile] = field(default_factory=list, repr=False)
 
     def close(self) -> None:
@@ -192,41 +223,64 @@ def validate_module(m: LoraModule, where: str) -> None:
 
 # ---------------------------------------------------------------- building blocks for writers
 
-_ORDER = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+_ORDER = ["F16", "BF16", "F32", "F64"]
 
 
-def promote(*dtypes: torch.dtype) -> torch.dtype:
-    """The narrowest float dtype holding every input exactly (fp16 + bf16 -> fp32)."""
+def promote(*dtypes: str) -> str:
+    """The narrowest float dtype holding every input exactly (F16 + BF16 -> F32)."""
     ds = set(dtypes)
     if len(ds) == 1:
         return ds.pop()
-    return max(ds | {torch.float32}, key=_ORDER.index)
+    return max(ds | {"F32"}, key=_ORDER.index)
+
+
+def cast(src: Source, dtype: str) -> Source:
+    """src in another (wider) float dtype: exact, done by torch only when the dtype changes."""
+    if src.dtype == dtype:
+        return src
+
+    def make() -> np.ndarray:
+        import torch
+
+        return src.load().to(torch_dtype(dtype)).contiguous().view(torch.uint8).numpy().reshape(src.shape[0], -1)
+
+    return Computed(src.shape, dtype, make)
 
 
 def folded(src: Source, factor: float) -> Source:
     """src * factor, computed in float64 and stored in at least float32 (exact to one fp32 rounding)."""
     if factor == 1.0:
         return src
-    dtype = torch.float64 if src.dtype == torch.float64 else torch.float32
-    return Computed(src.shape, dtype, lambda: (src.load().to(torch.float64) * factor).to(dtype))
+    dtype = "F64" if src.dtype == "F64" else "F32"
+
+    def make() -> np.ndarray:
+        import torch
+
+        t = (src.load().to(torch.float64) * factor).to(torch_dtype(dtype))
+        return t.view(torch.uint8).numpy().reshape(src.shape[0], -1)
+
+    return Computed(src.shape, dtype, make)
 
 
 def cat_rows(srcs: list[Source]) -> Source:
     if len(srcs) == 1:
         return srcs[0]
     dtype = promote(*(s.dtype for s in srcs))
+    srcs = [cast(s, dtype) for s in srcs]
     shape = (sum(s.shape[0] for s in srcs), srcs[0].shape[1])
-    return Computed(shape, dtype, lambda: torch.cat([s.load().to(dtype) for s in srcs], 0))
+    return Computed(shape, dtype, lambda: np.concatenate([s.raw() for s in srcs], 0))
 
 
 def placed(shape: tuple[int, int], pieces: list[tuple[int, int, Source]]) -> Source:
     """A zero matrix with each (row offset, col offset, source) block written in."""
     dtype = promote(*(s.dtype for _, _, s in pieces))
+    pieces = [(r, c, cast(s, dtype)) for r, c, s in pieces]
+    k = ITEMSIZE[dtype]
 
-    def make() -> torch.Tensor:
-        out = torch.zeros(shape, dtype=dtype)
+    def make() -> np.ndarray:
+        out = np.zeros((shape[0], shape[1] * k), dtype=np.uint8)
         for r, c, s in pieces:
-            out[r:r + s.shape[0], c:c + s.shape[1]] = s.load()
+            out[r:r + s.shape[0], c * k:(c + s.shape[1]) * k] = s.raw()
         return out
 
     return Computed(shape, dtype, make)
@@ -284,15 +338,23 @@ def parts_from_standard(a: Source, b: Source, scale: float, row0: int, chunks: i
     out, R = b.shape
     if chunks > 1 and R % chunks == 0 and out % chunks == 0 and isinstance(b, FileSource):
         r, h = R // chunks, out // chunks
-        full = b.load()
-        mask = torch.ones(out, R, dtype=torch.bool)
-        for j in range(chunks):
-            mask[j * h:(j + 1) * h, j * r:(j + 1) * r] = False
-        if not bool((full[mask] != 0).any()):
+        if _block_diagonal(b, chunks):
             return [Part((row0 + j * h, row0 + (j + 1) * h), a.rows(j * r, (j + 1) * r),
                          b.rows(j * h, (j + 1) * h).cols(j * r, (j + 1) * r), scale)
                     for j in range(chunks)]
     return [Part((row0, row0 + out), a, b, scale)]
+
+
+def _block_diagonal(b: Source, chunks: int) -> bool:
+    """True if b's off-diagonal blocks are exactly zero (+0.0 or -0.0)."""
+    out, R = b.shape
+    r, h, k = R // chunks, out // chunks, ITEMSIZE[b.dtype]
+    bits = b.raw().reshape(out, R, k)
+    u = np.ascontiguousarray(bits).view({2: np.uint16, 4: np.uint32, 8: np.uint64}[k]).reshape(out, R)
+    mag = u & np.array((1 << (8 * k - 1)) - 1, dtype=u.dtype)
+    for j in range(chunks):
+        mag[j * h:(j + 1) * h, j * r:(j + 1) * r] = 0
+    return not mag.any()
 
 
 def native_blocks(m: LoraModule, chunks_hint: int) -> tuple[Source, list[Source], float]:
@@ -336,19 +398,17 @@ def native_blocks(m: LoraModule, chunks_hint: int) -> tuple[Source, list[Source]
     return layer.a, [layer.b], layer.scale
 
 
-def _zeros(shape: tuple[int, int], dtype: torch.dtype) -> Source:
-    return Computed(shape, dtype, lambda: torch.zeros(shape, dtype=dtype))
+def _zeros(shape: tuple[int, int], dtype: str) -> Source:
+    return Computed(shape, dtype, lambda: np.zeros((shape[0], shape[1] * ITEMSIZE[dtype]), dtype=np.uint8))
 
 
 def _pad_rows(s: Source, r: int) -> Source:
     if s.shape[0] == r:
         return s
-    return Computed((r, s.shape[1]), s.dtype,
-                    lambda: torch.cat([s.load(), torch.zeros(r - s.shape[0], s.shape[1], dtype=s.dtype)], 0))
+    return cat_rows([s, _zeros((r - s.shape[0], s.shape[1]), s.dtype)])
 
 
 def _pad_cols(s: Source, r: int) -> Source:
     if s.shape[1] == r:
         return s
-    return Computed((s.shape[0], r), s.dtype,
-                    lambda: torch.cat([s.load(), torch.zeros(s.shape[0], r - s.shape[1], dtype=s.dtype)], 1))
+    return placed((s.shape[0], r), [(0, 0, s)])

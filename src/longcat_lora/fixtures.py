@@ -12,7 +12,7 @@ import torch
 
 from . import naming
 from .naming import DitDims
-from .st import Entry, write_safetensors
+from .st import Entry, dtype_name, write_safetensors
 
 PREFIX = "lora___lorahyphen___"
 SEP = "___lorahyphen___"
@@ -38,6 +38,10 @@ def _random(key: str, shape: tuple[int, int], dtype: torch.dtype, seed: int, std
     return (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(dtype)
 
 
+def _bytes(t: torch.Tensor):
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def native_entries(layout: str = "refinement", dims: DitDims = naming.OFFICIAL, rank: int = 128,
                    dtype: torch.dtype = torch.bfloat16, alpha_scale: float | None = 0.5,
                    scale_dtype: torch.dtype | None = None, seed: int = 0) -> list[Entry]:
@@ -47,7 +51,7 @@ def native_entries(layout: str = "refinement", dims: DitDims = naming.OFFICIAL, 
         base = PREFIX + module.replace(".", SEP)
 
         def mk(key: str, shape: tuple[int, int], std: float) -> Entry:
-            return Entry(key, dtype, shape, lambda: _random(key, shape, dtype, seed, std))
+            return Entry(key, dtype_name(dtype), shape, lambda: _bytes(_random(key, shape, dtype, seed, std)))
 
         entries.append(mk(f"{base}.lora_down.weight", (n * rank, inp), inp ** -0.5))
         if n == 1:
@@ -56,7 +60,8 @@ def native_entries(layout: str = "refinement", dims: DitDims = naming.OFFICIAL, 
             entries += [mk(f"{base}.lora_up.blocks.{i}.weight", (out // n, rank), 0.02) for i in range(n)]
         if alpha_scale is not None:
             sd = scale_dtype or dtype
-            entries.append(Entry(f"{base}.alpha_scale", sd, (), lambda sd=sd: torch.tensor(alpha_scale, dtype=sd)))
+            entries.append(Entry(f"{base}.alpha_scale", dtype_name(sd), (),
+                                 lambda sd=sd: _bytes(torch.tensor(alpha_scale, dtype=sd))))
     return entries
 
 

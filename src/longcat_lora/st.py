@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -18,38 +19,89 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .errors import LoraError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+if TYPE_CHECKING:
+    import torch
+
+# dtype name (safetensors spelling) -> item size in bytes. Torch is not needed to read or write files,
+# and importing it costs more than copying a gigabyte, so it is only imported for arithmetic.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOATS = ("F16", "BF16", "F32", "F64")  # float dtypes a LoRA weight may have
+INTS = ("I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64")
+_BITS = {2: (np.uint16, np.int16), 4: (np.uint32, np.int32), 8: (np.uint64, np.int64)}
+# |bits| at or above which a float is Inf or NaN
+_NONFINITE = {"F16": 0x7C00, "BF16": 0x7F80, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
+_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
+          "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 MAX_HEADER = 100 * 1024 * 1024
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _TORCH[name])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    s = str(dtype).removeprefix("torch.")
+    for k, v in _TORCH.items():
+        if v == s:
+            return k
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+def nonfinite(raw: np.ndarray, dtype: str) -> bool:
+    """True if raw little-endian float data holds an Inf or NaN (bit test, no conversion)."""
+    if dtype not in _NONFINITE or raw.size == 0:
+        return False
+    u_t, s_t = _BITS[ITEMSIZE[dtype]]
+    flat = raw.reshape(-1)
+    t = _NONFINITE[dtype]
+    sign = 1 << (8 * ITEMSIZE[dtype] - 1)
+    # positive Inf/NaN: largest as signed ints; negative ones: largest as unsigned ints
+    return int(flat.view(s_t).max()) >= t or int(flat.view(u_t).max()) >= (sign | t)
+
+
+def decode_scalar(raw: bytes, dtype: str) -> float:
+    a = np.frombuffer(raw, dtype=np.uint8)
+    if dtype == "BF16":
+        return float((a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)[0])
+    table = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
+    if dtype not in table:
+        raise ValueError(dtype)
+    return float(a.view(table[dtype])[0])
+
+
+def encode_scalar(value: float, dtype: str) -> bytes:
+    """Little-endian bytes of one value in a float dtype (round to nearest even)."""
+    if dtype == "BF16":
+        u = int(np.array(value, dtype=np.float32).view(np.uint32))
+        if math.isnan(value):
+            bits = 0x7FC0
+        else:
+            bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+        return struct.pack("<H", bits)
+    return np.array(value, dtype={"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]).tobytes()
+
+
+def representable(value: float, dtype: str) -> bool:
+    return decode_scalar(encode_scalar(value, dtype), dtype) == value
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives in a safetensors file."""
 
-    dtype: torch.dtype
+    dtype: str  # safetensors name, e.g. "BF16"
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     end: int
@@ -121,19 +173,17 @@ class SafeFile:
                 lo, hi = int(lo), int(hi)
             except (KeyError, TypeError, ValueError):
                 raise LoraError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}") from None
-            if dtype_name not in DTYPES:
+            if dtype_name not in ITEMSIZE:
                 raise LoraError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
-            dtype = DTYPES[dtype_name]
             if any(s < 0 for s in shape) or lo < 0 or hi < lo:
                 raise LoraError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}")
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if math.prod(shape) * itemsize != hi - lo:
+            if math.prod(shape) * ITEMSIZE[dtype_name] != hi - lo:
                 raise LoraError(f"{self.path}: tensor {name!r}: {hi - lo} bytes stored for shape "
                                 f"{list(shape)} {dtype_name} (corrupt header)")
             if base + hi > self.size:
                 raise LoraError(f"{self.path}: truncated: tensor {name!r} ends at byte {base + hi} "
                                 f"but the file has {self.size}")
-            infos[name] = TensorInfo(dtype, shape, base + lo, base + hi)
+            infos[name] = TensorInfo(dtype_name, shape, base + lo, base + hi)
             spans.append((lo, hi, name))
         spans.sort()
         for (lo0, hi0, a), (lo1, hi1, b) in zip(spans, spans[1:]):
@@ -164,19 +214,21 @@ class SafeFile:
     def info(self, name: str) -> TensorInfo:
         return self.tensors[name]
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read one tensor, or a range of its first dimension, into fresh memory."""
+    def byte_range(self, name: str, rows: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(absolute offset, length) of a tensor, or of a range of its first dimension."""
         info = self.tensors[name]
-        shape = list(info.shape)
-        start, end = info.start, info.end
-        if rows is not None:
-            lo, hi = rows
-            if not shape or not 0 <= lo <= hi <= shape[0]:
-                raise LoraError(f"{self.path}: tensor {name!r}: rows {lo}:{hi} out of range for {shape}")
-            row_bytes = (info.nbytes // shape[0]) if shape[0] else 0
-            start, end = info.start + lo * row_bytes, info.start + hi * row_bytes
-            shape[0] = hi - lo
-        count = end - start
+        if rows is None:
+            return info.start, info.nbytes
+        lo, hi = rows
+        if not info.shape or not 0 <= lo <= hi <= info.shape[0]:
+            raise LoraError(f"{self.path}: tensor {name!r}: rows {lo}:{hi} out of range for {list(info.shape)}")
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        return info.start + lo * row_bytes, (hi - lo) * row_bytes
+
+    def read_raw(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Raw bytes of a tensor (or a row range), shaped [rows, bytes per row] for 2-D tensors."""
+        info = self.tensors[name]
+        start, count = self.byte_range(name, rows)
         buf = bytearray(count)
         view = memoryview(buf)
         got = 0
@@ -185,26 +237,75 @@ class SafeFile:
             if n <= 0:
                 raise LoraError(f"{self.path}: truncated while reading tensor {name!r}")
             got += n
-        if count == 0:
-            return torch.empty(shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+        a = np.frombuffer(buf, dtype=np.uint8)
+        if len(info.shape) >= 2:
+            nrows = (rows[1] - rows[0]) if rows else info.shape[0]
+            a = a.reshape(nrows, -1) if nrows else a.reshape(0, math.prod(info.shape[1:]) * ITEMSIZE[info.dtype])
+        return a
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A tensor (or a row range of it) as a torch tensor in fresh memory."""
+        import torch
+
+        info = self.tensors[name]
+        shape = list(info.shape)
+        if rows is not None:
+            shape[0] = rows[1] - rows[0]
+        raw = self.read_raw(name, rows).reshape(-1)
+        return torch.from_numpy(raw).view(torch_dtype(info.dtype)).reshape(shape)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def scan_nonfinite(self, rng: FileRange, dtype: str) -> bool:
+        """Scan a byte range of this file for Inf/NaN bits through a read-only map (no copy).
+
+        The map is released after the scan, so resident memory stays at one tensor's pages.
+        """
+        if dtype not in _NONFINITE or rng.nbytes == 0:
+            return False
+        gran = mmap.ALLOCATIONGRANULARITY
+        start = rng.offset - rng.offset % gran
+        mm = mmap.mmap(self._fd, rng.offset - start + rng.nbytes, access=mmap.ACCESS_READ, offset=start)
+        try:
+            a = np.frombuffer(mm, dtype=np.uint8, count=rng.nbytes, offset=rng.offset - start)
+            try:
+                return nonfinite(a, dtype)
+            finally:
+                del a
+        finally:
+            mm.close()
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes to copy unchanged from an open file: written with copy_file_range, never through Python."""
+
+    fd: int
+    offset: int
+    nbytes: int
 
 
 @dataclass
 class Entry:
-    """One tensor to write: its header facts up front, its data produced on demand (streamed)."""
+    """One tensor to write: its header facts up front, its bytes produced on demand (streamed)."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str
     shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], np.ndarray | bytes | FileRange]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, str] | None = None,
                       progress: Callable[[int], None] | None = None) -> None:
     """Write header first, then each tensor as it is produced; peak memory is one tensor.
 
-    Each produced tensor must match its declared dtype and shape: a mismatch is a bug, not bad input.
+    Each produced buffer must have the declared size: a mismatch is a bug, not bad input.
     """
     entries = list(entries)
     header: dict[str, object] = {}
@@ -214,25 +315,49 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
     for e in entries:
         if e.name in header:
             raise ValueError(f"duplicate tensor name {e.name!r}")
-        nbytes = math.prod(e.shape) * torch.empty((), dtype=e.dtype).element_size()
-        header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
         for e in entries:
-            t = e.produce()
-            if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
-                raise AssertionError(f"{e.name}: produced {t.dtype} {list(t.shape)}, "
-                                     f"declared {e.dtype} {list(e.shape)}")
-            data = t.detach().to("cpu").contiguous().reshape(-1)
-            if data.numel():
-                f.write(memoryview(data.view(torch.uint8).numpy()))
+            data = e.produce()
+            if isinstance(data, FileRange):
+                if data.nbytes != e.nbytes:
+                    raise AssertionError(f"{e.name}: {data.nbytes} bytes produced, {e.nbytes} declared")
+                _copy_range(data, fd)
+            else:
+                mv = memoryview(data).cast("B")
+                if mv.nbytes != e.nbytes:
+                    raise AssertionError(f"{e.name}: {mv.nbytes} bytes produced, {e.nbytes} declared")
+                _write_all(fd, mv)
             if progress is not None:
-                progress(data.numel() * data.element_size())
+                progress(e.nbytes)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data) -> None:
+    mv = memoryview(data).cast("B")
+    while mv.nbytes:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def _copy_range(r: FileRange, fd: int) -> None:
+    off, left = r.offset, r.nbytes
+    while left:
+        try:
+            n = os.copy_file_range(r.fd, fd, left, off)
+        except OSError:
+            n = 0
+        if n <= 0:  # not supported here: fall back to read + write
+            _write_all(fd, os.pread(r.fd, min(left, 1 << 24), off))
+            n = min(left, 1 << 24)
+        off += n
+        left -= n
 
 
 def _check_out(out: str, overwrite: bool, inputs: Iterable[str]) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter, defaultdict
-
-import torch
 
 from . import naming
 from .adapter import LoraAdapter
 from .formats import load_lora
+from .st import FileRange
 
 
 def _ranges(xs: list[int]) -> str:
@@ -67,10 +67,10 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
         nonfinite = []
         for f in a.files:
             for k, info in f.tensors.items():
-                dtypes[str(info.dtype).removeprefix("torch.")] += 1
-                if scan_values and info.dtype.is_floating_point and info.shape:
-                    if not bool(torch.isfinite(f.read(k)).all()):
-                        nonfinite.append(k)
+                dtypes[info.dtype] += 1
+                if scan_values and f.scan_nonfinite(FileRange(f.fd, info.start, info.nbytes), info.dtype):
+                    nonfinite.append(k)
+        params = sum(math.prod(i.shape) for f in a.files for i in f.tensors.values() if len(i.shape) == 2)
         ranks, scales, alphas = Counter(), Counter(), Counter()
         blocks_per_kind: dict[str, Counter] = defaultdict(Counter)
         coverage: dict[str, list[int]] = defaultdict(list)
@@ -128,7 +128,7 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             "file_size": _size(path),
             "keys": keys,
             "modules": len(a.modules),
-            "parameters": a.num_parameters,
+            "parameters": params,
             "ranks": {str(r): n for r, n in sorted(ranks.items())},
             "alpha_scales": {repr(s): n for s, n in sorted(scales.items())},
             "alphas": {repr(x): n for x, n in sorted(alphas.items())},

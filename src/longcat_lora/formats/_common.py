@@ -8,13 +8,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from .. import naming
 from ..adapter import (FileSource, LoraAdapter, LoraModule, Source, parts_from_standard, standard_layer,
                        validate_module)
 from ..errors import LoraError, UnmappedModulesError
-from ..st import FLOAT_DTYPES, Entry, SafeFile
+from ..st import FLOATS, INTS, Entry, SafeFile, decode_scalar, encode_scalar, nonfinite, representable
 
 
 @dataclass
@@ -28,8 +26,9 @@ class WriteOptions:
 def weight(sf: SafeFile, key: str) -> FileSource:
     """A lazy 2-D float weight; anything else is refused by name."""
     info = sf.info(key)
-    if info.dtype not in FLOAT_DTYPES:
-        raise LoraError(f"{sf.path}: tensor {key!r} has dtype {info.dtype}; LoRA weights must be floating point")
+    if info.dtype not in FLOATS:
+        raise LoraError(f"{sf.path}: tensor {key!r} has dtype {info.dtype}; LoRA weights must be F16, BF16, "
+                        f"F32 or F64")
     if len(info.shape) != 2:
         raise LoraError(f"{sf.path}: tensor {key!r} has shape {list(info.shape)}; LoRA weights must be 2-D")
     if 0 in info.shape:
@@ -37,42 +36,56 @@ def weight(sf: SafeFile, key: str) -> FileSource:
     return FileSource(sf, key)
 
 
-def scalar(sf: SafeFile, key: str) -> tuple[float, torch.dtype]:
+def scalar(sf: SafeFile, key: str) -> tuple[float, str]:
     """A finite scalar (shape [] or [1]) such as alpha_scale or lora_alpha, and its dtype."""
     info = sf.info(key)
-    if info.dtype not in FLOAT_DTYPES and info.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8):
+    if info.dtype not in FLOATS and info.dtype not in INTS:
         raise LoraError(f"{sf.path}: tensor {key!r} has dtype {info.dtype}; expected a number")
     if info.shape not in ((), (1,)):
         raise LoraError(f"{sf.path}: tensor {key!r} has shape {list(info.shape)}; expected a scalar")
-    value = float(sf.read(key).reshape(()).item())
+    value = decode_scalar(sf.read_raw(key).tobytes(), info.dtype)
     if not math.isfinite(value):
         raise LoraError(f"{sf.path}: tensor {key!r} is {value}; expected a finite number")
     return value, info.dtype
 
 
 def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
-    """An output tensor whose values are checked for NaN/Inf as they stream past."""
+    """An output tensor whose values are checked for NaN/Inf as they stream past.
 
-    def produce() -> torch.Tensor:
-        t = src.load()
-        if not opts.allow_nonfinite and not bool(torch.isfinite(t).all()):
-            raise LoraError(f"module {module}: non-finite values (NaN/Inf) in its LoRA weights "
-                            f"(pass --allow-nonfinite to convert anyway)")
-        return t.to(src.dtype)
+    Bytes that lie unchanged in an input file are copied file-to-file (copy_file_range) after a scan of
+    their bits, never converted; anything else is produced as bytes by its source.
+    """
+
+    def refuse() -> None:
+        raise LoraError(f"module {module}: non-finite values (NaN/Inf) in its LoRA weights "
+                        f"(pass --allow-nonfinite to convert anyway)")
+
+    def produce():
+        where = src.file_range()
+        if where is not None:
+            sf, rng = where
+            if not opts.allow_nonfinite and sf.scan_nonfinite(rng, src.dtype):
+                refuse()
+            return rng
+        raw = src.raw()
+        if not opts.allow_nonfinite and nonfinite(raw, src.dtype):
+            refuse()
+        return raw
 
     return Entry(name, src.dtype, tuple(src.shape), produce)
 
 
-def scalar_entry(name: str, value: float, dtype: torch.dtype) -> Entry:
-    return Entry(name, dtype, (), lambda: torch.tensor(value, dtype=torch.float64).to(dtype))
+def scalar_entry(name: str, value: float, dtype: str) -> Entry:
+    data = encode_scalar(value, dtype)
+    return Entry(name, dtype, (), lambda: data)
 
 
-def exact_dtype(value: float, preferred: torch.dtype) -> torch.dtype:
-    """`preferred` if it holds value exactly, else float32 if that does, else float64."""
-    for dt in (preferred, torch.float32, torch.float64):
-        if torch.tensor(value, dtype=torch.float64).to(dt).double().item() == value:
+def exact_dtype(value: float, preferred: str) -> str:
+    """`preferred` if it holds value exactly, else F32 if that does, else F64."""
+    for dt in (preferred, "F32"):
+        if dt in FLOATS and representable(value, dt):
             return dt
-    return torch.float64
+    return "F64"
 
 
 def finish(adapter: LoraAdapter, where: str) -> LoraAdapter:

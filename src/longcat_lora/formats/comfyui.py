@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from ..adapter import LoraAdapter
 from ..st import SafeFile, write_safetensors
 from ._common import (WriteOptions, add_standard_layer, exact_dtype, finish, group_keys, scalar, scalar_entry,
@@ -39,5 +37,5 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     entries, infos = standard_entries(adapter, opts, lambda m: f"{PREFIX}{m}.lora_down.weight",
                                       lambda m: f"{PREFIX}{m}.lora_up.weight", "ComfyUI (LongCat naming)")
     for i in infos:
-        entries.append(scalar_entry(f"{PREFIX}{i.module}.alpha", i.alpha, exact_dtype(i.alpha, torch.float32)))
+        entries.append(scalar_entry(f"{PREFIX}{i.module}.alpha", i.alpha, exact_dtype(i.alpha, "F32")))
     write_safetensors(path, entries, {"format": "pt"}, opts.progress)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import math
 import re
 
-import torch
-
 from .. import naming
 from ..adapter import LoraAdapter, folded, standard_layer
 from ..st import Entry, SafeFile, write_safetensors
@@ -81,5 +79,5 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
                 b, alpha = folded(b, std.scale), float(rank)
             out.append(entry(f"{layer}.lora_A", std.a, opts, m.name))
             out.append(entry(f"{layer}.lora_B", b, opts, m.name))
-            out.append(scalar_entry(f"{layer}.lora_alpha", alpha, torch.float32))
+            out.append(scalar_entry(f"{layer}.lora_alpha", alpha, "F32"))
     write_safetensors(path, out, {"format": "pt"}, opts.progress)
