@@ -2,7 +2,7 @@
 
 Generates bf16 cfg_step (1.26 GB) and refinement (1.60 GB) native LoRAs in a temp dir, then times
 interleaved pairs (cp, convert) and reports the median ratio and the converter's peak RSS.
-Usage: python benchmarks/convert.py [--pairs 3] [--dir DIR]
+Usage: python benchmarks/convert.py [--pairs 5] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -10,21 +10,29 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _util import interleaved, median  # noqa: E402
 
-from longcat_lora.fixtures import write_native_lora  # noqa: E402
 
 TARGETS = {"cfg_step": 1.5, "refinement": 3.0}
 RSS_TARGET = 300
 
 
+def generate(path: str, layout: str) -> None:
+    """Write the input in a child process, so this (measuring) process never imports torch: a child
+    forked from a large parent would report the parent's resident memory as its own peak."""
+    code = f"from longcat_lora.fixtures import write_native_lora; write_native_lora({path!r}, {layout!r})"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    os.sync()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--dir", default=None)
     ap.add_argument("--layouts", nargs="+", default=list(TARGETS))
     args = ap.parse_args()
@@ -33,13 +41,14 @@ def main() -> None:
     try:
         for layout in args.layouts:
             src = os.path.join(tmp, f"{layout}.safetensors")
-            write_native_lora(src, layout)
+            generate(src, layout)
             cp_out, conv_out = os.path.join(tmp, "cp.out"), os.path.join(tmp, "conv.out")
 
             def clean() -> None:
                 for p in (cp_out, conv_out):
                     if os.path.exists(p):
                         os.remove(p)
+                os.sync()  # each timed run starts with no dirty pages from the previous one
 
             t_cp, t_conv, rss = interleaved(["cp", src, cp_out],
                                             exe + ["convert", src, conv_out, "--to", "fastvideo"],

@@ -22,10 +22,29 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import LoraError
-from .st import ITEMSIZE, FileRange, SafeFile, dtype_name, torch_dtype
+from .st import ITEMSIZE, FileRange, SafeFile, dtype_name, nonfinite, torch_dtype
 
 if TYPE_CHECKING:
     import torch
+
+
+class NonFinite(LoraError):
+    """Inf or NaN where a finite LoRA weight was expected."""
+
+
+def _checked(raw: np.ndarray, dtype: str, check: bool) -> np.ndarray:
+    if check and nonfinite(raw, dtype):
+        raise NonFinite("non-finite values (NaN/Inf)")
+    return raw
+
+
+def _torch(src: Source, check: bool) -> torch.Tensor:
+    import torch
+
+    raw = np.ascontiguousarray(src.raw(check))
+    if not raw.flags.writeable:
+        raw = raw.copy()
+    return torch.from_numpy(raw.reshape(-1)).view(torch_dtype(src.dtype)).reshape(src.shape)
 
 
 class Source:
@@ -38,16 +57,12 @@ class Source:
     shape: tuple[int, int]
     dtype: str
 
-    def raw(self) -> np.ndarray:
+    def raw(self, check: bool = False) -> np.ndarray:
+        """The bytes; with check=True, raise NonFinite if the values read hold Inf/NaN."""
         raise NotImplementedError
 
     def load(self) -> torch.Tensor:
-        import torch
-
-        raw = np.ascontiguousarray(self.raw())
-        if not raw.flags.writeable:
-            raw = raw.copy()
-        return torch.from_numpy(raw.reshape(-1)).view(torch_dtype(self.dtype)).reshape(self.shape)
+        return _torch(self, False)
 
     def file_range(self) -> tuple[SafeFile, FileRange] | None:
         """Where these exact bytes lie in a file, if they do (so they can be copied without reading)."""
@@ -56,7 +71,7 @@ class Source:
     def rows(self, lo: int, hi: int) -> Source:
         if (lo, hi) == (0, self.shape[0]):
             return self
-        return Computed((hi - lo, self.shape[1]), self.dtype, lambda: self.raw()[lo:hi])
+        return Computed((hi - lo, self.shape[1]), self.dtype, lambda check: self.raw(check)[lo:hi])
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,12 +94,12 @@ class FileSource(Source):
     def dtype(self) -> str:  # type: ignore[override]
         return self.file.info(self.key).dtype
 
-    def raw(self) -> np.ndarray:
+    def raw(self, check: bool = False) -> np.ndarray:
         a = self.file.read_raw(self.key, self.row_range)
         if self.col_range is not None:
             k = ITEMSIZE[self.dtype]
             a = np.ascontiguousarray(a[:, self.col_range[0] * k:self.col_range[1] * k])
-        return a
+        return _checked(a, self.dtype, check)
 
     def file_range(self) -> tuple[SafeFile, FileRange] | None:
         if self.col_range is not None:
@@ -111,10 +126,10 @@ class TensorSource(Source):
         self.shape = tuple(self.tensor.shape)  # type: ignore[assignment]
         self.dtype = dtype_name(self.tensor.dtype)
 
-    def raw(self) -> np.ndarray:
+    def raw(self, check: bool = False) -> np.ndarray:
         import torch
 
-        return self.tensor.view(torch.uint8).numpy().reshape(self.shape[0], -1)
+        return _checked(self.tensor.view(torch.uint8).numpy().reshape(self.shape[0], -1), self.dtype, check)
 
     def load(self) -> torch.Tensor:
         return self.tensor
@@ -122,14 +137,18 @@ class TensorSource(Source):
 
 @dataclass(frozen=True, eq=False)
 class Computed(Source):
-    """Bytes derived from other sources at load time (concatenation, padding, placement)."""
+    """Bytes derived from other sources at load time (concatenation, padding, placement).
+
+    `fn(check)` passes `check` on to the sources it reads, so values are scanned where they are read,
+    not again (mostly as zeros) in the result.
+    """
 
     shape: tuple[int, int]  # type: ignore[misc]
     dtype: str  # type: ignore[misc]
-    fn: Callable[[], np.ndarray]
+    fn: Callable[[bool], np.ndarray]
 
-    def raw(self) -> np.ndarray:
-        return self.fn()
+    def raw(self, check: bool = False) -> np.ndarray:
+        return self.fn(check)
 
 
 @dataclass
@@ -239,10 +258,11 @@ def cast(src: Source, dtype: str) -> Source:
     if src.dtype == dtype:
         return src
 
-    def make() -> np.ndarray:
+    def make(check: bool) -> np.ndarray:
         import torch
 
-        return src.load().to(torch_dtype(dtype)).contiguous().view(torch.uint8).numpy().reshape(src.shape[0], -1)
+        t = _torch(src, check).to(torch_dtype(dtype)).contiguous()
+        return t.view(torch.uint8).numpy().reshape(src.shape[0], -1)
 
     return Computed(src.shape, dtype, make)
 
@@ -253,11 +273,11 @@ def folded(src: Source, factor: float) -> Source:
         return src
     dtype = "F64" if src.dtype == "F64" else "F32"
 
-    def make() -> np.ndarray:
+    def make(check: bool) -> np.ndarray:
         import torch
 
-        t = (src.load().to(torch.float64) * factor).to(torch_dtype(dtype))
-        return t.view(torch.uint8).numpy().reshape(src.shape[0], -1)
+        t = (_torch(src, check).to(torch.float64) * factor).to(torch_dtype(dtype))
+        return _checked(t.view(torch.uint8).numpy().reshape(src.shape[0], -1), dtype, check)
 
     return Computed(src.shape, dtype, make)
 
@@ -268,7 +288,7 @@ def cat_rows(srcs: list[Source]) -> Source:
     dtype = promote(*(s.dtype for s in srcs))
     srcs = [cast(s, dtype) for s in srcs]
     shape = (sum(s.shape[0] for s in srcs), srcs[0].shape[1])
-    return Computed(shape, dtype, lambda: np.concatenate([s.raw() for s in srcs], 0))
+    return Computed(shape, dtype, lambda check: np.concatenate([s.raw(check) for s in srcs], 0))
 
 
 def placed(shape: tuple[int, int], pieces: list[tuple[int, int, Source]]) -> Source:
@@ -277,10 +297,10 @@ def placed(shape: tuple[int, int], pieces: list[tuple[int, int, Source]]) -> Sou
     pieces = [(r, c, cast(s, dtype)) for r, c, s in pieces]
     k = ITEMSIZE[dtype]
 
-    def make() -> np.ndarray:
+    def make(check: bool) -> np.ndarray:
         out = np.zeros((shape[0], shape[1] * k), dtype=np.uint8)
         for r, c, s in pieces:
-            out[r:r + s.shape[0], c * k:(c + s.shape[1]) * k] = s.raw()
+            out[r:r + s.shape[0], c * k:(c + s.shape[1]) * k] = s.raw(check)
         return out
 
     return Computed(shape, dtype, make)
@@ -349,7 +369,7 @@ def _block_diagonal(b: Source, chunks: int) -> bool:
     """True if b's off-diagonal blocks are exactly zero (+0.0 or -0.0)."""
     out, R = b.shape
     r, h, k = R // chunks, out // chunks, ITEMSIZE[b.dtype]
-    bits = b.raw().reshape(out, R, k)
+    bits = b.raw().reshape(out, R, k)  # raw bytes; NaN bits off the diagonal count as nonzero
     u = np.ascontiguousarray(bits).view({2: np.uint16, 4: np.uint32, 8: np.uint64}[k]).reshape(out, R)
     mag = u & np.array((1 << (8 * k - 1)) - 1, dtype=u.dtype)
     for j in range(chunks):
@@ -399,7 +419,7 @@ def native_blocks(m: LoraModule, chunks_hint: int) -> tuple[Source, list[Source]
 
 
 def _zeros(shape: tuple[int, int], dtype: str) -> Source:
-    return Computed(shape, dtype, lambda: np.zeros((shape[0], shape[1] * ITEMSIZE[dtype]), dtype=np.uint8))
+    return Computed(shape, dtype, lambda check: np.zeros((shape[0], shape[1] * ITEMSIZE[dtype]), dtype=np.uint8))
 
 
 def _pad_rows(s: Source, r: int) -> Source:

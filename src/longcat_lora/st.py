@@ -17,6 +17,7 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -319,24 +320,42 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    # No O_TRUNC: ext4 flushes a file truncated to zero when it is closed (auto_da_alloc), which would
+    # make every conversion wait for the disk. Outputs are always fresh temp files anyway.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    pending = None
+    if os.fstat(fd).st_size:
+        os.ftruncate(fd, 0)
     try:
         _write_all(fd, struct.pack("<Q", len(raw)) + raw)
-        for e in entries:
-            data = e.produce()
-            if isinstance(data, FileRange):
-                if data.nbytes != e.nbytes:
-                    raise AssertionError(f"{e.name}: {data.nbytes} bytes produced, {e.nbytes} declared")
-                _copy_range(data, fd)
-            else:
-                mv = memoryview(data).cast("B")
-                if mv.nbytes != e.nbytes:
-                    raise AssertionError(f"{e.name}: {mv.nbytes} bytes produced, {e.nbytes} declared")
-                _write_all(fd, mv)
-            if progress is not None:
-                progress(e.nbytes)
+        # Produce tensor i+1 (read, scan, assemble) on a second thread while tensor i is written:
+        # numpy, pread, write and copy_file_range all release the GIL. At most two tensors in memory.
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(entries[0].produce) if entries else None
+            for i, e in enumerate(entries):
+                data = pending.result()
+                pending = pool.submit(entries[i + 1].produce) if i + 1 < len(entries) else None
+                _write_entry(fd, e, data)
+                if progress is not None:
+                    progress(e.nbytes)
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
+        raise
     finally:
         os.close(fd)
+
+
+def _write_entry(fd: int, e: Entry, data: np.ndarray | bytes | FileRange) -> None:
+    if isinstance(data, FileRange):
+        if data.nbytes != e.nbytes:
+            raise AssertionError(f"{e.name}: {data.nbytes} bytes produced, {e.nbytes} declared")
+        _copy_range(data, fd)
+        return
+    mv = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
+    if mv.nbytes != e.nbytes:
+        raise AssertionError(f"{e.name}: {mv.nbytes} bytes produced, {e.nbytes} declared")
+    _write_all(fd, mv)
 
 
 def _write_all(fd: int, data) -> None:

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import naming
-from ..adapter import (FileSource, LoraAdapter, LoraModule, Source, parts_from_standard, standard_layer,
+from ..adapter import (FileSource, NonFinite, LoraAdapter, LoraModule, Source, parts_from_standard, standard_layer,
                        validate_module)
 from ..errors import LoraError, UnmappedModulesError
-from ..st import FLOATS, INTS, Entry, SafeFile, decode_scalar, encode_scalar, nonfinite, representable
+from ..st import FLOATS, INTS, Entry, SafeFile, decode_scalar, encode_scalar, representable
 
 
 @dataclass
@@ -67,10 +67,10 @@ def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
             if not opts.allow_nonfinite and sf.scan_nonfinite(rng, src.dtype):
                 refuse()
             return rng
-        raw = src.raw()
-        if not opts.allow_nonfinite and nonfinite(raw, src.dtype):
+        try:
+            return src.raw(check=not opts.allow_nonfinite)
+        except NonFinite:
             refuse()
-        return raw
 
     return Entry(name, src.dtype, tuple(src.shape), produce)
 
