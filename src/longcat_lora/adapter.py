@@ -15,6 +15,7 @@ No value is rounded unless a target format cannot hold it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -352,29 +353,54 @@ def standard_layer(m: LoraModule, lo: int, hi: int) -> StdLayer | None:
     return StdLayer(cat_rows(downs), placed((hi - lo, col), blocks), scale)
 
 
-def parts_from_standard(a: Source, b: Source, scale: float, row0: int, chunks: int) -> list[Part]:
-    """Parts for a standard LoRA layer on rows row0:row0+out; a block-diagonal b (exactly zero off the
-    diagonal, `chunks` blocks) is split back into its blocks, otherwise it stays one part."""
+def parts_from_standard(a: Source, b: Source, scale: float, row0: int, hint: int) -> list[Part]:
+    """Parts for a standard LoRA layer on rows row0:row0+out.
+
+    A block-diagonal b (exactly zero off its diagonal blocks) is split back into its blocks: `hint`
+    blocks (the module's native chunking) if that fits, else the finest equal split whose diagonal
+    blocks are all nonzero (so a zero-initialised b stays whole). Otherwise it stays one part.
+    """
     out, R = b.shape
-    if chunks > 1 and R % chunks == 0 and out % chunks == 0 and isinstance(b, FileSource):
-        r, h = R // chunks, out // chunks
-        if _block_diagonal(b, chunks):
-            return [Part((row0 + j * h, row0 + (j + 1) * h), a.rows(j * r, (j + 1) * r),
-                         b.rows(j * h, (j + 1) * h).cols(j * r, (j + 1) * r), scale)
-                    for j in range(chunks)]
+    g = _block_split(b, hint)
+    if g > 1:
+        r, h = R // g, out // g
+        return [Part((row0 + j * h, row0 + (j + 1) * h), a.rows(j * r, (j + 1) * r),
+                     _rect(b, j * h, (j + 1) * h, j * r, (j + 1) * r), scale) for j in range(g)]
     return [Part((row0, row0 + out), a, b, scale)]
 
 
-def _block_diagonal(b: Source, chunks: int) -> bool:
-    """True if b's off-diagonal blocks are exactly zero (+0.0 or -0.0)."""
+def _rect(b: Source, r0: int, r1: int, c0: int, c1: int) -> Source:
+    if isinstance(b, FileSource):
+        return b.rows(r0, r1).cols(c0, c1)  # type: ignore[union-attr]
+    k = ITEMSIZE[b.dtype]
+    return Computed((r1 - r0, c1 - c0), b.dtype,
+                    lambda check: np.ascontiguousarray(b.raw(check)[r0:r1, c0 * k:c1 * k]))
+
+
+def _block_split(b: Source, hint: int) -> int:
+    """How many equal diagonal blocks b splits into exactly (1 if none)."""
     out, R = b.shape
-    r, h, k = R // chunks, out // chunks, ITEMSIZE[b.dtype]
-    bits = b.raw().reshape(out, R, k)  # raw bytes; NaN bits off the diagonal count as nonzero
-    u = np.ascontiguousarray(bits).view({2: np.uint16, 4: np.uint32, 8: np.uint64}[k]).reshape(out, R)
-    mag = u & np.array((1 << (8 * k - 1)) - 1, dtype=u.dtype)
-    for j in range(chunks):
-        mag[j * h:(j + 1) * h, j * r:(j + 1) * r] = 0
-    return not mag.any()
+    n = math.gcd(out, R)
+    cands = [g for g in range(n, 1, -1) if n % g == 0]
+    if hint in cands:
+        cands.remove(hint)
+        cands.insert(0, hint)
+    if not cands:
+        return 1
+    k = ITEMSIZE[b.dtype]
+    u = np.ascontiguousarray(b.raw()).view({2: np.uint16, 4: np.uint32, 8: np.uint64}[k]).reshape(out, R)
+    nonzero = (u & np.array((1 << (8 * k - 1)) - 1, dtype=u.dtype)) != 0  # -0.0 counts as zero
+    for g in cands:
+        r, h = R // g, out // g
+        for j in range(g):
+            rows = nonzero[j * h:(j + 1) * h]
+            if rows[:, :j * r].any() or rows[:, (j + 1) * r:].any():
+                break
+            if g != hint and not rows[:, j * r:(j + 1) * r].any():
+                break
+        else:
+            return g
+    return 1
 
 
 def native_blocks(m: LoraModule, chunks_hint: int) -> tuple[Source, list[Source], float]:

@@ -88,7 +88,24 @@ def exact_dtype(value: float, preferred: str) -> str:
     return "F64"
 
 
+SCALE_DTYPE_KEY = "longcat_lora.alpha_scale_dtype"
+
+
+def metadata(adapter: LoraAdapter, **extra: str) -> dict[str, str]:
+    """safetensors metadata for an output; records the native alpha_scale dtype so that
+    native -> X -> native gives back the same dtypes."""
+    meta = {"format": "pt", **extra}
+    if adapter.scale_dtype:
+        meta[SCALE_DTYPE_KEY] = adapter.scale_dtype
+    return meta
+
+
 def finish(adapter: LoraAdapter, where: str) -> LoraAdapter:
+    if adapter.scale_dtype is None:
+        for f in adapter.files:
+            dt = f.metadata.get(SCALE_DTYPE_KEY)
+            if dt in FLOATS:
+                adapter.scale_dtype = dt
     if not adapter.modules:
         raise LoraError(f"{where}: no LoRA modules found")
     for m in adapter.modules.values():

@@ -11,7 +11,7 @@ import re
 
 from ..adapter import LoraAdapter
 from ..st import SafeFile, write_safetensors
-from ._common import (WriteOptions, add_standard_layer, exact_dtype, finish, group_keys, scalar, scalar_entry,
+from ._common import (metadata, WriteOptions, add_standard_layer, exact_dtype, finish, group_keys, scalar, scalar_entry,
                       standard_entries)
 
 NAME = "comfyui"
@@ -38,4 +38,4 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
                                       lambda m: f"{PREFIX}{m}.lora_up.weight", "ComfyUI (LongCat naming)")
     for i in infos:
         entries.append(scalar_entry(f"{PREFIX}{i.module}.alpha", i.alpha, exact_dtype(i.alpha, "F32")))
-    write_safetensors(path, entries, {"format": "pt"}, opts.progress)
+    write_safetensors(path, entries, metadata(adapter), opts.progress)

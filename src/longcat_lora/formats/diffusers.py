@@ -13,7 +13,7 @@ import re
 from ..adapter import LoraAdapter
 from ..errors import LoraError
 from ..st import SafeFile, write_safetensors
-from ._common import WriteOptions, add_standard_layer, finish, group_keys, peft_config, peft_scales, standard_entries
+from ._common import metadata, WriteOptions, add_standard_layer, finish, group_keys, peft_config, peft_scales, standard_entries
 
 NAME = "diffusers"
 PREFIX = "transformer."
@@ -53,4 +53,4 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     config = peft_config(infos)
     config.pop("peft_type")
     meta = json.dumps({PREFIX + k: v for k, v in config.items()}, sort_keys=True)
-    write_safetensors(path, entries, {"format": "pt", METADATA_KEY: meta}, opts.progress)
+    write_safetensors(path, entries, metadata(adapter, **{METADATA_KEY: meta}), opts.progress)

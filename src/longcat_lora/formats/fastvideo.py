@@ -19,7 +19,7 @@ import re
 from .. import naming
 from ..adapter import LoraAdapter, folded, standard_layer
 from ..st import Entry, SafeFile, write_safetensors
-from ._common import WriteOptions, add_standard_layer, entry, finish, group_keys, scalar, scalar_entry, unmapped
+from ._common import metadata, WriteOptions, add_standard_layer, entry, finish, group_keys, scalar, scalar_entry, unmapped
 
 NAME = "fastvideo"
 _PATTERNS = [(re.compile(rf"^(?:diffusion_model\.)?(?P<layer>.+)\.{s}$"), role)
@@ -80,4 +80,4 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
             out.append(entry(f"{layer}.lora_A", std.a, opts, m.name))
             out.append(entry(f"{layer}.lora_B", b, opts, m.name))
             out.append(scalar_entry(f"{layer}.lora_alpha", alpha, "F32"))
-    write_safetensors(path, out, {"format": "pt"}, opts.progress)
+    write_safetensors(path, out, metadata(adapter), opts.progress)

@@ -14,7 +14,7 @@ from .. import naming
 from ..adapter import LoraAdapter, LoraModule, Part, native_blocks
 from ..errors import LoraError
 from ..st import Entry, SafeFile, write_safetensors
-from ._common import WriteOptions, entry, exact_dtype, finish, scalar, scalar_entry, unmapped, weight
+from ._common import metadata, WriteOptions, entry, exact_dtype, finish, scalar, scalar_entry, unmapped, weight
 
 NAME = "longcat"
 PREFIX = "lora___lorahyphen___"
@@ -101,4 +101,4 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
             out += [entry(f"{base}.lora_up.blocks.{i}.weight", u, opts, m.name) for i, u in enumerate(ups)]
         dt = exact_dtype(scale, adapter.scale_dtype or down.dtype)
         out.append(scalar_entry(f"{base}.alpha_scale", scale, dt))
-    write_safetensors(path, out, {"format": "pt"}, opts.progress)
+    write_safetensors(path, out, metadata(adapter), opts.progress)

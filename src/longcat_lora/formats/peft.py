@@ -15,7 +15,7 @@ import re
 from ..adapter import LoraAdapter
 from ..errors import LoraError
 from ..st import SafeFile, write_safetensors
-from ._common import WriteOptions, add_standard_layer, finish, group_keys, peft_config, peft_scales, standard_entries
+from ._common import metadata, WriteOptions, add_standard_layer, finish, group_keys, peft_config, peft_scales, standard_entries
 
 NAME = "peft"
 DIRECTORY = True
@@ -65,7 +65,7 @@ def read(sf: SafeFile, config_path: str) -> LoraAdapter:
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     entries, infos = standard_entries(adapter, opts, lambda m: f"{PREFIX}{m}.lora_A.weight",
                                       lambda m: f"{PREFIX}{m}.lora_B.weight", "PEFT (LongCat naming)")
-    write_safetensors(os.path.join(path, WEIGHTS), entries, {"format": "pt"}, opts.progress)
+    write_safetensors(os.path.join(path, WEIGHTS), entries, metadata(adapter), opts.progress)
     with open(os.path.join(path, CONFIG), "w", encoding="utf-8") as f:
         json.dump(peft_config(infos), f, indent=2)
         f.write("\n")

@@ -1,0 +1,113 @@
+"""Independent float64 references, written from the spec, sharing no code with longcat_lora.
+
+- `official_delta`: LongCat-Video's own forward, `alpha_scale * blockdiag(ups) @ down`, read with the
+  real `safetensors` library.
+- `fastvideo_delta`: what FastVideo's LoRAPipeline merges for a file (names normalised, rank from
+  lora_A, alpha = int(lora_alpha) or rank, scale 1 when that is 0), mapped back to LongCat rows with the
+  spec's table (section 3), spelled out here on purpose as an oracle.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+
+SEP = "___lorahyphen___"
+
+# spec section 3: FastVideo layer suffix -> (LongCat suffix, split index, number of splits)
+FASTVIDEO_TO_LONGCAT = {
+    "self_attn.to_q": ("attn.qkv", 0, 3),
+    "self_attn.to_k": ("attn.qkv", 1, 3),
+    "self_attn.to_v": ("attn.qkv", 2, 3),
+    "self_attn.to_out": ("attn.proj", 0, 1),
+    "cross_attn.to_q": ("cross_attn.q_linear", 0, 1),
+    "cross_attn.to_k": ("cross_attn.kv_linear", 0, 2),
+    "cross_attn.to_v": ("cross_attn.kv_linear", 1, 2),
+    "cross_attn.to_out": ("cross_attn.proj", 0, 1),
+    "ffn.w1": ("ffn.w1", 0, 1),
+    "ffn.w2": ("ffn.w2", 0, 1),
+    "ffn.w3": ("ffn.w3", 0, 1),
+    "adaln_linear_1": ("adaLN_modulation.1", 0, 1),
+}
+FINAL = {"final_layer.adaln_linear": "final_layer.adaLN_modulation.1", "final_layer.proj": "final_layer.linear"}
+
+
+def load(path: str) -> dict[str, torch.Tensor]:
+    with safe_open(path, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def official_delta(path: str) -> dict[str, torch.Tensor]:
+    """module -> dW (float64) of a native LongCat LoRA file, by the official formula."""
+    sd = load(path)
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for k, v in sd.items():
+        enc, _, name = k.removeprefix("lora" + SEP).partition(".")
+        groups[enc.replace(SEP, ".")][name] = v
+    out = {}
+    for module, t in groups.items():
+        down = t["lora_down.weight"].double()
+        if "lora_up.weight" in t:
+            ups = [t["lora_up.weight"].double()]
+        else:
+            n = sum(1 for k in t if k.startswith("lora_up.blocks."))
+            ups = [t[f"lora_up.blocks.{i}.weight"].double() for i in range(n)]
+        scale = float(t["alpha_scale"].double().reshape(())) if "alpha_scale" in t else 1.0
+        # the official forward: split the down output into n chunks, chunk i through up i, concat
+        chunks = torch.chunk(down, len(ups), dim=0)
+        out[module] = scale * torch.cat([u @ c for u, c in zip(ups, chunks)], dim=0)
+    return out
+
+
+def fastvideo_layer_deltas(path: str) -> dict[str, torch.Tensor]:
+    """FastVideo layer -> merged dW (float64), following FastVideo's loader semantics."""
+    sd = load(path)
+    layers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for k, v in sd.items():
+        name = k.removeprefix("diffusion_model.").replace(".weight", "")
+        layer, _, role = name.rpartition(".")
+        layers[layer][role] = v
+    out = {}
+    for layer, t in layers.items():
+        A, B = t["lora_A"].double(), t["lora_B"].double()
+        rank = A.shape[0]
+        alpha = int(t["lora_alpha"].item()) if "lora_alpha" in t else rank
+        scale = (alpha / rank) if (alpha and rank) else 1.0
+        out[layer] = scale * (B @ A)
+    return out
+
+
+def fastvideo_delta(path: str) -> dict[str, torch.Tensor]:
+    """module (LongCat naming) -> dW that FastVideo would merge for a FastVideo-form file."""
+    rows: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    nsplit: dict[str, int] = {}
+    for layer, d in fastvideo_layer_deltas(path).items():
+        if layer in FINAL:
+            rows[FINAL[layer]][0] = d
+            nsplit[FINAL[layer]] = 1
+            continue
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", layer)
+        assert m, layer
+        target, j, n = FASTVIDEO_TO_LONGCAT[m.group(2)]
+        module = f"blocks.{m.group(1)}.{target}"
+        rows[module][j] = d
+        nsplit[module] = n
+    out = {}
+    for module, parts in rows.items():
+        n = nsplit[module]
+        h, w = next(iter(parts.values())).shape
+        out[module] = torch.cat([parts.get(j, torch.zeros(h, w, dtype=torch.float64)) for j in range(n)], 0)
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = max(a.norm().item(), b.norm().item())
+    return 0.0 if denom == 0 else (a - b).norm().item() / denom
+
+
+def worst(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> float:
+    assert set(ref) == set(got), (sorted(set(ref) ^ set(got)))[:5]
+    return max(rel_err(ref[k], got[k]) for k in ref)
