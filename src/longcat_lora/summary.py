@@ -56,7 +56,9 @@ def infer_dims(adapter: LoraAdapter) -> naming.DitDims:
             found["final_out"][m.out_features] += 1
     o = naming.OFFICIAL
     pick = {f: (found[f].most_common(1)[0][0] if found[f] else getattr(o, f)) for f in ("hidden", "ffn", "adaln", "final_out")}
-    return naming.DitDims(depth=depth or o.depth, **pick)
+    official = all(pick[f] == getattr(o, f) for f in pick)
+    # a LoRA for the official sizes is judged against the official 48 blocks, whatever it covers
+    return naming.DitDims(depth=max(depth, o.depth) if official else (depth or o.depth), **pick)
 
 
 def inspect_lora(path: str, scan_values: bool = True) -> dict:
@@ -94,7 +96,7 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             for p in m.parts:
                 alphas[p.scale * p.rank] += 1
         kinds = set(blocks_per_kind)
-        looks = ("cfg_step-like" if kinds == naming.CFG_STEP_KINDS else
+        looks = ("other" if unknown else "cfg_step-like" if kinds == naming.CFG_STEP_KINDS else
                  "refinement-like" if kinds == naming.REFINEMENT_KINDS else "other")
         findings = []
         for kind, idx in sorted(coverage.items()):

@@ -139,8 +139,9 @@ def group_keys(sf: SafeFile, patterns: list[tuple[re.Pattern[str], str]], what: 
             if m:
                 keys = layers.setdefault(m.group("layer"), StdKeys())
                 if getattr(keys, role) is not None:
+                    what = {"a": "the down/A matrix", "b": "the up/B matrix", "alpha": "the alpha"}[role]
                     raise LoraError(f"{sf.path}: tensors {getattr(keys, role)!r} and {key!r} both give "
-                                    f"{role} of layer {m.group('layer')}")
+                                    f"{what} of layer {m.group('layer')}")
                 setattr(keys, role, key)
                 break
         else:
