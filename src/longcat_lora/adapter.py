@@ -356,9 +356,9 @@ def standard_layer(m: LoraModule, lo: int, hi: int) -> StdLayer | None:
 def parts_from_standard(a: Source, b: Source, scale: float, row0: int, hint: int) -> list[Part]:
     """Parts for a standard LoRA layer on rows row0:row0+out.
 
-    A block-diagonal b (exactly zero off its diagonal blocks) is split back into its blocks: `hint`
-    blocks (the module's native chunking) if that fits, else the finest equal split whose diagonal
-    blocks are all nonzero (so a zero-initialised b stays whole). Otherwise it stays one part.
+    A block-diagonal b (exactly zero off its diagonal blocks) is split back into its blocks: the finest
+    equal split whose diagonal blocks are all nonzero, or `hint` blocks (the module's native chunking)
+    even where some are zero. So a zero-initialised b stays whole. Otherwise it stays one part.
     """
     out, R = b.shape
     g = _block_split(b, hint)
@@ -382,9 +382,6 @@ def _block_split(b: Source, hint: int) -> int:
     out, R = b.shape
     n = math.gcd(out, R)
     cands = [g for g in range(n, 1, -1) if n % g == 0]
-    if hint in cands:
-        cands.remove(hint)
-        cands.insert(0, hint)
     if not cands:
         return 1
     k = ITEMSIZE[b.dtype]

@@ -136,10 +136,13 @@ class SafeFile:
         self.path = str(path)
         if not os.path.isfile(self.path):
             raise LoraError(f"{self.path}: no such file")
-        what = sniff(self.path)
+        self.size = os.path.getsize(self.path)
+        with open(self.path, "rb") as f:
+            head = f.read(9)
+        plausible = len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= self.size - 8
+        what = None if plausible else sniff(self.path)  # a header length can look like a pickle's first bytes
         if what is not None:
             raise LoraError(f"{self.path}: not a safetensors file: {what}")
-        self.size = os.path.getsize(self.path)
         if self.size < 8:
             raise LoraError(f"{self.path}: not a safetensors file: only {self.size} bytes")
         self._fd = os.open(self.path, os.O_RDONLY)

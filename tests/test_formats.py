@@ -1,0 +1,229 @@
+"""PEFT, diffusers and ComfyUI/kohya outputs, loaded by the real libraries (or, for the kohya/Wan2GP
+form, by its documented semantics), against the native LoRA reference."""
+
+import json
+import logging
+import os
+import re
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from longcat_lora import convert, load_lora
+from longcat_lora.verify import compare
+
+from conftest import DIMS, cli
+from linear_bag import LinearBag
+from reference import official_delta, rel_err, worst
+
+FORMATS = ["longcat", "fastvideo", "peft", "diffusers", "comfyui"]
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _no_key_warnings(w, handler):
+    msgs = [str(x.message) for x in w] + handler.messages
+    bad = [m for m in msgs if re.search(r"missing|unexpected", m, re.I)]
+    assert not bad, bad
+
+
+def _check_layers(model, ref: dict[str, torch.Tensor], base: dict[str, torch.Tensor], prefix=""):
+    """Each adapted layer's output == base(x) + x @ dW_ref^T, <= 1e-5 relative in fp32."""
+    g = torch.Generator().manual_seed(0)
+    worst_err = worst_delta = 0.0
+    for name, dW in ref.items():
+        layer = model.get_submodule(prefix + name)
+        x = torch.randn(5, dW.shape[1], generator=g)
+        with torch.no_grad():
+            got = layer(x)
+        W, b = base[name + ".weight"].double(), base.get(name + ".bias")
+        want = x.double() @ (W + dW).T + (b.double() if b is not None else 0)
+        worst_err = max(worst_err, rel_err(want, got.double()))
+        lora_part = got.double() - (x.double() @ W.T + (b.double() if b is not None else 0))
+        worst_delta = max(worst_delta, rel_err(x.double() @ dW.T, lora_part))
+    assert worst_err <= 1e-5, worst_err
+    assert worst_delta <= 1e-3, worst_delta  # the LoRA term itself, after fp32 cancellation against W x
+    return worst_err
+
+
+@pytest.fixture
+def mixed_rank_native(native, tmp_path):
+    """A refinement LoRA whose modules are not all of one rank or scale (so patterns are needed)."""
+    src = native("refinement", rank=4, alpha_scale=0.3, dtype=torch.float32, name="base.safetensors")
+    sd = load_file(src)
+    p = "lora___lorahyphen___blocks___lorahyphen___2___lorahyphen___ffn___lorahyphen___w2"
+    sd[f"{p}.lora_down.weight"] = torch.randn(7, DIMS.ffn) * 0.1
+    sd[f"{p}.lora_up.weight"] = torch.randn(DIMS.hidden, 7) * 0.1
+    sd[f"{p}.alpha_scale"] = torch.tensor(1.25)
+    path = str(tmp_path / "mixed.safetensors")
+    save_file(sd, path)
+    return path
+
+
+def test_peft_directory_loads_in_real_peft(mixed_rank_native, tmp_path):
+    from peft import PeftModel
+
+    out = tmp_path / "adapter"
+    cli("convert", mixed_rank_native, out, "--to", "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["use_rslora"] is False
+    assert cfg["rank_pattern"]["blocks.0.attn.qkv"] == 12 and cfg["rank_pattern"]["blocks.2.ffn.w2"] == 7
+    assert cfg["rank_pattern"]["final_layer.adaLN_modulation.1"] == 8
+    assert cfg["alpha_pattern"]["blocks.2.ffn.w2"] == 7 * 1.25
+    assert "final_layer.adaLN_modulation.1" in cfg["target_modules"] and len(cfg["target_modules"]) == 386
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert all(re.match(r"^base_model\.model\..+\.lora_[AB]\.weight$", k) for k in keys) and len(keys) == 772
+    torch.manual_seed(0)
+    model = LinearBag(DIMS)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    handler = _Records()
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            pm = PeftModel.from_pretrained(model, str(out))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    _no_key_warnings(w, handler)
+    # PEFT resolved the patterns as intended: the 6-way adaLN of a block is not confused with the final one
+    assert pm.base_model.model.blocks[0].adaLN_modulation[1].r["default"] == 24
+    assert pm.base_model.model.final_layer.adaLN_modulation[1].r["default"] == 8
+    _check_layers(pm.base_model.model, official_delta(mixed_rank_native), base)
+
+
+def test_diffusers_file_loads_in_real_diffusers(mixed_rank_native, tmp_path):
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.loaders import PeftAdapterMixin
+
+    class TinyTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+        @register_to_config
+        def __init__(self, depth: int = 48):
+            super().__init__()
+            bag = LinearBag(DIMS)
+            self.blocks, self.final_layer = bag.blocks, bag.final_layer
+
+    out = tmp_path / "lora.safetensors"
+    cli("convert", mixed_rank_native, out, "--to", "diffusers")
+    with safe_open(str(out), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        keys = list(f.keys())
+    assert meta["transformer.r"] == 4 and meta["transformer.rank_pattern"]["blocks.2.ffn.w2"] == 7
+    assert all(k.startswith("transformer.") for k in meta)
+    assert all(re.match(r"^transformer\..+\.lora_[AB]\.weight$", k) for k in keys)
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    handler = _Records()
+    for name in ("diffusers", "peft", ""):
+        logging.getLogger(name).addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            model.load_lora_adapter(str(out), prefix="transformer", use_safetensors=True)
+    finally:
+        for name in ("diffusers", "peft", ""):
+            logging.getLogger(name).removeHandler(handler)
+    _no_key_warnings(w, handler)
+    _check_layers(model, official_delta(mixed_rank_native), base)
+
+
+def kohya_delta(path: str) -> dict[str, torch.Tensor]:
+    """The kohya / ComfyUI / Wan2GP semantics: dW = alpha / rank * up @ down."""
+    sd = load_file(path)
+    assert all(k.endswith((".weight", ".alpha")) for k in sd)  # Wan2GP rejects anything else
+    out = {}
+    for k in sd:
+        if k.endswith(".lora_down.weight"):
+            m = k[: -len(".lora_down.weight")]
+            down, up = sd[k].double(), sd[m + ".lora_up.weight"].double()
+            alpha = float(sd[m + ".alpha"]) if m + ".alpha" in sd else down.shape[0]
+            out[m.removeprefix("diffusion_model.")] = alpha / down.shape[0] * (up @ down)
+    return out
+
+
+def test_comfyui_file_semantics(mixed_rank_native, tmp_path):
+    out = str(tmp_path / "comfy.safetensors")
+    cli("convert", mixed_rank_native, out, "--to", "comfyui")
+    sd = load_file(out)
+    assert all(k.startswith("diffusion_model.") for k in sd)
+    assert sd["diffusion_model.blocks.0.attn.qkv.lora_down.weight"].shape == (12, DIMS.hidden)
+    up = sd["diffusion_model.blocks.0.attn.qkv.lora_up.weight"]
+    assert up.shape == (3 * DIMS.hidden, 12) and up[:DIMS.hidden, 4:].abs().max() == 0  # block-diagonal
+    assert sd["diffusion_model.blocks.0.attn.qkv.alpha"].shape == ()
+    assert worst(official_delta(mixed_rank_native), kohya_delta(out)) < 1e-7
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_round_trip_bit_exact(native, tmp_path, fmt, dtype):
+    src = native("refinement", rank=4, dtype=dtype, alpha_scale=0.5)
+    out, back = str(tmp_path / f"x.{fmt}"), str(tmp_path / "back.safetensors")
+    convert(src, out, fmt)
+    convert(out, back, "longcat")
+    a, b = load_file(src), load_file(back)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for other in FORMATS:  # any form to any form stays exact
+        o2 = str(tmp_path / f"y.{other}")
+        convert(out, o2, other)
+        with load_lora(o2) as x, load_lora(src) as y:
+            assert compare(x, y).worst == 0.0, (fmt, other)
+
+
+def test_split_parts_with_different_ranks_and_alphas(tmp_path):
+    """FastVideo LoRA trained with rank 16 on to_q, 8 on to_v and different alphas (no to_k)."""
+    g = torch.Generator().manual_seed(3)
+    h = DIMS.hidden
+    sd = {"blocks.1.self_attn.to_q.lora_A": torch.randn(16, h, generator=g),
+          "blocks.1.self_attn.to_q.lora_B": torch.randn(h, 16, generator=g),
+          "blocks.1.self_attn.to_q.lora_alpha": torch.tensor(8.0),
+          "blocks.1.self_attn.to_v.lora_A": torch.randn(8, h, generator=g),
+          "blocks.1.self_attn.to_v.lora_B": torch.randn(h, 8, generator=g),
+          "blocks.1.self_attn.to_v.lora_alpha": torch.tensor(3.0),
+          "blocks.1.cross_attn.to_k.lora_A": torch.randn(2, h, generator=g).to(torch.bfloat16),
+          "blocks.1.cross_attn.to_k.lora_B": torch.randn(h, 2, generator=g).to(torch.bfloat16),
+          "blocks.1.cross_attn.to_v.lora_A": torch.randn(4, h, generator=g),
+          "blocks.1.cross_attn.to_v.lora_B": torch.randn(h, 4, generator=g),
+          "blocks.1.cross_attn.to_v.lora_alpha": torch.tensor(1.0)}
+    src = str(tmp_path / "fv.safetensors")
+    save_file(sd, src)
+    from reference import fastvideo_delta
+
+    ref = fastvideo_delta(src)
+    native = str(tmp_path / "native.safetensors")
+    convert(src, native, "longcat")
+    n = load_file(native)
+    qkv = "lora___lorahyphen___blocks___lorahyphen___1___lorahyphen___attn___lorahyphen___qkv"
+    assert n[f"{qkv}.lora_down.weight"].shape == (48, h)  # 3 blocks, padded to rank 16
+    assert n[f"{qkv}.lora_up.blocks.1.weight"].abs().max() == 0  # to_k absent: a zero block
+    assert worst(ref, official_delta(native)) < 1e-6
+    for fmt in ("peft", "comfyui", "diffusers", "fastvideo"):
+        out = str(tmp_path / f"o.{fmt}")
+        convert(native, out, fmt)
+        with load_lora(out) as a, load_lora(src) as b:
+            assert compare(a, b).worst < 1e-6, fmt
+    assert worst(ref, kohya_delta(str(tmp_path / "o.comfyui"))) < 1e-6
+
+
+def test_verify_across_formats_detects_perturbation(native, tmp_path):
+    src = native("refinement", rank=4)
+    cli("convert", src, tmp_path / "adapter", "--to", "peft")
+    cli("verify", tmp_path / "adapter", src)
+    sd = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    sd["base_model.model.blocks.9.adaLN_modulation.1.lora_B.weight"][70, 5] += 1e-3
+    save_file(sd, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    p = cli("verify", tmp_path / "adapter", src, check=1)
+    assert "blocks.9.adaLN_modulation.1" in p.stdout
