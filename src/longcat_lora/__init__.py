@@ -1,4 +1,8 @@
-"""longcat-lora: read, validate, convert, apply and merge LongCat-Video LoRA adapters exactly."""
+"""longcat-lora: read, validate, convert, apply and merge LongCat-Video LoRA adapters exactly.
+
+Reading, writing and converting need no torch import (it costs more than copying a gigabyte); the
+runtime and merge functions import it when first used.
+"""
 
 __version__ = "0.1.0"
 
@@ -6,5 +10,19 @@ from .adapter import LoraAdapter, LoraModule, Part  # noqa: E402
 from .errors import LoraError  # noqa: E402
 from .formats import FORMATS, convert, detect_format, load_lora, save_lora  # noqa: E402
 
+_LAZY = {
+    "apply_lora": "runtime", "set_lora_strength": "runtime", "remove_lora": "runtime", "merge_lora": "runtime",
+    "unmerge_lora": "runtime", "active_loras": "runtime", "merge_checkpoint": "merge",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["FORMATS", "LoraAdapter", "LoraError", "LoraModule", "Part", "convert", "detect_format",
-           "load_lora", "save_lora", "__version__"]
+           "load_lora", "save_lora", "__version__", *_LAZY]

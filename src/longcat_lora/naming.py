@@ -70,6 +70,25 @@ CFG_STEP_KINDS = frozenset(["attn.qkv", "attn.proj", "cross_attn.q_linear", "cro
 REFINEMENT_KINDS = CFG_STEP_KINDS | {"adaLN_modulation.1", "final_layer.adaLN_modulation.1", "final_layer.linear"}
 
 
+# Base-checkpoint parameters that are not LoRA targets, LongCat -> FastVideo (FastVideo's
+# param_names_mapping). The parameter-free norms (mod_norm_attn, mod_norm_ffn, norm_final) have no tensors.
+OTHER_PARAMS: tuple[tuple[str, str], ...] = (
+    ("x_embedder.proj", "patch_embed.proj"),
+    ("t_embedder.mlp.0", "time_embedder.linear_1"),
+    ("t_embedder.mlp.2", "time_embedder.linear_2"),
+    ("y_embedder.y_proj.0", "caption_embedder.linear_1"),
+    ("y_embedder.y_proj.2", "caption_embedder.linear_2"),
+    ("blocks.{i}.pre_crs_attn_norm", "blocks.{i}.norm_cross"),
+    ("blocks.{i}.attn.q_norm", "blocks.{i}.self_attn.q_norm"),
+    ("blocks.{i}.attn.k_norm", "blocks.{i}.self_attn.k_norm"),
+    ("blocks.{i}.cross_attn.q_norm", "blocks.{i}.cross_attn.q_norm"),
+    ("blocks.{i}.cross_attn.k_norm", "blocks.{i}.cross_attn.k_norm"),
+    ("blocks.{i}.mod_norm_attn", "blocks.{i}.norm_attn"),
+    ("blocks.{i}.mod_norm_ffn", "blocks.{i}.norm_ffn"),
+    ("final_layer.norm_final", "final_layer.norm"),
+)
+
+
 def _regex(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
 
@@ -104,6 +123,41 @@ def from_fastvideo(layer: str) -> tuple[str, int, int] | None:
             i = int(m.group(1)) if k.per_block else None
             return k.longcat.format(i=i), j, len(k.fastvideo)
     return None
+
+
+_OTHER_LC = [(_regex(a), b) for a, b in OTHER_PARAMS]
+_OTHER_FV = [(_regex(b), a) for a, b in OTHER_PARAMS]
+
+
+def _rename(module: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for rx, template in table:
+        m = rx.match(module)
+        if m:
+            return template.format(i=m.group(1)) if m.groups() else template
+    return None
+
+
+def param_to_fastvideo(name: str) -> list[tuple[str, int, int]]:
+    """FastVideo tensor(s) for a LongCat base parameter: [(name, split index, splits)].
+
+    A fused Linear's weight and bias split by rows into equal parts; unknown names pass through.
+    """
+    module, leaf = split_param(name)
+    layers = fastvideo_layers(module)
+    if layers is not None:
+        return [(f"{layer}.{leaf}", j, len(layers)) for j, layer in enumerate(layers)]
+    other = _rename(module, _OTHER_LC)
+    return [(f"{other}.{leaf}" if other else name, 0, 1)]
+
+
+def param_from_fastvideo(name: str) -> tuple[str, int, int]:
+    """(LongCat name, split index, splits) of a FastVideo base parameter; unknown names pass through."""
+    module, leaf = split_param(name)
+    found = from_fastvideo(module)
+    if found is not None:
+        return f"{found[0]}.{leaf}", found[1], found[2]
+    other = _rename(module, _OTHER_FV)
+    return (f"{other}.{leaf}" if other else name), 0, 1
 
 
 def is_fastvideo_only(module: str) -> bool:
