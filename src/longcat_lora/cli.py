@@ -47,6 +47,19 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge_checkpoint, parse_lora_arg
+
+    report = merge_checkpoint(args.base, args.output, [parse_lora_arg(x) for x in args.lora], dtype=args.dtype,
+                              overwrite=args.overwrite, skip_unmapped=args.skip_unmapped, device=args.device,
+                              progress=True)
+    for m in report.skipped:
+        print(f"skipped (no base weight): {m}", file=sys.stderr)
+    print(f"wrote {args.output}: {len(report.merged)} weights changed"
+          + (f", {len(report.skipped)} LoRA modules skipped" if report.skipped else ""))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -80,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("b")
     s.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
     s.set_defaults(fn=_verify)
+
+    s = sub.add_parser("merge", help="bake LoRAs into a base checkpoint (file or sharded directory)")
+    s.add_argument("base")
+    s.add_argument("output")
+    s.add_argument("--lora", action="append", required=True, metavar="PATH[:STRENGTH]",
+                   help="a LoRA in any format, optionally with a strength (default 1.0); repeatable")
+    s.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"],
+                   help="dtype of the output's float tensors (default: keep each tensor's)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.add_argument("--skip-unmapped", action="store_true", help="leave out (and list) LoRA modules with no base weight")
+    s.add_argument("--device", default="cpu", help="where to compute the weight changes: cpu or cuda")
+    s.set_defaults(fn=_merge)
 
     s = sub.add_parser("demo", help="run the end-to-end demo on a generated LoRA")
     s.add_argument("--keep", metavar="DIR", help="write the demo files here instead of a temp dir")

@@ -72,3 +72,57 @@ def write_native_lora(path: str, layout: str = "refinement", **kwargs) -> str:
 
 
 SMALL = DitDims(hidden=64, ffn=176, adaln=32, final_out=16, depth=48)
+
+
+def write_base_checkpoint(path: str, config, naming_: str = "longcat", shards: int = 2,
+                          dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                          index_name: str = "diffusion_pytorch_model.safetensors.index.json") -> str:
+    """A sharded base checkpoint of a reference DiT (`dit.DiTConfig`), in either naming, streamed.
+
+    Tensors are random (std 0.02, norms 1) and written one at a time; shards split by size like
+    diffusers' `save_pretrained` (`...-0000k-of-0000n.safetensors` plus an index and config.json).
+    """
+    import json
+    import math
+    import os
+
+    from .dit import LongCatDiT, LongCatDiTSplit
+
+    os.makedirs(path, exist_ok=True)
+    with torch.device("meta"):
+        model = (LongCatDiT if naming_ == "longcat" else LongCatDiTSplit)(config)
+    specs = [(n, tuple(p.shape)) for n, p in model.state_dict().items()]
+    total = sum(math.prod(s) for _, s in specs) * torch.empty((), dtype=dtype).element_size()
+    per_shard = total / shards
+    groups: list[list[tuple[str, tuple]]] = [[]]
+    size = 0
+    for name, shape in specs:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if groups[-1] and size + nbytes > per_shard * len(groups) and len(groups) < shards:
+            groups.append([])
+        groups[-1].append((name, shape))
+        size += nbytes
+    stem = index_name.removesuffix(".index.json").removesuffix(".safetensors")
+    weight_map = {}
+    for k, group in enumerate(groups):
+        fname = f"{stem}-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        entries = []
+        for name, shape in group:
+            weight_map[name] = fname
+            ones = name.endswith("norm.weight") or name.endswith("norm_cross.weight") or "_norm." in name
+            entries.append(Entry(name, dtype_name(dtype), shape,
+                                 lambda name=name, shape=shape, ones=ones: _bytes(
+                                     torch.ones(shape, dtype=dtype) if ones and name.endswith("weight")
+                                     else _random_nd(name, shape, dtype, seed))))
+        write_safetensors(os.path.join(path, fname), entries, {"format": "pt"})
+    with open(os.path.join(path, index_name), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"_class_name": "LongCatVideoTransformer3DModel", "hidden_size": config.hidden_size,
+                   "depth": config.depth, "num_heads": config.num_heads}, f, indent=2)
+    return path
+
+
+def _random_nd(key: str, shape: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()) ^ seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float32) * 0.02).to(dtype)

@@ -390,6 +390,8 @@ def _check_out(out: str, overwrite: bool, inputs: Iterable[str]) -> None:
             raise LoraError(f"{out}: output is the same path as input {p}; refusing to overwrite the input")
         if os.path.isdir(real_in) and (real_out + os.sep).startswith(real_in.rstrip(os.sep) + os.sep):
             raise LoraError(f"{out}: output is inside input directory {p}; refusing")
+        if os.path.isdir(real_out) and (real_in + os.sep).startswith(real_out.rstrip(os.sep) + os.sep):
+            raise LoraError(f"{out}: input {p} is inside the output directory; refusing to replace it")
     if os.path.lexists(out) and not overwrite:
         raise LoraError(f"{out}: already exists (pass --overwrite to replace it)")
     parent = os.path.dirname(os.path.abspath(out))

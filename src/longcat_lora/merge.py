@@ -1,0 +1,234 @@
+"""Bake LoRAs into a base checkpoint: `W' = W + sum_i strength_i * dW_i`, streamed tensor by tensor.
+
+BASE is a safetensors file or a directory of shards with a `*.safetensors.index.json`, in LongCat's
+original naming or FastVideo's split naming (recognised per tensor through the naming table). OUT
+mirrors BASE: same shard names, the same weight_map, every other file copied. Untouched tensors are
+copied byte for byte (copy_file_range); each adapted weight is computed in fp32 (one in-place addmm per
+LoRA part, on the chosen device) and cast once. Everything is validated before anything is written, and
+OUT is built in a temp directory beside it and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapter import LoraAdapter
+from .errors import LoraError
+from .formats import load_lora
+from .st import FLOATS, ITEMSIZE, Entry, FileRange, SafeFile, atomic_output, torch_dtype, write_safetensors
+from .targets import Target, find_targets
+
+INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+
+@dataclass
+class Base:
+    """A base checkpoint laid out as shards (one, for a single file)."""
+
+    path: str
+    directory: bool
+    shards: dict[str, SafeFile]  # file name -> open file
+    index_name: str | None = None
+    index: dict | None = None
+    tensors: dict[str, str] = field(default_factory=dict)  # tensor -> shard file name
+
+    def shape(self, tensor: str) -> tuple[int, ...] | None:
+        shard = self.tensors.get(tensor)
+        return None if shard is None else self.shards[shard].info(tensor).shape
+
+    def close(self) -> None:
+        for f in self.shards.values():
+            f.close()
+
+
+def open_base(path: str) -> Base:
+    """Open and validate a base checkpoint: index, shards, and every tensor the index names."""
+    path = str(path)
+    if os.path.isfile(path):
+        sf = SafeFile(path)
+        base = Base(path, False, {os.path.basename(path): sf})
+        base.tensors = {k: os.path.basename(path) for k in sf.keys()}
+        return base
+    if not os.path.isdir(path):
+        raise LoraError(f"{path}: no such file or directory")
+    indexes = [n for n in os.listdir(path) if n.endswith(".safetensors.index.json")]
+    if not indexes:
+        single = [n for n in os.listdir(path) if n.endswith(".safetensors")]
+        if len(single) != 1:
+            raise LoraError(f"{path}: no *.safetensors.index.json and {len(single)} .safetensors files; "
+                            f"cannot tell which are the shards")
+        base = Base(path, True, {single[0]: SafeFile(os.path.join(path, single[0]))})
+        base.tensors = {k: single[0] for k in base.shards[single[0]].keys()}
+        return base
+    preferred = [n for n in INDEX_NAMES if n in indexes]
+    name = preferred[0] if preferred else sorted(indexes)[0]
+    ipath = os.path.join(path, name)
+    try:
+        with open(ipath, encoding="utf-8") as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (OSError, ValueError, KeyError, AssertionError, TypeError):
+        raise LoraError(f"{ipath}: not a valid safetensors index (needs a weight_map)") from None
+    base = Base(path, True, {}, name, index)
+    try:
+        for shard in sorted(set(weight_map.values())):
+            spath = os.path.join(path, shard)
+            if os.path.dirname(os.path.normpath(shard)) or not os.path.isfile(spath):
+                raise LoraError(f"{ipath}: shard {shard!r} is missing from {path}")
+            base.shards[shard] = SafeFile(spath)
+        for tensor, shard in weight_map.items():
+            if tensor not in base.shards[shard].tensors:
+                raise LoraError(f"{ipath}: names tensor {tensor!r} in {shard}, which does not hold it")
+        for shard, sf in base.shards.items():
+            for tensor in sf.keys():
+                if base.tensors.setdefault(tensor, shard) != shard:
+                    raise LoraError(f"{path}: tensor {tensor!r} is in both {base.tensors[tensor]} and {shard}")
+    except BaseException:
+        base.close()
+        raise
+    return base
+
+
+@dataclass
+class MergeReport:
+    merged: list[str]  # base tensors changed
+    skipped: list[str]  # LoRA modules left out (skip_unmapped)
+    out: str
+
+
+def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapter, float]], *, dtype: str = "keep",
+                     overwrite: bool = False, skip_unmapped: bool = False, device: str = "cpu",
+                     progress: bool = False) -> MergeReport:
+    """Write `base` with every LoRA folded in to `out` (see the module docstring)."""
+    if dtype not in DTYPES:
+        raise LoraError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraError("--device cuda: no CUDA device is available")
+    out_dtype = DTYPES[dtype]
+    loras = list(loras)
+    if not loras:
+        raise LoraError("no --lora given")
+    b = open_base(base)
+    opened: list[LoraAdapter] = []
+    try:
+        per_weight: dict[str, list[tuple[Target, float]]] = {}
+        skipped: list[str] = []
+
+        def layer_shape(layer: str) -> tuple[int, int] | None:
+            shape = b.shape(layer + ".weight")
+            return shape if shape is not None and len(shape) == 2 else None  # type: ignore[return-value]
+
+        for lora, strength in loras:
+            adapter = lora if isinstance(lora, LoraAdapter) else load_lora(str(lora))
+            if adapter is not lora:
+                opened.append(adapter)
+            targets, missing = find_targets(adapter, layer_shape, skip_unmapped, f"base {base}")
+            skipped += missing
+            for t in targets:
+                per_weight.setdefault(t.layer + ".weight", []).append((t, float(strength)))
+        for tensor in per_weight:
+            d = b.shards[b.tensors[tensor]].info(tensor).dtype
+            if d not in FLOATS:
+                raise LoraError(f"{base}: tensor {tensor!r} has dtype {d}; cannot add a LoRA to it")
+        bar = _progress(b, progress)
+        inputs = [base] + [str(x) for x, _ in loras if not isinstance(x, LoraAdapter)]
+        with atomic_output(out, overwrite=overwrite, inputs=inputs, directory=b.directory) as tmp:
+            for shard, sf in b.shards.items():
+                target = os.path.join(tmp, shard) if b.directory else tmp
+                entries = [_entry(sf, name, per_weight.get(name), out_dtype, device) for name in
+                           sorted(sf.keys(), key=lambda k: sf.info(k).start)]
+                write_safetensors(target, entries, sf.metadata or None, bar.update if bar else None)
+            if b.directory:
+                _copy_rest(b, tmp, out_dtype)
+        if bar:
+            bar.close()
+        return MergeReport(sorted(per_weight), skipped, out)
+    finally:
+        b.close()
+        for a in opened:
+            a.close()
+
+
+def _entry(sf: SafeFile, name: str, adds: list[tuple[Target, float]] | None, out_dtype: str | None,
+           device: str) -> Entry:
+    info = sf.info(name)
+    dt = out_dtype if out_dtype and info.dtype in FLOATS else info.dtype
+    if not adds:
+        if dt == info.dtype:
+            return Entry(name, dt, info.shape, lambda: FileRange(sf.fd, info.start, info.nbytes))
+        return Entry(name, dt, info.shape, lambda: _bytes(sf.read(name).to(torch_dtype(dt))))
+
+    def produce():
+        w = sf.read(name).to(device=device, dtype=torch.float32)
+        for t, strength in adds:
+            for p in t.parts():
+                up = p.up.load().to(device=device, dtype=torch.float32)
+                down = p.down.load().to(device=device, dtype=torch.float32)
+                w[p.rows[0]:p.rows[1]].addmm_(up, down, alpha=p.scale * strength)
+        if not bool(torch.isfinite(w).all()):
+            raise LoraError(f"{sf.path}: merging gives non-finite values in {name}")
+        return _bytes(w.to(torch_dtype(dt)).cpu())
+
+    return Entry(name, dt, info.shape, produce)
+
+
+def _bytes(t: torch.Tensor):
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _copy_rest(b: Base, tmp: str, out_dtype: str | None) -> None:
+    """Every file of BASE that is not a shard, the index rewritten only where sizes changed."""
+    for entry in os.listdir(b.path):
+        src, dst = os.path.join(b.path, entry), os.path.join(tmp, entry)
+        if entry in b.shards:
+            continue
+        if entry == b.index_name and b.index is not None:
+            index = json.loads(json.dumps(b.index))
+            if out_dtype is not None:
+                total = sum(_out_nbytes(sf, k, out_dtype) for sf in b.shards.values() for k in sf.keys())
+                index.setdefault("metadata", {})["total_size"] = total
+            with open(dst, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst, symlinks=True)
+        else:
+            shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _out_nbytes(sf: SafeFile, name: str, out_dtype: str) -> int:
+    info = sf.info(name)
+    dt = out_dtype if info.dtype in FLOATS else info.dtype
+    return info.nbytes // ITEMSIZE[info.dtype] * ITEMSIZE[dt]
+
+
+def _progress(b: Base, enabled: bool):
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    total = sum(sf.size for sf in b.shards.values())
+    return tqdm(total=total, unit="B", unit_scale=True, desc="merge", leave=False)
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """PATH[:STRENGTH]: the strength is taken from the last ':' when it parses as a number."""
+    path, sep, tail = arg.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return arg, 1.0
+
+
+__all__ = ["merge_checkpoint", "open_base", "parse_lora_arg", "MergeReport"]

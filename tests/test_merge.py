@@ -1,0 +1,187 @@
+"""`merge` / merge_checkpoint: sharded bases in both namings, against apply_lora on the reference DiT."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import longcat_lora as L
+from longcat_lora.dit import TINY, LongCatDiT, LongCatDiTSplit
+from longcat_lora.fixtures import write_base_checkpoint, write_native_lora
+from longcat_lora.merge import parse_lora_arg
+
+from conftest import cli
+from reference import rel_err
+
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _load_dir(path):
+    sd = {}
+    for f in os.listdir(path):
+        if f.endswith(".safetensors"):
+            sd.update(load_file(os.path.join(path, f)))
+    return sd
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(7)
+    return (torch.randn(1, TINY.in_channels, 2, 4, 4, generator=g), torch.tensor([400.0]),
+            torch.randn(1, 1, 5, TINY.caption_channels, generator=g))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("merge")
+    bases = {n: write_base_checkpoint(str(d / f"base_{n}"), TINY, n, shards=3, dtype=torch.float32)
+             for n in ("longcat", "fastvideo")}
+    os.makedirs(os.path.join(bases["longcat"], "scheduler"))
+    with open(os.path.join(bases["longcat"], "scheduler", "scheduler_config.json"), "w") as f:
+        f.write("{}")
+    ref = write_native_lora(str(d / "ref.safetensors"), "refinement", dims=TINY.dims, rank=4, dtype=torch.float32,
+                            alpha_scale=0.5, seed=11)
+    cfg = write_native_lora(str(d / "cfg.safetensors"), "cfg_step", dims=TINY.dims, rank=3,
+                            dtype=torch.bfloat16, alpha_scale=0.3, seed=12)
+    L.convert(cfg, str(d / "cfg_fv.safetensors"), "fastvideo")
+    L.convert(ref, str(d / "ref_peft"), "peft")
+    return d, bases, {"ref": ref, "cfg": cfg, "cfg_fv": str(d / "cfg_fv.safetensors"), "ref_peft": str(d / "ref_peft")}
+
+
+@pytest.mark.parametrize("naming", ["longcat", "fastvideo"])
+def test_merged_checkpoint_reproduces_apply_lora(setup, naming):
+    d, bases, loras = setup
+    out = str(d / f"merged_{naming}")
+    p = cli("merge", bases[naming], out, "--lora", f"{loras['ref_peft']}:0.8", "--lora", f"{loras['cfg_fv']}:-1.2",
+            "--lora", loras["cfg"] + ":0.5")
+    assert "weights changed" in p.stdout
+    Model = LongCatDiT if naming == "longcat" else LongCatDiTSplit
+    base_sd, merged_sd = _load_dir(bases[naming]), _load_dir(out)
+    live = Model(TINY).eval()
+    live.load_state_dict(base_sd)
+    L.apply_lora(live, loras["ref"], 0.8)
+    L.apply_lora(live, loras["cfg"], -1.2)
+    L.apply_lora(live, loras["cfg_fv"], 0.5)
+    merged = Model(TINY).eval()
+    merged.load_state_dict(merged_sd)
+    with torch.no_grad():
+        want, got = live(*_inputs()), merged(*_inputs())
+        L.remove_lora(live)
+        plain = live(*_inputs())
+    assert rel_err(want, plain) > 1e-3
+    assert rel_err(want, got) <= 1e-5
+    # untouched tensors bit-identical; LoRA-touched ones changed; same shard names and index
+    touched = {k for k in base_sd if not torch.equal(base_sd[k], merged_sd[k])}
+    assert touched and all(k.endswith(".weight") for k in touched)
+    assert not any("norm" in k or "embed" in k for k in touched)
+    assert base_sd.keys() == merged_sd.keys()
+    assert sorted(os.listdir(out)) == sorted(os.listdir(bases[naming]))
+    assert json.load(open(os.path.join(out, INDEX))) == json.load(open(os.path.join(bases[naming], INDEX)))
+    for shard in os.listdir(out):
+        if shard.endswith(".safetensors"):
+            with safe_open(os.path.join(out, shard), "pt") as a, safe_open(os.path.join(bases[naming], shard), "pt") as b:
+                assert set(a.keys()) == set(b.keys())
+    if naming == "longcat":
+        assert open(os.path.join(out, "scheduler", "scheduler_config.json")).read() == "{}"
+
+
+def test_merge_math_fp32_cast_once_and_dtype_option(setup):
+    d, bases, loras = setup
+    out = str(d / "merged_bf16")
+    L.merge_checkpoint(bases["longcat"], out, [(loras["ref"], 0.8), (loras["cfg_fv"], 0.5)], dtype="bf16")
+    base_sd, merged_sd = _load_dir(bases["longcat"]), _load_dir(out)
+    with L.load_lora(loras["ref"]) as a, L.load_lora(loras["cfg"]) as c:
+        dW = 0.8 * a.modules["blocks.5.attn.qkv"].delta(torch.float32) + 0.5 * c.modules["blocks.5.attn.qkv"].delta(torch.float32)
+    want = (base_sd["blocks.5.attn.qkv.weight"].float() + dW).to(torch.bfloat16)
+    assert torch.allclose(merged_sd["blocks.5.attn.qkv.weight"].float(), want.float(), rtol=0, atol=2 ** -8 * want.abs().max().item())
+    assert all(v.dtype == torch.bfloat16 for v in merged_sd.values())
+    assert torch.equal(merged_sd["x_embedder.proj.weight"], base_sd["x_embedder.proj.weight"].to(torch.bfloat16))
+    idx = json.load(open(os.path.join(out, INDEX)))
+    assert idx["metadata"]["total_size"] == sum(v.numel() * 2 for v in merged_sd.values())
+
+
+def test_single_file_base_and_exact_fp32_merge(setup, tmp_path):
+    d, bases, loras = setup
+    sd = _load_dir(bases["longcat"])
+    single = str(tmp_path / "dit.safetensors")
+    save_file(sd, single)
+    out = str(tmp_path / "merged.safetensors")
+    L.merge_checkpoint(single, out, [(loras["ref"], 1.0)])
+    m = load_file(out)
+    with L.load_lora(loras["ref"]) as a:
+        dW = a.modules["final_layer.adaLN_modulation.1"].delta(torch.float32)
+    want = sd["final_layer.adaLN_modulation.1.weight"] + dW
+    assert torch.allclose(m["final_layer.adaLN_modulation.1.weight"], want, rtol=0, atol=1e-7)
+    assert torch.equal(m["blocks.0.attn.q_norm.weight"], sd["blocks.0.attn.q_norm.weight"])
+
+
+def test_parse_lora_arg():
+    assert parse_lora_arg("a.safetensors:0.5") == ("a.safetensors", 0.5)
+    assert parse_lora_arg("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse_lora_arg("C:/x/a.safetensors") == ("C:/x/a.safetensors", 1.0)
+    assert parse_lora_arg("dir:with:colons:-2") == ("dir:with:colons", -2.0)
+
+
+def _copy_base(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_bad_bases_fail_cleanly(setup, tmp_path):
+    d, bases, loras = setup
+    lc = bases["longcat"]
+    cases = {}
+    b = _copy_base(lc, tmp_path / "missing_shard")
+    os.remove(os.path.join(b, "diffusion_pytorch_model-00002-of-00003.safetensors"))
+    cases["missing_shard"] = (b, "is missing")
+    b = _copy_base(lc, tmp_path / "index_names_missing")
+    idx = json.load(open(os.path.join(b, INDEX)))
+    idx["weight_map"]["blocks.99.attn.qkv.weight"] = "diffusion_pytorch_model-00001-of-00003.safetensors"
+    json.dump(idx, open(os.path.join(b, INDEX), "w"))
+    cases["index_names_missing_tensor"] = (b, "does not hold it")
+    b = _copy_base(lc, tmp_path / "pickled_shard")
+    with open(os.path.join(b, "diffusion_pytorch_model-00003-of-00003.safetensors"), "wb") as f:
+        pickle.dump({"x": 1}, f, protocol=4)
+    cases["pickled_shard"] = (b, "never unpickled")
+    b = _copy_base(lc, tmp_path / "shape_mismatch")
+    shard = os.path.join(b, "diffusion_pytorch_model-00001-of-00003.safetensors")
+    sd = load_file(shard)
+    key = next(k for k in sd if k.endswith("attn.qkv.weight"))
+    sd[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1] + 1)
+    save_file(sd, shard)
+    cases["shape_mismatch"] = (b, "do not fit")
+    for name, (base, msg) in cases.items():
+        out = tmp_path / f"out_{name}"
+        before = sorted(os.listdir(tmp_path))
+        p = cli("merge", base, out, "--lora", loras["ref"], check=2)
+        assert msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, (name, p.stderr)
+        assert not out.exists() and sorted(os.listdir(tmp_path)) == before, name
+    # output inside / equal to base; existing output
+    p = cli("merge", lc, os.path.join(lc, "sub"), "--lora", loras["ref"], check=2)
+    assert "inside" in p.stderr
+    p = cli("merge", lc, lc, "--lora", loras["ref"], "--overwrite", check=2)
+    assert "same path" in p.stderr
+    os.makedirs(tmp_path / "exists")
+    p = cli("merge", lc, tmp_path / "exists", "--lora", loras["ref"], check=2)
+    assert "--overwrite" in p.stderr
+    p = cli("merge", tmp_path / "exists", tmp_path / "o2", "--lora", loras["ref"], check=2)
+    assert "cannot tell which are the shards" in p.stderr
+
+
+def test_unmapped_lora_modules(setup, tmp_path):
+    d, bases, loras = setup
+    sd = load_file(loras["cfg"])
+    audio = "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___audio_attn___lorahyphen___qkv"
+    sd[f"{audio}.lora_down.weight"] = torch.randn(2, 64)
+    sd[f"{audio}.lora_up.weight"] = torch.randn(192, 2)
+    path = str(tmp_path / "avatar.safetensors")
+    save_file(sd, path)
+    p = cli("merge", bases["fastvideo"], tmp_path / "o", "--lora", path, check=2)
+    assert "blocks.0.audio_attn.qkv" in p.stderr and not (tmp_path / "o").exists()
+    p = cli("merge", bases["fastvideo"], tmp_path / "o", "--lora", path, "--skip-unmapped")
+    assert "skipped" in p.stderr and "audio_attn" in p.stderr
