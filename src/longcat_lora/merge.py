@@ -11,22 +11,27 @@ OUT is built in a temp directory beside it and renamed into place at the end.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .adapter import LoraAdapter
 from .errors import LoraError
 from .formats import load_lora
-from .st import FLOATS, ITEMSIZE, Entry, FileRange, SafeFile, atomic_output, torch_dtype, write_safetensors
+from .st import (FLOATS, ITEMSIZE, Entry, FileRange, SafeFile, atomic_output, nonfinite, torch_dtype,
+                 write_safetensors)
 from .targets import Target, find_targets
 
 INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row chunk of a merged weight (4 MiB)
+PIPELINED = False
 
 
 @dataclass
@@ -140,13 +145,14 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
             if d not in FLOATS:
                 raise LoraError(f"{base}: tensor {tensor!r} has dtype {d}; cannot add a LoRA to it")
         bar = _progress(b, progress)
+        ws = _Workspace(device)
         inputs = [base] + [str(x) for x, _ in loras if not isinstance(x, LoraAdapter)]
         with atomic_output(out, overwrite=overwrite, inputs=inputs, directory=b.directory) as tmp:
             for shard, sf in b.shards.items():
                 target = os.path.join(tmp, shard) if b.directory else tmp
-                entries = [_entry(sf, name, per_weight.get(name), out_dtype, device) for name in
+                entries = [_entry(sf, name, per_weight.get(name), out_dtype, ws) for name in
                            sorted(sf.keys(), key=lambda k: sf.info(k).start)]
-                write_safetensors(target, entries, sf.metadata or None, bar.update if bar else None)
+                write_safetensors(target, entries, sf.metadata or None, bar.update if bar else None, pipelined=PIPELINED)
             if b.directory:
                 _copy_rest(b, tmp, out_dtype)
         if bar:
@@ -158,27 +164,69 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
             a.close()
 
 
+class _Workspace:
+    """Buffers reused across tensors, so a merge does not page-fault a fresh gigabyte per shard.
+
+    Only the write pipeline's producer thread computes; it alternates between two output buffers, and
+    the writer is done with one before the producer takes it again (the pipeline is one tensor deep).
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.raw = torch.empty(0, dtype=torch.uint8)
+        self.f32 = torch.empty(0, dtype=torch.float32, device=device)
+        self.out = [torch.empty(0, dtype=torch.uint8, device=device), torch.empty(0, dtype=torch.uint8, device=device)]
+        self.turn = 0
+
+    @staticmethod
+    def _grow(buf: torch.Tensor, n: int) -> torch.Tensor:
+        return buf if buf.numel() >= n else torch.empty(n, dtype=buf.dtype, device=buf.device)
+
+    def merged(self, sf: SafeFile, name: str, adds: list[tuple[Target, float]], out_dtype: str) -> np.ndarray:
+        """W + sum(strength * scale * up @ down) in fp32, cast once to out_dtype.
+
+        Done in row chunks of a few MiB so each chunk is converted, updated and cast while it sits in
+        cache, instead of streaming the whole weight through memory once per step.
+        """
+        info = sf.info(name)
+        rows, cols = info.shape
+        self.raw = self._grow(self.raw, info.nbytes)
+        raw = self.raw[:info.nbytes]
+        sf.read_into(name, memoryview(raw.numpy()))
+        src = raw.view(torch_dtype(info.dtype)).view(rows, cols)
+        factors = [(p.rows, p.up.load().to(device=self.device, dtype=torch.float32),
+                    p.down.load().to(device=self.device, dtype=torch.float32), p.scale * strength)
+                   for t, strength in adds for p in t.parts()]
+        k = self.turn = 1 - self.turn
+        nbytes = rows * cols * ITEMSIZE[out_dtype]
+        self.out[k] = self._grow(self.out[k], nbytes)
+        out = self.out[k][:nbytes].view(torch_dtype(out_dtype)).view(rows, cols)
+        step = max(1, CHUNK_ELEMENTS // cols)
+        self.f32 = self._grow(self.f32, step * cols)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            w = self.f32[:(r1 - r0) * cols].view(r1 - r0, cols)
+            w.copy_(src[r0:r1])  # to fp32 (and to the device)
+            for (p0, p1), up, down, alpha in factors:
+                lo, hi = max(r0, p0), min(r1, p1)
+                if lo < hi:
+                    w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
+            out[r0:r1].copy_(w)  # cast once
+        data = self.out[k][:nbytes].cpu().numpy()
+        if nonfinite(data, out_dtype):
+            raise LoraError(f"{sf.path}: merging gives non-finite values in {name} (as {out_dtype})")
+        return data
+
+
 def _entry(sf: SafeFile, name: str, adds: list[tuple[Target, float]] | None, out_dtype: str | None,
-           device: str) -> Entry:
+           ws: _Workspace) -> Entry:
     info = sf.info(name)
     dt = out_dtype if out_dtype and info.dtype in FLOATS else info.dtype
     if not adds:
         if dt == info.dtype:
             return Entry(name, dt, info.shape, lambda: FileRange(sf.fd, info.start, info.nbytes))
         return Entry(name, dt, info.shape, lambda: _bytes(sf.read(name).to(torch_dtype(dt))))
-
-    def produce():
-        w = sf.read(name).to(device=device, dtype=torch.float32)
-        for t, strength in adds:
-            for p in t.parts():
-                up = p.up.load().to(device=device, dtype=torch.float32)
-                down = p.down.load().to(device=device, dtype=torch.float32)
-                w[p.rows[0]:p.rows[1]].addmm_(up, down, alpha=p.scale * strength)
-        if not bool(torch.isfinite(w).all()):
-            raise LoraError(f"{sf.path}: merging gives non-finite values in {name}")
-        return _bytes(w.to(torch_dtype(dt)).cpu())
-
-    return Entry(name, dt, info.shape, produce)
+    return Entry(name, dt, info.shape, lambda: ws.merged(sf, name, adds, dt))
 
 
 def _bytes(t: torch.Tensor):

@@ -247,6 +247,18 @@ class SafeFile:
             a = a.reshape(nrows, -1) if nrows else a.reshape(0, math.prod(info.shape[1:]) * ITEMSIZE[info.dtype])
         return a
 
+    def read_into(self, name: str, buf: memoryview) -> None:
+        """Read a whole tensor's bytes into `buf` (exactly its size): no allocation, no page faults on reuse."""
+        start, count = self.byte_range(name)
+        if buf.nbytes != count:
+            raise ValueError(f"{name}: buffer of {buf.nbytes} bytes for {count}")
+        got = 0
+        while got < count:
+            n = os.preadv(self._fd, [buf[got:]], start + got)
+            if n <= 0:
+                raise LoraError(f"{self.path}: truncated while reading tensor {name!r}")
+            got += n
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """A tensor (or a row range of it) as a torch tensor in fresh memory."""
         import torch
@@ -306,7 +318,7 @@ class Entry:
 
 
 def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, str] | None = None,
-                      progress: Callable[[int], None] | None = None) -> None:
+                      progress: Callable[[int], None] | None = None, pipelined: bool = True) -> None:
     """Write header first, then each tensor as it is produced; peak memory is one tensor.
 
     Each produced buffer must have the declared size: a mismatch is a bug, not bad input.
@@ -333,11 +345,13 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         _write_all(fd, struct.pack("<Q", len(raw)) + raw)
         # Produce tensor i+1 (read, scan, assemble) on a second thread while tensor i is written:
         # numpy, pread, write and copy_file_range all release the GIL. At most two tensors in memory.
+        # (Compute-heavy producers, like merging, run better alone: pipelined=False.)
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(entries[0].produce) if entries else None
+            submit = pool.submit if pipelined else _Done
+            pending = submit(entries[0].produce) if entries else None
             for i, e in enumerate(entries):
                 data = pending.result()
-                pending = pool.submit(entries[i + 1].produce) if i + 1 < len(entries) else None
+                pending = submit(entries[i + 1].produce) if i + 1 < len(entries) else None
                 _write_entry(fd, e, data)
                 if progress is not None:
                     progress(e.nbytes)
@@ -347,6 +361,19 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         raise
     finally:
         os.close(fd)
+
+
+class _Done:
+    """A future that runs its function when asked for the result (no second thread)."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn = fn
+
+    def result(self) -> object:
+        return self.fn()
+
+    def cancel(self) -> None:
+        pass
 
 
 def _write_entry(fd: int, e: Entry, data: np.ndarray | bytes | FileRange) -> None:
