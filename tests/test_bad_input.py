@@ -4,7 +4,6 @@ import os
 import pickle
 import struct
 
-import pytest
 import torch
 from safetensors.torch import save_file
 

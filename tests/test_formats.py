@@ -3,7 +3,6 @@ form, by its documented semantics), against the native LoRA reference."""
 
 import json
 import logging
-import os
 import re
 import warnings
 

@@ -214,18 +214,6 @@ class LoraAdapter:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @property
-    def num_parameters(self) -> int:
-        seen = set()
-        n = 0
-        for m in self.modules.values():
-            for p in m.parts:
-                for s in (p.down, p.up):
-                    if id(s) not in seen:
-                        seen.add(id(s))
-                        n += s.shape[0] * s.shape[1]
-        return n
-
 
 def validate_module(m: LoraModule, where: str) -> None:
     """Check a module's parts are consistent with each other and with its shape."""

@@ -11,7 +11,6 @@ OUT is built in a temp directory beside it and renamed into place at the end.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import sys

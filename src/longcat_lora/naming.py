@@ -160,11 +160,6 @@ def param_from_fastvideo(name: str) -> tuple[str, int, int]:
     return (f"{other}.{leaf}" if other else name), 0, 1
 
 
-def is_fastvideo_only(module: str) -> bool:
-    """True if the name is FastVideo's and not also LongCat's (the ffn layers share their names)."""
-    return from_fastvideo(module) is not None and kind_of(module) is None
-
-
 def split_param(name: str) -> tuple[str, str]:
     """'blocks.0.attn.qkv.weight' -> ('blocks.0.attn.qkv', 'weight')."""
     module, _, leaf = name.rpartition(".")

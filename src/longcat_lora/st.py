@@ -234,13 +234,7 @@ class SafeFile:
         info = self.tensors[name]
         start, count = self.byte_range(name, rows)
         buf = bytearray(count)
-        view = memoryview(buf)
-        got = 0
-        while got < count:
-            n = os.preadv(self._fd, [view[got:]], start + got)
-            if n <= 0:
-                raise LoraError(f"{self.path}: truncated while reading tensor {name!r}")
-            got += n
+        self._pread(name, start, memoryview(buf))
         a = np.frombuffer(buf, dtype=np.uint8)
         if len(info.shape) >= 2:
             nrows = (rows[1] - rows[0]) if rows else info.shape[0]
@@ -252,8 +246,11 @@ class SafeFile:
         start, count = self.byte_range(name)
         if buf.nbytes != count:
             raise ValueError(f"{name}: buffer of {buf.nbytes} bytes for {count}")
+        self._pread(name, start, buf)
+
+    def _pread(self, name: str, start: int, buf: memoryview) -> None:
         got = 0
-        while got < count:
+        while got < buf.nbytes:
             n = os.preadv(self._fd, [buf[got:]], start + got)
             if n <= 0:
                 raise LoraError(f"{self.path}: truncated while reading tensor {name!r}")

@@ -157,10 +157,10 @@ def format_report(r: dict) -> str:
         f"  keys          {num(r['keys'])}",
         f"  modules       {num(r['modules'])}",
         f"  parameters    {num(r['parameters'])}",
-        f"  rank(s)       " + ", ".join(f"{k} (x{v})" for k, v in r["ranks"].items()),
-        f"  alpha_scale   " + ", ".join(f"{k} (x{v})" for k, v in r["alpha_scales"].items()),
-        f"  alpha         " + ", ".join(f"{k} (x{v})" for k, v in r["alphas"].items()),
-        f"  dtypes        " + ", ".join(f"{k} (x{v})" for k, v in r["dtypes"].items()),
+        "  rank(s)       " + ", ".join(f"{k} (x{v})" for k, v in r["ranks"].items()),
+        "  alpha_scale   " + ", ".join(f"{k} (x{v})" for k, v in r["alpha_scales"].items()),
+        "  alpha         " + ", ".join(f"{k} (x{v})" for k, v in r["alphas"].items()),
+        "  dtypes        " + ", ".join(f"{k} (x{v})" for k, v in r["dtypes"].items()),
         "  up blocks per module type:",
     ]
     lines += [f"    {k:32s} " + ", ".join(f"{n} block(s) x{c}" for n, c in v.items()) for k, v in r["up_blocks"].items()]

@@ -42,11 +42,8 @@ class Target:
         """This layer's weight change at strength 1, computed in `dtype` (default float32)."""
         import torch
 
-        dtype = dtype or torch.float32
-        d = torch.zeros(self.hi - self.lo, self.module.in_features, dtype=dtype)
-        for p in self.parts():
-            d[p.rows[0]:p.rows[1]] += p.scale * (p.up.load().to(dtype) @ p.down.load().to(dtype))
-        return d
+        layer = LoraModule(self.layer, self.hi - self.lo, self.module.in_features, self.parts())
+        return layer.delta(dtype or torch.float32)
 
 
 def find_targets(adapter: LoraAdapter, layer_shape: Callable[[str], tuple[int, int] | None],
