@@ -185,3 +185,16 @@ def test_unmapped_lora_modules(setup, tmp_path):
     assert "blocks.0.audio_attn.qkv" in p.stderr and not (tmp_path / "o").exists()
     p = cli("merge", bases["fastvideo"], tmp_path / "o", "--lora", path, "--skip-unmapped")
     assert "skipped" in p.stderr and "audio_attn" in p.stderr
+
+
+def test_cuda_device_without_cuda_is_a_clean_error(setup, tmp_path):
+    d, bases, loras = setup
+    if torch.cuda.is_available():  # on a GPU machine, the device path must agree with the CPU one
+        a, b = str(tmp_path / "cpu"), str(tmp_path / "gpu")
+        L.merge_checkpoint(bases["longcat"], a, [(loras["ref"], 0.7)])
+        L.merge_checkpoint(bases["longcat"], b, [(loras["ref"], 0.7)], device="cuda")
+        sa, sb = _load_dir(a), _load_dir(b)
+        assert max(rel_err(sa[k].double(), sb[k].double()) for k in sa) < 1e-6
+        return
+    p = cli("merge", bases["longcat"], tmp_path / "o", "--lora", loras["ref"], "--device", "cuda", check=2)
+    assert "no CUDA device" in p.stderr and not (tmp_path / "o").exists()

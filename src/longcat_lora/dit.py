@@ -311,13 +311,13 @@ class BlockSplit(_BlockBase):
 class _DiTBase(nn.Module):
     """Shared forward: embed, run the blocks, final layer in fp32, unpatchify."""
 
-    config: DiTConfig
+    dit_config: DiTConfig  # not `config`: diffusers models use that name
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states [B, C, T, H, W]; timestep [B] or [B, T]; encoder_hidden_states [B, 1, L, Cc];
         encoder_attention_mask [B, L] (1 = valid). Returns [B, C_out, T, H, W] in float32."""
-        c = self.config
+        c = self.dit_config
         dtype = self.patch.weight.dtype
         B, _, T, H, W = hidden_states.shape
         pt, ph, pw = c.patch_size
@@ -343,7 +343,7 @@ class _DiTBase(nn.Module):
         return self._unpatchify(x, grid).float()
 
     def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        c = self.config
+        c = self.dit_config
         pt, ph, pw = c.patch_size
         Nt, Nh, Nw = grid
         B = x.shape[0]
@@ -364,7 +364,7 @@ class LongCatDiT(_DiTBase):
 
     def __init__(self, config: DiTConfig = DiTConfig()):
         super().__init__()
-        c = self.config = config
+        c = self.dit_config = config
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv3d(c.in_channels, c.hidden_size, c.patch_size, c.patch_size)
         self.t_embedder = nn.Module()
@@ -397,7 +397,7 @@ class LongCatDiTSplit(_DiTBase):
 
     def __init__(self, config: DiTConfig = DiTConfig()):
         super().__init__()
-        c = self.config = config
+        c = self.dit_config = config
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv3d(c.in_channels, c.hidden_size, c.patch_size, c.patch_size)
         self.time_embedder = nn.Module()
