@@ -53,6 +53,10 @@ def _cases(tmp):
     p = tmp / "hugeheader.safetensors"
     p.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     cases["header_length_past_end"] = str(p)
+    p = tmp / "trailing_junk.safetensors"
+    p.write_bytes(data + b"junk0000")
+    cases["trailing_bytes"] = str(p)
+    sd = good_qkv(); sd[f"{P}.lora_up.blocks.01.weight"] = torch.randn(4, 2); st("duplicate_up_block", sd)  # noqa: E702
     st("no_lora_tensors", {"foo": torch.zeros(3), "bar": torch.ones(2, 2)})
     st("base_checkpoint", {"blocks.0.attn.qkv.weight": torch.zeros(12, 4), "blocks.0.attn.qkv.bias": torch.zeros(12)})
     st("mixed_formats", {**good_qkv(), "blocks.0.self_attn.to_q.lora_A": torch.zeros(2, 8),

@@ -190,9 +190,15 @@ class SafeFile:
             infos[name] = TensorInfo(dtype_name, shape, base + lo, base + hi)
             spans.append((lo, hi, name))
         spans.sort()
-        for (lo0, hi0, a), (lo1, hi1, b) in zip(spans, spans[1:]):
-            if lo1 < hi0:
-                raise LoraError(f"{self.path}: corrupt safetensors file: tensors {a!r} and {b!r} overlap")
+        expected = 0  # like the safetensors library: data tiles the buffer exactly, in offset order
+        for lo, hi, name in spans:
+            if lo != expected:
+                what = "overlaps the previous tensor" if lo < expected else f"leaves a gap of {lo - expected} bytes"
+                raise LoraError(f"{self.path}: corrupt safetensors file: tensor {name!r} {what}")
+            expected = hi
+        if base + expected != self.size:
+            raise LoraError(f"{self.path}: corrupt safetensors file: {self.size - base - expected} bytes after "
+                            f"the last tensor")
         return infos, metadata
 
     def close(self) -> None:

@@ -46,7 +46,13 @@ def read(sf: SafeFile) -> LoraAdapter:
         if "lora_down.weight" not in tensors:
             raise LoraError(f"{sf.path}: module {module} has no lora_down.weight")
         down = weight(sf, tensors["lora_down.weight"])
-        blocks = {int(_TENSOR.match(t).group(2)): k for t, k in tensors.items() if t.startswith("lora_up.blocks.")}
+        blocks: dict[int, str] = {}
+        for t, k in tensors.items():
+            if t.startswith("lora_up.blocks."):
+                i = int(_TENSOR.match(t).group(2))
+                if i in blocks:
+                    raise LoraError(f"{sf.path}: module {module}: tensors {blocks[i]!r} and {k!r} are both up block {i}")
+                blocks[i] = k
         if "lora_up.weight" in tensors and blocks:
             raise LoraError(f"{sf.path}: module {module} has both lora_up.weight and lora_up.blocks.*")
         if "lora_up.weight" in tensors:
