@@ -16,7 +16,7 @@ No value is rounded unless a target format cannot hold it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -68,6 +68,10 @@ class Source:
     def file_range(self) -> tuple[SafeFile, FileRange] | None:
         """Where these exact bytes lie in a file, if they do (so they can be copied without reading)."""
         return None
+
+    def chunks(self, check: bool = False) -> Iterator[np.ndarray]:
+        """The bytes in consecutive row bands; each band is valid until the next one is asked for."""
+        yield self.raw(check)
 
     def rows(self, lo: int, hi: int) -> Source:
         if (lo, hi) == (0, self.shape[0]):
@@ -147,9 +151,13 @@ class Computed(Source):
     shape: tuple[int, int]  # type: ignore[misc]
     dtype: str  # type: ignore[misc]
     fn: Callable[[bool], np.ndarray]
+    stream: Callable[[bool], Iterator[np.ndarray]] | None = None  # the same bytes, in row bands
 
     def raw(self, check: bool = False) -> np.ndarray:
         return self.fn(check)
+
+    def chunks(self, check: bool = False) -> Iterator[np.ndarray]:
+        return self.stream(check) if self.stream is not None else super().chunks(check)
 
 
 @dataclass
@@ -292,7 +300,24 @@ def placed(shape: tuple[int, int], pieces: list[tuple[int, int, Source]]) -> Sou
             out[r:r + s.shape[0], c * k:(c + s.shape[1]) * k] = s.raw(check)
         return out
 
-    return Computed(shape, dtype, make)
+    def stream(check: bool) -> Iterator[np.ndarray]:
+        # Band by band through one reused scratch buffer: a block-diagonal matrix is mostly zeros, and
+        # building it whole would fault in (and stream through memory) the full size for each module.
+        cuts = sorted({0, shape[0], *(r for r, _, _ in pieces), *(r + s.shape[0] for r, _, s in pieces)})
+        scratch = np.empty(0, dtype=np.uint8)
+        for b0, b1 in zip(cuts, cuts[1:]):
+            n = (b1 - b0) * shape[1] * k
+            if scratch.size < n:
+                scratch = np.empty(n, dtype=np.uint8)
+            band = scratch[:n].reshape(b1 - b0, shape[1] * k)
+            band.fill(0)
+            for r, c, s in pieces:
+                lo, hi = max(b0, r), min(b1, r + s.shape[0])
+                if lo < hi:
+                    band[lo - b0:hi - b0, c * k:(c + s.shape[1]) * k] = s.rows(lo - r, hi - r).raw(check)
+            yield band
+
+    return Computed(shape, dtype, make, stream)
 
 
 def common_scale(parts: list[Part]) -> float:

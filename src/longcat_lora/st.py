@@ -313,7 +313,7 @@ class Entry:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    produce: Callable[[], np.ndarray | bytes | FileRange]
+    produce: Callable[[], np.ndarray | bytes | FileRange | Iterator[np.ndarray]]
 
     @property
     def nbytes(self) -> int:
@@ -385,10 +385,14 @@ def _write_entry(fd: int, e: Entry, data: np.ndarray | bytes | FileRange) -> Non
             raise AssertionError(f"{e.name}: {data.nbytes} bytes produced, {e.nbytes} declared")
         _copy_range(data, fd)
         return
-    mv = memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B")
-    if mv.nbytes != e.nbytes:
-        raise AssertionError(f"{e.name}: {mv.nbytes} bytes produced, {e.nbytes} declared")
-    _write_all(fd, mv)
+    pieces = [data] if isinstance(data, (np.ndarray, bytes, bytearray, memoryview)) else data
+    total = 0
+    for piece in pieces:  # a buffer, or an iterator of buffers each valid until the next
+        mv = memoryview(np.ascontiguousarray(piece) if isinstance(piece, np.ndarray) else piece).cast("B")
+        total += mv.nbytes
+        _write_all(fd, mv)
+    if total != e.nbytes:
+        raise AssertionError(f"{e.name}: {total} bytes produced, {e.nbytes} declared")
 
 
 def _write_all(fd: int, data) -> None:

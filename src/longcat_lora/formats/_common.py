@@ -67,8 +67,11 @@ def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
             if not opts.allow_nonfinite and sf.scan_nonfinite(rng, src.dtype):
                 refuse()
             return rng
+        return checked(src.chunks(check=not opts.allow_nonfinite))
+
+    def checked(chunks):
         try:
-            return src.raw(check=not opts.allow_nonfinite)
+            yield from chunks
         except NonFinite:
             refuse()
 
