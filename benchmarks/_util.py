@@ -34,5 +34,22 @@ def interleaved(a: list[str], b: list[str], pairs: int, before=None) -> tuple[li
     return ta, tb, rss
 
 
+def settle(warm: list[str], warm_cmds: tuple[list[str], ...] = ()) -> None:
+    """Bring the machine to the same state before every timed command: no dirty pages left by the
+    previous run, the inputs in the page cache, and each side's program loaded once (`warm_cmds`, e.g.
+    the tool's --version), so neither side pays for reading its own binary from disk.
+    """
+    os.sync()
+    for root in warm:
+        paths = [root] if os.path.isfile(root) else [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+        for p in paths:
+            with open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+    for cmd in warm_cmds:
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+    os.sync()
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)

@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import interleaved, median  # noqa: E402
+from _util import interleaved, median, settle  # noqa: E402
 
 
 TARGETS = {"cfg_step": 1.5, "refinement": 3.0}
@@ -48,7 +48,7 @@ def main() -> None:
                 for p in (cp_out, conv_out):
                     if os.path.exists(p):
                         os.remove(p)
-                os.sync()  # each timed run starts with no dirty pages from the previous one
+                settle([src], (["cp", "--version"], exe + ["--version"]))  # the same state every time
 
             t_cp, t_conv, rss = interleaved(["cp", src, cp_out],
                                             exe + ["convert", src, conv_out, "--to", "fastvideo"],

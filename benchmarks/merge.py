@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import interleaved, median  # noqa: E402
+from _util import interleaved, median, settle  # noqa: E402
 
 GEN = """
 import torch
@@ -45,7 +45,8 @@ def main() -> None:
         def clean() -> None:
             for p in (cp_out, m_out):
                 shutil.rmtree(p, ignore_errors=True)
-            os.sync()
+            settle([base, lora], (["cp", "--version"],
+                                  [sys.executable, "-c", "import torch, longcat_lora.merge"]))
 
         t_cp, t_m, rss = interleaved(["cp", "-r", base, cp_out],
                                      [sys.executable, "-m", "longcat_lora", "merge", base, m_out, "--lora", lora],
