@@ -157,7 +157,7 @@ def format_report(r: dict) -> str:
         f"  keys          {num(r['keys'])}",
         f"  modules       {num(r['modules'])}",
         f"  parameters    {num(r['parameters'])}",
-        "  rank(s)       " + ", ".join(f"{k} (x{v})" for k, v in r["ranks"].items()),
+        "  rank per part " + ", ".join(f"{k} (x{v})" for k, v in r["ranks"].items()),
         "  alpha_scale   " + ", ".join(f"{k} (x{v})" for k, v in r["alpha_scales"].items()),
         "  alpha         " + ", ".join(f"{k} (x{v})" for k, v in r["alphas"].items()),
         "  dtypes        " + ", ".join(f"{k} (x{v})" for k, v in r["dtypes"].items()),

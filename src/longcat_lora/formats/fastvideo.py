@@ -18,6 +18,7 @@ import re
 
 from .. import naming
 from ..adapter import LoraAdapter, folded, standard_layer
+from ..errors import LoraError
 from ..st import Entry, SafeFile, write_safetensors
 from ._common import metadata, WriteOptions, add_standard_layer, entry, finish, group_keys, scalar, scalar_entry, unmapped
 
@@ -67,6 +68,9 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
             todo.append((m, layers))
     unmapped(missing, opts, "FastVideo's naming")
     for m, layers in todo:
+        if m.out_features % len(layers):
+            raise LoraError(f"module {m.name}: {m.out_features} outputs do not split into {len(layers)} "
+                            f"FastVideo layers")
         h = m.out_features // len(layers)
         for j, layer in enumerate(layers):
             std = standard_layer(m, j * h, (j + 1) * h)
