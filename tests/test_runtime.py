@@ -202,3 +202,41 @@ def test_missing_targets_raise_listing_them_and_touch_nothing(tmp_path, models, 
     with pytest.raises(L.LoraError, match="do not fit"):
         L.apply_lora(fused, wide)
     assert not any(m._forward_hooks for m in fused.modules())
+
+
+class ReplicatedLinear(nn.Module):
+    """Shaped like FastVideo's layers: a weight [out, in], forward returns (output, output_bias)."""
+
+    def __init__(self, inp, out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out, inp) * 0.05)
+        self.bias = nn.Parameter(torch.zeros(out))
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias, None
+
+
+def test_fastvideo_style_layers_returning_tuples(loras):
+    """A model whose split layers are not nn.Linear and return (out, bias), as FastVideo's do."""
+    h = CFG.hidden_size
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Module() for _ in range(CFG.depth)])
+    for b in model.blocks:
+        b.self_attn = nn.Module()
+        for n in ("to_q", "to_k", "to_v"):
+            setattr(b.self_attn, n, ReplicatedLinear(h, h))
+    x = torch.randn(3, h)
+    with L.load_lora(loras["cfg"]) as a:
+        dW = a.modules["blocks.4.attn.qkv"].delta(torch.float32)
+        for k in [k for k in a.modules if not k.endswith("attn.qkv") or "cross" in k]:
+            del a.modules[k]  # keep only self-attention qkv, which this model has
+        L.apply_lora(model, a, 0.5)
+    layer = model.blocks[4].self_attn.to_k
+    with torch.no_grad():
+        out, bias = layer(x)
+        want = x @ (layer.weight + 0.5 * dW[h:2 * h]).T + layer.bias
+    assert bias is None and rel_err(want, out) < 1e-6
+    L.merge_lora(model, loras["cfg.fastvideo"], 1.0, skip_missing=True)
+    L.remove_lora(model)
+    with torch.no_grad():
+        assert torch.equal(layer(x)[0], x @ layer.weight.T + layer.bias)

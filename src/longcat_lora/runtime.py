@@ -66,11 +66,14 @@ def _state(model: nn.Module) -> _State:
 
 def _resolve(model: nn.Module, lora: str | os.PathLike | LoraAdapter, skip_missing: bool
              ) -> tuple[list[Target], dict[str, nn.Module], list[str]]:
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # nn.Linear, and Linear-like layers such as FastVideo's ReplicatedLinear (a 2-D weight [out, in])
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+               and not isinstance(m, nn.Embedding)}
 
     def shape(name: str) -> tuple[int, int] | None:
         m = linears.get(name)
-        return None if m is None else (m.out_features, m.in_features)
+        return None if m is None else tuple(m.weight.shape)  # type: ignore[return-value]
 
     if isinstance(lora, LoraAdapter):
         targets, missing = find_targets(lora, shape, skip_missing, "the model")
@@ -91,9 +94,10 @@ def _materialised(t: Target):
 
 
 def _hook(layer: _Layer, st: _State):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def hook(module: nn.Module, args: tuple, output):
         x = args[0]
-        out2 = output.reshape(-1, output.shape[-1])
+        y = output[0] if isinstance(output, tuple) else output  # FastVideo layers return (out, bias)
+        out2 = y.reshape(-1, y.shape[-1])
         for a in layer.active:
             s = st.strengths.get(a.name, 0.0)
             if s == 0.0:
@@ -102,10 +106,10 @@ def _hook(layer: _Layer, st: _State):
             for b in a.blocks:
                 hb = h[:, b.cols[0]:b.cols[1]]
                 dst = out2[:, b.rows[0]:b.rows[1]]
-                if b.up.dtype == output.dtype:
+                if b.up.dtype == y.dtype:
                     dst.addmm_(hb, b.up.T, alpha=b.scale * s)
                 else:
-                    dst += (hb @ b.up.T).to(output.dtype) * (b.scale * s)
+                    dst += (hb @ b.up.T).to(y.dtype) * (b.scale * s)
         return output
 
     return hook
