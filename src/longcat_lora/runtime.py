@@ -106,7 +106,7 @@ def _hook(layer: _Layer, st: _State):
             for b in a.blocks:
                 hb = h[:, b.cols[0]:b.cols[1]]
                 dst = out2[:, b.rows[0]:b.rows[1]]
-                if b.up.dtype == y.dtype:
+                if b.up.dtype == y.dtype == hb.dtype:  # (autocast may have changed one of them)
                     dst.addmm_(hb, b.up.T, alpha=b.scale * s)
                 else:
                     dst += (hb @ b.up.T).to(y.dtype) * (b.scale * s)
