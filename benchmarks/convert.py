@@ -55,6 +55,7 @@ def main() -> None:
                                             args.pairs, before=clean)
             out_size = os.path.getsize(conv_out)
             ratio = median(t_conv) / median(t_cp)
+            print("  runs: cp", [round(x, 2) for x in t_cp], "convert", [round(x, 2) for x in t_conv])
             print(f"{layout:10s} in {os.path.getsize(src) / 1e9:.2f} GB  out {out_size / 1e9:.2f} GB  "
                   f"cp {median(t_cp):.2f}s  convert {median(t_conv):.2f}s  ratio {ratio:.2f}x "
                   f"(target <= {TARGETS[layout]}x)  peak RSS {rss} MiB (target <= {RSS_TARGET})", flush=True)
