@@ -289,3 +289,25 @@ def test_end_to_end_real_peft_and_diffusers_on_reference_dit(tmp_path):
     _no_key_warnings(w, handler)
     assert rel_err(want, got_peft) <= 1e-5
     assert rel_err(want, got_diffusers) <= 1e-5
+
+
+def test_fastvideo_names_in_other_formats_map_to_longcat_modules(tmp_path):
+    """A kohya/ComfyUI file written against FastVideo's split names still lands on attn.qkv rows."""
+    g = torch.Generator().manual_seed(2)
+    A, B = torch.randn(3, 64, generator=g), torch.randn(64, 3, generator=g)
+    save_file({"diffusion_model.blocks.2.self_attn.to_v.lora_down.weight": A,
+               "diffusion_model.blocks.2.self_attn.to_v.lora_up.weight": B,
+               "diffusion_model.blocks.2.self_attn.to_v.alpha": torch.tensor(1.5)}, str(tmp_path / "k.safetensors"))
+    with load_lora(str(tmp_path / "k.safetensors")) as a:
+        m = a.modules["blocks.2.attn.qkv"]
+        assert m.out_features == 192 and [p.rows for p in m.parts] == [(128, 192)]
+        assert torch.allclose(m.delta()[128:], 0.5 * (B.double() @ A.double()))
+    # an unknown name keeps the format's own naming, and round-trips through it
+    (tmp_path / "p").mkdir()
+    save_file({"base_model.model.blocks.0.audio_attn.q.lora_A.weight": A,
+               "base_model.model.blocks.0.audio_attn.q.lora_B.weight": B},
+              str(tmp_path / "p" / "adapter_model.safetensors"))
+    (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 3, "lora_alpha": 3}))
+    convert(str(tmp_path / "p"), str(tmp_path / "again"), "peft")
+    with load_lora(str(tmp_path / "again")) as a:
+        assert a.modules["blocks.0.audio_attn.q"].naming == "longcat"

@@ -157,19 +157,23 @@ def group_keys(sf: SafeFile, patterns: list[tuple[re.Pattern[str], str]], what: 
 
 
 def add_standard_layer(modules: dict[str, LoraModule], sf: SafeFile, layer: str, keys: StdKeys,
-                       scale_of: Callable[[int], float], fastvideo_names: bool) -> None:
-    """Add one A/B layer to `modules`, mapped to its LongCat module (splits and block-diagonals undone)."""
+                       scale_of: Callable[[int], float], naming_: str) -> None:
+    """Add one A/B layer to `modules`, mapped to its LongCat module (splits and block-diagonals undone).
+
+    FastVideo layer names are recognised in every format; a name the table does not know keeps the
+    format's own naming (`naming_`: "longcat", or "fastvideo" for FastVideo files)."""
     a, b = weight(sf, keys.a), weight(sf, keys.b)
     if b.shape[1] != a.shape[0]:
         raise LoraError(f"{sf.path}: layer {layer}: up/B {list(b.shape)} and down/A {list(a.shape)} "
                         f"disagree on rank")
     scale = scale_of(a.shape[0])
-    name, split, nsplit, naming_ = layer, 0, 1, "longcat"
-    mapped = naming.from_fastvideo(layer) if fastvideo_names else None
+    name, split, nsplit = layer, 0, 1
+    mapped = naming.from_fastvideo(layer)
     if mapped is not None:
         name, split, nsplit = mapped
-    elif naming.kind_of(layer) is None and fastvideo_names:
-        naming_ = "fastvideo"
+        naming_ = "longcat"
+    elif naming.kind_of(layer) is not None:
+        naming_ = "longcat"
     found = naming.kind_of(name) if naming_ == "longcat" else None
     chunks = found[0].chunks // nsplit if found and found[0].chunks % nsplit == 0 else 1
     h = b.shape[0]

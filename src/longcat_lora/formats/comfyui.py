@@ -29,7 +29,7 @@ def read(sf: SafeFile) -> LoraAdapter:
     for layer, keys in group_keys(sf, _PATTERNS, "ComfyUI LoRA").items():
         alpha = scalar(sf, keys.alpha)[0] if keys.alpha else None
         add_standard_layer(adapter.modules, sf, layer, keys,
-                           lambda r, alpha=alpha: 1.0 if alpha is None else alpha / r, fastvideo_names=False)
+                           lambda r, alpha=alpha: 1.0 if alpha is None else alpha / r, naming_="longcat")
     return finish(adapter, sf.path)
 
 

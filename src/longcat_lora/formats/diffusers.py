@@ -43,7 +43,7 @@ def read(sf: SafeFile) -> LoraAdapter:
     scale = peft_scales(config, sf.path) if config else None
     for layer, keys in group_keys(sf, _PATTERNS, "diffusers LoRA").items():
         fn = (lambda r: 1.0) if scale is None else (lambda r, layer=layer: scale(layer, r))
-        add_standard_layer(adapter.modules, sf, layer, keys, fn, fastvideo_names=False)
+        add_standard_layer(adapter.modules, sf, layer, keys, fn, naming_="longcat")
     return finish(adapter, sf.path)
 
 

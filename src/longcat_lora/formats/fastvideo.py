@@ -49,7 +49,7 @@ def read(sf: SafeFile) -> LoraAdapter:
         if alpha is not None and alpha != int(alpha):
             truncated.append(f"{layer} ({alpha:g} -> {int(alpha)})")
         add_standard_layer(adapter.modules, sf, layer, keys,
-                           lambda rank, alpha=alpha: loader_scale(alpha, rank), fastvideo_names=True)
+                           lambda rank, alpha=alpha: loader_scale(alpha, rank), naming_="fastvideo")
     if truncated:
         adapter.notes.append(f"{len(truncated)} layers have a non-integer lora_alpha that FastVideo's loader "
                              f"truncates, read as FastVideo applies it: e.g. {truncated[0]}")

@@ -58,7 +58,7 @@ def read(sf: SafeFile, config_path: str) -> LoraAdapter:
         if keys.alpha is not None:
             raise LoraError(f"{sf.path}: unexpected tensor {keys.alpha!r}")
         add_standard_layer(adapter.modules, sf, layer, keys, lambda r, layer=layer: scale(layer, r),
-                           fastvideo_names=False)
+                           naming_="longcat")
     return finish(adapter, sf.path)
 
 
