@@ -349,15 +349,32 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         # Produce tensor i+1 (read, scan, assemble) on a second thread while tensor i is written:
         # numpy, pread, write and copy_file_range all release the GIL. At most two tensors in memory.
         # (Compute-heavy producers, like merging, run better alone: pipelined=False.)
+        # Unchanged byte ranges that follow each other in the input are copied in one call.
+        run: FileRange | None = None
         with ThreadPoolExecutor(1) as pool:
             submit = pool.submit if pipelined else _Done
             pending = submit(entries[0].produce) if entries else None
             for i, e in enumerate(entries):
                 data = pending.result()
                 pending = submit(entries[i + 1].produce) if i + 1 < len(entries) else None
-                _write_entry(fd, e, data)
+                if isinstance(data, FileRange):
+                    if data.nbytes != e.nbytes:
+                        raise AssertionError(f"{e.name}: {data.nbytes} bytes produced, {e.nbytes} declared")
+                    if run is not None and run.fd == data.fd and run.offset + run.nbytes == data.offset:
+                        run = FileRange(run.fd, run.offset, run.nbytes + data.nbytes)
+                    else:
+                        if run is not None:
+                            _copy_range(run, fd)
+                        run = data
+                else:
+                    if run is not None:
+                        _copy_range(run, fd)
+                        run = None
+                    _write_entry(fd, e, data)
                 if progress is not None:
                     progress(e.nbytes)
+            if run is not None:
+                _copy_range(run, fd)
     except BaseException:
         if pending is not None:
             pending.cancel()
@@ -379,12 +396,7 @@ class _Done:
         pass
 
 
-def _write_entry(fd: int, e: Entry, data: np.ndarray | bytes | FileRange) -> None:
-    if isinstance(data, FileRange):
-        if data.nbytes != e.nbytes:
-            raise AssertionError(f"{e.name}: {data.nbytes} bytes produced, {e.nbytes} declared")
-        _copy_range(data, fd)
-        return
+def _write_entry(fd: int, e: Entry, data) -> None:
     pieces = [data] if isinstance(data, (np.ndarray, bytes, bytearray, memoryview)) else data
     total = 0
     for piece in pieces:  # a buffer, or an iterator of buffers each valid until the next

@@ -23,6 +23,20 @@ class WriteOptions:
     progress: Callable[[int], None] | None = None  # called with bytes written
 
 
+def in_file_order(adapter: LoraAdapter) -> list[LoraModule]:
+    """Modules in the order their first tensor lies in the input (name order otherwise).
+
+    Writers emit each module's down/A tensors, then its up/B tensors, in this order and put the small
+    scalars last, so tensors copied unchanged lie back to back in input and output alike and go out in
+    a few large copies instead of one per tensor.
+    """
+    def key(m: LoraModule) -> tuple[int, str]:
+        where = m.parts[0].down.file_range() if m.parts else None
+        return (where[1].offset if where else 1 << 62, m.name)
+
+    return sorted(adapter.modules.values(), key=key)
+
+
 def weight(sf: SafeFile, key: str) -> FileSource:
     """A lazy 2-D float weight; anything else is refused by name."""
     info = sf.info(key)
@@ -198,7 +212,7 @@ def standard_entries(adapter: LoraAdapter, opts: WriteOptions, a_key: Callable[[
     """One standard LoRA per module in LongCat naming (block-diagonal up matrix where it has parts)."""
     unmapped([m.name for m in adapter.modules.values() if m.naming != "longcat"], opts, target)
     out, infos = [], []
-    for m in sorted(adapter.modules.values(), key=lambda m: m.name):
+    for m in in_file_order(adapter):
         if m.naming != "longcat":
             continue
         std = standard_layer(m, 0, m.out_features)

@@ -11,8 +11,8 @@ import re
 
 from ..adapter import LoraAdapter
 from ..st import SafeFile, write_safetensors
-from ._common import (metadata, WriteOptions, add_standard_layer, exact_dtype, finish, group_keys, scalar, scalar_entry,
-                      standard_entries)
+from ._common import (WriteOptions, add_standard_layer, exact_dtype, finish, group_keys, metadata, scalar,
+                      scalar_entry, standard_entries)
 
 NAME = "comfyui"
 PREFIX = "diffusion_model."

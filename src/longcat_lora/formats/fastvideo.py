@@ -20,7 +20,8 @@ from .. import naming
 from ..adapter import LoraAdapter, folded, standard_layer
 from ..errors import LoraError
 from ..st import Entry, SafeFile, write_safetensors
-from ._common import metadata, WriteOptions, add_standard_layer, entry, finish, group_keys, scalar, scalar_entry, unmapped
+from ._common import (WriteOptions, add_standard_layer, entry, finish, group_keys, in_file_order, metadata, scalar,
+                      scalar_entry, unmapped)
 
 NAME = "fastvideo"
 _PATTERNS = [(re.compile(rf"^(?:diffusion_model\.)?(?P<layer>.+)\.{s}$"), role)
@@ -58,9 +59,10 @@ def read(sf: SafeFile) -> LoraAdapter:
 
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     out: list[Entry] = []
+    alphas: list[Entry] = []
     todo = []
     missing = []
-    for m in sorted(adapter.modules.values(), key=lambda m: m.name):
+    for m in in_file_order(adapter):
         layers = (m.name,) if m.naming == "fastvideo" else naming.fastvideo_layers(m.name)
         if layers is None:
             missing.append(m.name)
@@ -72,6 +74,7 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
             raise LoraError(f"module {m.name}: {m.out_features} outputs do not split into {len(layers)} "
                             f"FastVideo layers")
         h = m.out_features // len(layers)
+        a_entries, b_entries = [], []
         for j, layer in enumerate(layers):
             std = standard_layer(m, j * h, (j + 1) * h)
             if std is None:
@@ -81,7 +84,8 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
             if not (math.isfinite(alpha) and alpha == int(alpha) and int(alpha) != 0
                     and int(alpha) / rank == std.scale):
                 b, alpha = folded(b, std.scale), float(rank)
-            out.append(entry(f"{layer}.lora_A", std.a, opts, m.name))
-            out.append(entry(f"{layer}.lora_B", b, opts, m.name))
-            out.append(scalar_entry(f"{layer}.lora_alpha", alpha, "F32"))
-    write_safetensors(path, out, metadata(adapter), opts.progress)
+            a_entries.append(entry(f"{layer}.lora_A", std.a, opts, m.name))
+            b_entries.append(entry(f"{layer}.lora_B", b, opts, m.name))
+            alphas.append(scalar_entry(f"{layer}.lora_alpha", alpha, "F32"))
+        out += a_entries + b_entries
+    write_safetensors(path, out + alphas, metadata(adapter), opts.progress)

@@ -14,7 +14,8 @@ from .. import naming
 from ..adapter import LoraAdapter, LoraModule, Part, native_blocks
 from ..errors import LoraError
 from ..st import Entry, SafeFile, write_safetensors
-from ._common import metadata, WriteOptions, entry, exact_dtype, finish, scalar, scalar_entry, unmapped, weight
+from ._common import (WriteOptions, entry, exact_dtype, finish, in_file_order, metadata, scalar, scalar_entry,
+                      unmapped, weight)
 
 NAME = "longcat"
 PREFIX = "lora___lorahyphen___"
@@ -93,8 +94,9 @@ def read(sf: SafeFile) -> LoraAdapter:
 
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     out: list[Entry] = []
+    scales: list[Entry] = []
     unmapped([m.name for m in adapter.modules.values() if m.naming != "longcat"], opts, "LongCat naming")
-    for m in sorted(adapter.modules.values(), key=lambda m: m.name):
+    for m in in_file_order(adapter):
         if m.naming != "longcat":
             continue
         found = naming.kind_of(m.name)
@@ -106,5 +108,5 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
         else:
             out += [entry(f"{base}.lora_up.blocks.{i}.weight", u, opts, m.name) for i, u in enumerate(ups)]
         dt = exact_dtype(scale, adapter.scale_dtype or down.dtype)
-        out.append(scalar_entry(f"{base}.alpha_scale", scale, dt))
-    write_safetensors(path, out, metadata(adapter), opts.progress)
+        scales.append(scalar_entry(f"{base}.alpha_scale", scale, dt))
+    write_safetensors(path, out + scales, metadata(adapter), opts.progress)

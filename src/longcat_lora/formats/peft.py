@@ -15,7 +15,8 @@ import re
 from ..adapter import LoraAdapter
 from ..errors import LoraError
 from ..st import SafeFile, write_safetensors
-from ._common import metadata, WriteOptions, add_standard_layer, finish, group_keys, peft_config, peft_scales, standard_entries
+from ._common import (WriteOptions, add_standard_layer, finish, group_keys, metadata, peft_config, peft_scales,
+                      standard_entries)
 
 NAME = "peft"
 DIRECTORY = True
