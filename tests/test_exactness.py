@@ -179,3 +179,19 @@ def test_reads_what_fastvideo_accepts(tmp_path):
         assert d[:16].abs().max() == 0 and d[32:].abs().max() == 0
         ref = fastvideo_layer_deltas(path)["blocks.0.self_attn.to_k"]
         assert torch.equal(d[16:32], ref)
+
+
+def test_cli_other_dims_rank_dtype_alpha(native, tmp_path):
+    """Through the real CLI: another DiT size, an odd rank, fp16, alpha_scale 0.7 (0.7*5 not integral)."""
+    from longcat_lora.naming import DitDims
+
+    from conftest import cli
+
+    dims = DitDims(hidden=48, ffn=128, adaln=16, final_out=8, depth=48)
+    src = native("refinement", dims=dims, rank=5, dtype=torch.float16, alpha_scale=0.7, name="o.safetensors")
+    out, back = tmp_path / "fv.safetensors", tmp_path / "back.safetensors"
+    cli("convert", src, out, "--to", "fastvideo")
+    assert worst(official_delta(src), fastvideo_delta(str(out))) < 1e-6
+    cli("convert", out, back, "--to", "longcat")
+    assert worst(official_delta(src), official_delta(str(back))) < 1e-6
+    cli("verify", src, back, "--rtol", "1e-6")
