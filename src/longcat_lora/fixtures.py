@@ -12,10 +12,9 @@ import torch
 
 from . import naming
 from .naming import DitDims
+from .formats.longcat import encode
 from .st import Entry, dtype_name, write_safetensors
 
-PREFIX = "lora___lorahyphen___"
-SEP = "___lorahyphen___"
 LAYOUTS = {"cfg_step": naming.CFG_STEP_KINDS, "refinement": naming.REFINEMENT_KINDS}
 
 
@@ -33,7 +32,7 @@ def native_modules(layout: str, dims: DitDims) -> list[tuple[str, int, int, int]
     return out
 
 
-def _random(key: str, shape: tuple[int, int], dtype: torch.dtype, seed: int, std: float) -> torch.Tensor:
+def _random(key: str, shape: tuple, dtype: torch.dtype, seed: int, std: float = 0.02) -> torch.Tensor:
     g = torch.Generator().manual_seed(zlib.crc32(key.encode()) ^ seed)
     return (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(dtype)
 
@@ -48,7 +47,7 @@ def native_entries(layout: str = "refinement", dims: DitDims = naming.OFFICIAL, 
     """Entries of a native LoRA file: lora_down, lora_up(.blocks.i), alpha_scale per module."""
     entries = []
     for module, out, inp, n in native_modules(layout, dims):
-        base = PREFIX + module.replace(".", SEP)
+        base = encode(module)
 
         def mk(key: str, shape: tuple[int, int], std: float) -> Entry:
             return Entry(key, dtype_name(dtype), shape, lambda: _bytes(_random(key, shape, dtype, seed, std)))
@@ -113,7 +112,7 @@ def write_base_checkpoint(path: str, config, naming_: str = "longcat", shards: i
             entries.append(Entry(name, dtype_name(dtype), shape,
                                  lambda name=name, shape=shape, ones=ones: _bytes(
                                      torch.ones(shape, dtype=dtype) if ones and name.endswith("weight")
-                                     else _random_nd(name, shape, dtype, seed))))
+                                     else _random(name, shape, dtype, seed))))
         write_safetensors(os.path.join(path, fname), entries, {"format": "pt"})
     with open(os.path.join(path, index_name), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
@@ -122,7 +121,3 @@ def write_base_checkpoint(path: str, config, naming_: str = "longcat", shards: i
                    "depth": config.depth, "num_heads": config.num_heads}, f, indent=2)
     return path
 
-
-def _random_nd(key: str, shape: tuple, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(zlib.crc32(key.encode()) ^ seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float32) * 0.02).to(dtype)
