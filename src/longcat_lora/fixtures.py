@@ -15,7 +15,8 @@ from .naming import DitDims
 from .formats.longcat import encode
 from .st import Entry, dtype_name, write_safetensors
 
-LAYOUTS = {"cfg_step": naming.CFG_STEP_KINDS, "refinement": naming.REFINEMENT_KINDS}
+LAYOUTS = {"cfg_step": naming.CFG_STEP_KINDS, "refinement": naming.REFINEMENT_KINDS,
+           "avatar": naming.CFG_STEP_KINDS | naming.AVATAR_KINDS}  # avatar: base + audio modules
 
 
 def native_modules(layout: str, dims: DitDims) -> list[tuple[str, int, int, int]]:

@@ -20,6 +20,13 @@ class DitDims:
     adaln: int = 512  # adaln_tembed_dim
     final_out: int = 64  # patch (1,2,2) x out_channels 16
     depth: int = 48
+    # LongCat-Video-Avatar (spec section 5): audio features, and AudioProjModel's sizes (window 5,
+    # vae_scale 4, 12 blocks, 768 channels, intermediate 512, output 768, 32 context tokens)
+    audio: int = 768  # audio output_dim: audio_cross_attn.kv_linear input
+    audio_proj_in: int = 46080  # proj1 input: window * blocks * channels = 5*12*768
+    audio_proj_vf_in: int = 73728  # proj1_vf input: (window + vae_scale - 1) * blocks * channels
+    audio_inter: int = 512  # AudioProjModel intermediate_dim
+    audio_proj_out: int = 24576  # proj3 output: context_tokens * output_dim = 32*768
 
 
 OFFICIAL = DitDims()
@@ -31,9 +38,10 @@ class ModuleKind:
 
     kind: str  # short name used in reports, e.g. "attn.qkv"
     longcat: str  # template; {i} is the block index
-    fastvideo: tuple[str, ...]  # FastVideo layer(s), one per equal row split, in row order
+    fastvideo: tuple[str, ...]  # FastVideo layer(s), one per equal row split, in row order; () = no form
     chunks: int  # up blocks (n_separate) the published native files use
     shape: Callable[[DitDims], tuple[int, int]]  # (out, in)
+    avatar: bool = False  # only in LongCat-Video-Avatar's DiT (the audio modules)
 
     @property
     def per_block(self) -> bool:
@@ -62,12 +70,29 @@ TABLE: tuple[ModuleKind, ...] = (
                ("final_layer.adaln_linear",), 2, lambda d: (2 * d.hidden, d.adaln)),
     ModuleKind("final_layer.linear", "final_layer.linear", ("final_layer.proj",),
                1, lambda d: (d.final_out, d.hidden)),
+    # LongCat-Video-Avatar's audio modules (spec section 5). FastVideo has no Avatar model: no form there.
+    ModuleKind("audio_adaLN_modulation.1", "blocks.{i}.audio_adaLN_modulation.1", (),
+               3, lambda d: (3 * d.hidden, d.adaln), avatar=True),  # shift / scale / gate
+    ModuleKind("audio_cross_attn.q_linear", "blocks.{i}.audio_cross_attn.q_linear", (),
+               1, lambda d: (d.hidden, d.hidden), avatar=True),
+    ModuleKind("audio_cross_attn.kv_linear", "blocks.{i}.audio_cross_attn.kv_linear", (),
+               2, lambda d: (2 * d.hidden, d.audio), avatar=True),  # rows k, v
+    ModuleKind("audio_cross_attn.proj", "blocks.{i}.audio_cross_attn.proj", (),
+               1, lambda d: (d.hidden, d.hidden), avatar=True),
+    ModuleKind("audio_proj.proj1", "audio_proj.proj1", (), 1, lambda d: (d.audio_inter, d.audio_proj_in), avatar=True),
+    ModuleKind("audio_proj.proj1_vf", "audio_proj.proj1_vf", (),
+               1, lambda d: (d.audio_inter, d.audio_proj_vf_in), avatar=True),
+    ModuleKind("audio_proj.proj2", "audio_proj.proj2", (), 1, lambda d: (d.audio_inter, d.audio_inter), avatar=True),
+    ModuleKind("audio_proj.proj3", "audio_proj.proj3", (),
+               1, lambda d: (d.audio_proj_out, d.audio_inter), avatar=True),
 )
 
 # Module kinds in the published files (spec section 2).
 CFG_STEP_KINDS = frozenset(["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
                             "ffn.w1", "ffn.w2", "ffn.w3"])
 REFINEMENT_KINDS = CFG_STEP_KINDS | {"adaLN_modulation.1", "final_layer.adaLN_modulation.1", "final_layer.linear"}
+# LongCat-Video-Avatar's audio module kinds (no FastVideo form).
+AVATAR_KINDS = frozenset(k.kind for k in TABLE if k.avatar)
 
 
 # Base-checkpoint parameters that are not LoRA targets, LongCat -> FastVideo (FastVideo's
@@ -107,9 +132,10 @@ def kind_of(module: str) -> tuple[ModuleKind, int | None] | None:
 
 
 def fastvideo_layers(module: str) -> tuple[str, ...] | None:
-    """FastVideo layer names for a LongCat module, in row order (equal row splits), or None."""
+    """FastVideo layer names for a LongCat module, in row order (equal row splits), or None (unknown
+    module, or one FastVideo has no form for, such as the Avatar audio modules)."""
     found = kind_of(module)
-    if found is None:
+    if found is None or not found[0].fastvideo:
         return None
     k, i = found
     return tuple(t.format(i=i) for t in k.fastvideo)
@@ -166,10 +192,13 @@ def split_param(name: str) -> tuple[str, str]:
     return module, leaf
 
 
-def expected_shapes(dims: DitDims) -> dict[str, tuple[int, int]]:
-    """Every LoRA-targetable Linear of a DiT with these dims, LongCat name -> (out, in)."""
+def expected_shapes(dims: DitDims, avatar: bool = False) -> dict[str, tuple[int, int]]:
+    """Every LoRA-targetable Linear of a DiT with these dims, LongCat name -> (out, in); with avatar,
+    LongCat-Video-Avatar's DiT (the audio modules too)."""
     out: dict[str, tuple[int, int]] = {}
     for k in TABLE:
+        if k.avatar and not avatar:
+            continue
         for i in range(dims.depth) if k.per_block else [None]:
             out[k.longcat.format(i=i)] = k.shape(dims)
     return out
