@@ -54,11 +54,29 @@ def infer_dims(adapter: LoraAdapter) -> naming.DitDims:
             found["adaln"][m.in_features] += 1
         if k.kind == "final_layer.linear":
             found["final_out"][m.out_features] += 1
+        for f, size in _audio_sizes(k.kind, m.out_features, m.in_features):
+            found[f][size] += 1
     o = naming.OFFICIAL
     pick = {f: (found[f].most_common(1)[0][0] if found[f] else getattr(o, f)) for f in ("hidden", "ffn", "adaln", "final_out")}
     official = all(pick[f] == getattr(o, f) for f in pick)
+    audio = {f: (found[f].most_common(1)[0][0] if found[f] else getattr(o, f)) for f in _AUDIO_FIELDS}
     # a LoRA for the official sizes is judged against the official 48 blocks, whatever it covers
-    return naming.DitDims(depth=max(depth, o.depth) if official else (depth or o.depth), **pick)
+    return naming.DitDims(depth=max(depth, o.depth) if official else (depth or o.depth), **pick, **audio)
+
+
+_AUDIO_FIELDS = ("audio", "audio_proj_in", "audio_proj_vf_in", "audio_inter", "audio_proj_out")
+
+
+def _audio_sizes(kind: str, out: int, inp: int) -> list[tuple[str, int]]:
+    """The DiT sizes (DitDims fields) an Avatar audio module's shape states."""
+    return {"audio_adaLN_modulation.1": [("adaln", inp)],
+            "audio_cross_attn.q_linear": [("hidden", inp)],
+            "audio_cross_attn.proj": [("hidden", inp)],
+            "audio_cross_attn.kv_linear": [("audio", inp)],
+            "audio_proj.proj1": [("audio_proj_in", inp), ("audio_inter", out)],
+            "audio_proj.proj1_vf": [("audio_proj_vf_in", inp), ("audio_inter", out)],
+            "audio_proj.proj2": [("audio_inter", inp), ("audio_inter", out)],
+            "audio_proj.proj3": [("audio_inter", inp), ("audio_proj_out", out)]}.get(kind, [])
 
 
 def inspect_lora(path: str, scan_values: bool = True) -> dict:
@@ -96,8 +114,10 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             for p in m.parts:
                 alphas[p.scale * p.rank] += 1
         kinds = set(blocks_per_kind)
+        audio_kinds = kinds & naming.AVATAR_KINDS
         looks = ("other" if unknown else "cfg_step-like" if kinds == naming.CFG_STEP_KINDS else
-                 "refinement-like" if kinds == naming.REFINEMENT_KINDS else "other")
+                 "refinement-like" if kinds == naming.REFINEMENT_KINDS else
+                 "avatar-like" if audio_kinds and kinds - audio_kinds else "other")
         findings = []
         for kind, idx in sorted(coverage.items()):
             idx = sorted(set(idx))
@@ -115,6 +135,17 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             findings.append(f"module sizes imply a DiT of hidden {dims.hidden}, ffn {dims.ffn}, adaLN input "
                             f"{dims.adaln}, output {dims.final_out}; the official one is hidden 4096, ffn 11008, "
                             f"adaLN input 512, output 64")
+        if audio_kinds:
+            n_audio = sum(1 for m in a.modules.values()
+                          if m.naming == "longcat" and (k := naming.kind_of(m.name)) and k[0].avatar)
+            findings.append(
+                f"{n_audio} modules are LongCat-Video-Avatar audio modules ({', '.join(sorted(audio_kinds))}): "
+                + ("a LoRA for the Avatar DiT (base plus audio modules); " if kinds - audio_kinds else "")
+                + f"their shapes are checked against the Avatar DiT (audio dim {dims.audio}, audio_proj "
+                f"{dims.audio_proj_in}/{dims.audio_proj_vf_in} -> {dims.audio_inter} -> {dims.audio_proj_out}"
+                + ("" if all(getattr(dims, f) == getattr(off, f) for f in _AUDIO_FIELDS) else
+                   "; the official Avatar DiT: audio dim 768, audio_proj 46080/73728 -> 512 -> 24576")
+                + "); FastVideo has no form for them")
         if bad_shapes:
             findings.append(f"{len(bad_shapes)} modules have unexpected shapes: " + "; ".join(bad_shapes[:5]))
         else:
@@ -139,7 +170,7 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             "coverage": {k: _ranges(sorted(set(v))) for k, v in sorted(coverage.items())},
             "looks_like": looks,
             "dims": {"hidden": dims.hidden, "ffn": dims.ffn, "adaln": dims.adaln, "final_out": dims.final_out,
-                     "depth": dims.depth},
+                     "depth": dims.depth, **({f: getattr(dims, f) for f in _AUDIO_FIELDS} if audio_kinds else {})},
             "notes": list(a.notes),
             "findings": findings,
             "nonfinite_tensors": nonfinite,
