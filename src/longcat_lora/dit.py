@@ -81,8 +81,10 @@ def modulate_fp32(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: 
 
 def fp32_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A Linear the official code runs under autocast(fp32): here its weights stay fp32 (see `cast`),
-    and the layer's own forward runs so that LoRA hooks on it apply."""
-    return layer(x.to(layer.weight.dtype)).float()
+    and the layer's own forward runs so that LoRA hooks on it apply. An INT8 layer (no `weight`)
+    computes in fp32, as under the official autocast."""
+    w = getattr(layer, "weight", None)
+    return layer(x.to(w.dtype if isinstance(w, torch.Tensor) else torch.float32)).float()
 
 
 def rope_freqs(head_dim: int, grid: tuple[int, int, int], base: float = 10000.0) -> torch.Tensor:
@@ -449,3 +451,183 @@ def convert_state_dict(sd: dict[str, torch.Tensor], to: str) -> dict[str, torch.
             out[new] = torch.cat([parts[j] for j in range(counts[new])], 0) if counts[new] > 1 else parts[0]
         return out
     raise ValueError(f"unknown naming {to!r}")
+
+
+# ----------------------------------------------------------------------------- LongCat-Video-Avatar
+
+@dataclass(frozen=True)
+class AvatarConfig(DiTConfig):
+    """LongCat-Video-Avatar's DiT: the base config plus the audio path's sizes (AudioProjModel defaults)."""
+
+    audio_dim: int = 768  # output_dim: audio tokens' width, audio_cross_attn.kv_linear input
+    audio_window: int = 5
+    audio_vae_scale: int = 4
+    audio_blocks: int = 12
+    audio_channels: int = 768
+    audio_intermediate: int = 512
+    audio_context_tokens: int = 32
+
+    @property
+    def dims(self) -> naming.DitDims:
+        base = super().dims
+        return naming.DitDims(
+            hidden=base.hidden, ffn=base.ffn, adaln=base.adaln, final_out=base.final_out, depth=base.depth,
+            audio=self.audio_dim, audio_proj_in=self.audio_window * self.audio_blocks * self.audio_channels,
+            audio_proj_vf_in=(self.audio_window + self.audio_vae_scale - 1) * self.audio_blocks * self.audio_channels,
+            audio_inter=self.audio_intermediate, audio_proj_out=self.audio_context_tokens * self.audio_dim)
+
+
+TINY_AVATAR = AvatarConfig(**{f: getattr(TINY, f) for f in DiTConfig.__dataclass_fields__}, audio_dim=24,
+                           audio_window=2, audio_vae_scale=2, audio_blocks=2, audio_channels=6,
+                           audio_intermediate=16, audio_context_tokens=4)
+
+
+class _AudioCross(nn.Module):
+    def __init__(self, c: AvatarConfig):
+        super().__init__()
+        hd = c.hidden_size // c.num_heads
+        self.q_linear = nn.Linear(c.hidden_size, c.hidden_size)
+        self.kv_linear = nn.Linear(c.audio_dim, 2 * c.hidden_size)
+        self.proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.q_norm, self.k_norm = RMSNormFP32(hd), RMSNormFP32(hd)
+
+
+class AvatarBlock(Block):
+    """The official block plus audio cross-attention, gated and modulated by audio_adaLN_modulation.
+
+    The audio Linear layers have the official names and shapes; the audio path around them is a simple
+    faithful-in-shape stand-in: each latent frame's tokens attend to that frame's audio tokens, and the
+    result is added to x through the gate. The model sets `audio_tokens` [B, T, tokens, audio_dim]
+    for the duration of its forward."""
+
+    def __init__(self, c: AvatarConfig):
+        super().__init__(c)
+        C = c.hidden_size
+        self.audio_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c.adaln_tembed_dim, 3 * C))
+        self.audio_norm = LayerNormFP32(C, eps=1e-6, elementwise_affine=False)
+        self.audio_cross_attn = _AudioCross(c)
+        self.audio_tokens: torch.Tensor | None = None
+
+    def forward(self, x, y, t, y_seqlens, grid, freqs):
+        x = super().forward(x, y, t, y_seqlens, grid, freqs)
+        B, N, C = x.shape
+        T = grid[0]
+        mod = fp32_linear(self.audio_adaLN_modulation[1], F.silu(t.float())).unsqueeze(2)  # [B, T, 1, 3C]
+        shift, scale, gate = mod.chunk(3, dim=-1)
+        xm = modulate_fp32(self.audio_norm, x.view(B, T, -1, C), shift, scale)  # [B, T, N/T, C]
+        a = self.audio_cross_attn
+        audio = self.audio_tokens  # [B, T, L, audio_dim]
+        L = audio.shape[2]
+        q = a.q_linear(xm).view(B * T, -1, self.heads, self.head_dim)
+        k, v = a.kv_linear(audio.to(x.dtype)).chunk(2, dim=-1)
+        k = k.reshape(B * T, L, self.heads, self.head_dim)
+        v = v.reshape(B * T, L, self.heads, self.head_dim)
+        q, k = a.q_norm(q), a.k_norm(k)
+        o = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).reshape(B, T, -1, C)
+        o = a.proj(o)
+        return (x.float() + (gate * o.float()).view(B, N, C)).to(x.dtype)
+
+
+class _AudioProj(nn.Module):
+    """AudioProjModel's Linear layers (official names and shapes): frame 0's window through proj1,
+    later latent frames' (longer) windows through proj1_vf, then proj2, proj3 -> context tokens."""
+
+    def __init__(self, c: AvatarConfig):
+        super().__init__()
+        d = c.dims
+        self.proj1 = nn.Linear(d.audio_proj_in, d.audio_inter)
+        self.proj1_vf = nn.Linear(d.audio_proj_vf_in, d.audio_inter)
+        self.proj2 = nn.Linear(d.audio_inter, d.audio_inter)
+        self.proj3 = nn.Linear(d.audio_inter, d.audio_proj_out)
+        self.norm = nn.LayerNorm(c.audio_dim)
+        self.tokens, self.dim = c.audio_context_tokens, c.audio_dim
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        """audio [B, T, proj1_vf input] -> tokens [B, T, context_tokens, audio_dim]; frame 0 uses the
+        first proj1-input features."""
+        first = F.relu(self.proj1(audio[:, :1, :self.proj1.in_features]))
+        rest = F.relu(self.proj1_vf(audio[:, 1:]))
+        h = F.relu(self.proj2(torch.cat([first, rest], dim=1)))
+        out = self.proj3(h)
+        return self.norm(out.view(*out.shape[:2], self.tokens, self.dim))
+
+
+class LongCatAvatarDiT(LongCatDiT):
+    """LongCat-Video-Avatar's DiT layout (`LongCatVideoAvatarTransformer3DModel`'s module names): the base
+    DiT with AvatarBlocks and an `audio_proj`. forward takes `audio` [B, T_latent, proj1_vf input]."""
+
+    def __init__(self, config: AvatarConfig = AvatarConfig()):
+        super().__init__(config)
+        self.blocks = nn.ModuleList([AvatarBlock(config) for _ in range(config.depth)])
+        self.audio_proj = _AudioProj(config)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None, audio=None):
+        c = self.dit_config
+        B, T = hidden_states.shape[0], hidden_states.shape[2] // c.patch_size[0]
+        if audio is None:
+            g = torch.Generator().manual_seed(0)
+            audio = torch.randn(B, T, self.audio_proj.proj1_vf.in_features, generator=g)
+        tokens = self.audio_proj(audio.to(self.patch.weight.dtype))
+        for b in self.blocks:
+            b.audio_tokens = tokens
+        try:
+            return super().forward(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask)
+        finally:
+            for b in self.blocks:
+                b.audio_tokens = None
+
+    def _fp32_modules(self):
+        return super()._fp32_modules() + [b.audio_adaLN_modulation for b in self.blocks]
+
+
+# ----------------------------------------------------------------------------- the INT8 DiT
+
+class QuantizedLinear(nn.Module):
+    """LongCat's INT8 layer (`longcat_video/modules/quantization.py`): buffers `weight_int8` int8
+    [out, in], `weight_scale` float32 [out], `bias` (or None); no `weight`. Forward:
+    `w = weight_int8.to(x.dtype) * weight_scale.to(x.dtype)[:, None]`, `y = x @ w.T + bias.to(x.dtype)`.
+    The scales stay float32 when the model is cast (as after the official load)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
+        """Quantize a Linear with the official per-channel symmetric scheme (`int8.quantize_rows`)."""
+        from .int8 import quantize_rows
+
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None).to(linear.weight.device)
+        with torch.no_grad():
+            q.weight_int8, q.weight_scale = quantize_rows(linear.weight.detach())
+            if linear.bias is not None:
+                q.bias = linear.bias.detach().clone()
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
+        y = x @ w.T
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:  # a dtype cast: the scales stay float32
+            self.weight_scale = scale.to(self.weight_scale.device)
+        return self
+
+
+INT8_SKIP = ("final_layer.linear",)  # the official quantizer's skip_patterns (substring match)
+
+
+def quantize_dit(model: nn.Module, skip: tuple[str, ...] = INT8_SKIP) -> nn.Module:
+    """Replace every nn.Linear of `model` whose name contains none of `skip` with a QuantizedLinear,
+    as the official `--use_int8` quantizer does. In place; returns the model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and not any(p in name for p in skip):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, QuantizedLinear.from_linear(m))
+    return model
