@@ -60,6 +60,59 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_flags(args: argparse.Namespace, required: bool):
+    """The RankRule of --rank / --energy / --max-error (None when none is given and none is required);
+    errors name the flags."""
+    from .algebra.lowrank import RankRule
+
+    given = [f for f, v in (("--rank", args.rank), ("--energy", args.energy), ("--max-error", args.max_error))
+             if v is not None]
+    if not given and not required:
+        return None
+    if len(given) != 1:
+        raise LoraError("give exactly one of --rank R, --energy F, --max-error E"
+                        + (f" (got {' and '.join(given)})" if given else ""))
+    try:
+        return RankRule.parse(args.rank, args.energy, args.max_error)
+    except LoraError as e:
+        raise LoraError("--" + str(e).replace("max_error", "max-error")) from None
+
+
+def _print_report(args: argparse.Namespace, report) -> None:
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format())
+        print(f"wrote {args.output} ({args.to})")
+
+
+def _resize(args: argparse.Namespace) -> int:
+    from .algebra.resize import resize_lora
+
+    rule = _rank_flags(args, required=True)
+    report = resize_lora(args.input, args.output, rank=rule.rank, energy=rule.energy, max_error=rule.max_error,
+                         format=args.to, dtype=args.dtype, overwrite=args.overwrite,
+                         skip_unmapped=args.skip_unmapped, progress=True)
+    _print_report(args, report)
+    return 0
+
+
+def _combine(args: argparse.Namespace) -> int:
+    from .algebra.combine import combine_loras
+    from .merge import parse_lora_arg
+
+    rule = _rank_flags(args, required=False)
+    if rule is None and args.dtype != "keep":
+        raise LoraError("--dtype: an exact combine keeps the inputs' dtypes; give --rank, --energy or --max-error "
+                        "to choose one")
+    report = combine_loras(args.output, [parse_lora_arg(x) for x in args.lora],
+                           rank=rule.rank if rule else None, energy=rule.energy if rule else None,
+                           max_error=rule.max_error if rule else None, format=args.to, dtype=args.dtype,
+                           overwrite=args.overwrite, skip_unmapped=args.skip_unmapped, progress=True)
+    _print_report(args, report)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -105,6 +158,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-unmapped", action="store_true", help="leave out (and list) LoRA modules with no base weight")
     s.add_argument("--device", default="cpu", help="where to compute the weight changes: cpu or cuda")
     s.set_defaults(fn=_merge)
+
+    def rank_options(s: argparse.ArgumentParser, what: str) -> None:
+        s.add_argument("--rank", type=int, metavar="R", help=f"{what}: rank of every up block (as the native "
+                       "format and the official loader count it; capped at the input's)")
+        s.add_argument("--energy", type=float, metavar="F", help=f"{what}: per up block, the smallest rank "
+                       "keeping at least this share of ||dW||_F^2, in (0, 1]")
+        s.add_argument("--max-error", type=float, metavar="E", help=f"{what}: per up block, the smallest rank "
+                       "whose relative Frobenius error is at most E, in [0, 1)")
+        s.add_argument("--to", default="longcat", choices=sorted(FORMATS), help="output format (default longcat)")
+        s.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32", "fp64"],
+                       help="dtype of the new factors (default: the input's; its rounding is in the reported error)")
+        s.add_argument("--json", action="store_true", help="print the report as JSON")
+        s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        s.add_argument("--skip-unmapped", action="store_true",
+                       help="leave out (and list) modules the output format cannot name")
+
+    s = sub.add_parser("resize", help="a LoRA at a lower rank (exact SVD per up block), with its true error")
+    s.add_argument("input", help="a LoRA in any format")
+    s.add_argument("output")
+    rank_options(s, "one is required")
+    s.set_defaults(fn=_resize)
+
+    s = sub.add_parser("combine", help="several LoRAs as one: exact (ranks concatenated) or compressed by SVD")
+    s.add_argument("output")
+    s.add_argument("--lora", action="append", required=True, metavar="PATH[:STRENGTH]",
+                   help="a LoRA in any format, optionally with a strength (default 1.0); repeatable")
+    rank_options(s, "optional, compresses the sum")
+    s.set_defaults(fn=_combine)
 
     s = sub.add_parser("demo", help="run the end-to-end demo on a generated LoRA")
     s.add_argument("--keep", metavar="DIR", help="write the demo files here instead of a temp dir")
