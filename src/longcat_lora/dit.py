@@ -541,11 +541,12 @@ class _AudioProj(nn.Module):
         self.proj3 = nn.Linear(d.audio_inter, d.audio_proj_out)
         self.norm = nn.LayerNorm(c.audio_dim)
         self.tokens, self.dim = c.audio_context_tokens, c.audio_dim
+        self.in_first, self.in_vf = d.audio_proj_in, d.audio_proj_vf_in  # (the layers may be INT8 ones)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """audio [B, T, proj1_vf input] -> tokens [B, T, context_tokens, audio_dim]; frame 0 uses the
         first proj1-input features."""
-        first = F.relu(self.proj1(audio[:, :1, :self.proj1.in_features]))
+        first = F.relu(self.proj1(audio[:, :1, :self.in_first]))
         rest = F.relu(self.proj1_vf(audio[:, 1:]))
         h = F.relu(self.proj2(torch.cat([first, rest], dim=1)))
         out = self.proj3(h)
@@ -566,7 +567,7 @@ class LongCatAvatarDiT(LongCatDiT):
         B, T = hidden_states.shape[0], hidden_states.shape[2] // c.patch_size[0]
         if audio is None:
             g = torch.Generator().manual_seed(0)
-            audio = torch.randn(B, T, self.audio_proj.proj1_vf.in_features, generator=g)
+            audio = torch.randn(B, T, self.audio_proj.in_vf, generator=g)
         tokens = self.audio_proj(audio.to(self.patch.weight.dtype))
         for b in self.blocks:
             b.audio_tokens = tokens

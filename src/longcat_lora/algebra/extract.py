@@ -1,0 +1,468 @@
+"""Extract a LoRA from two checkpoints: a low-rank SVD of `W_tuned - W_base` for each adapted Linear.
+
+BASE and TUNED are read as `merge` reads a base (a safetensors file or a sharded directory with an
+index), each in LongCat's or FastVideo's naming, recognised tensor by tensor through the naming table
+(`param_from_fastvideo`), so a FastVideo fine-tune of an official base works: FastVideo's split layers
+(to_q / to_k / to_v, to_k / to_v) are read back into the fused module's rows. Every module of the
+naming table is extracted the way the native format counts rank: its rows are cut into the module's up
+blocks (attn.qkv 3, cross_attn.kv_linear 2, adaLN 6, final adaLN 2, Avatar's audio adaLN 3, else 1), and
+each block's change is truncated separately (for qkv and kv_linear these are exactly FastVideo's split
+layers, so extracting per split layer would give the same factors).
+
+Streaming: one up block at a time, TUNED's rows are read (one pread into a reused buffer) and converted
+into a reused compute buffer, then BASE's rows are read into the same byte buffer and subtracted in
+place: about two weights in memory, never a checkpoint. The factors go to an anonymous spool file, not
+memory, so a 48-block extraction at rank 128 does not hold gigabytes of factors either. Blocks of up to
+`FLOAT64_BELOW` elements (and float64 inputs) are computed in float64 with an exact SVD; larger blocks in
+float32 with a randomized SVD (`dense_svd`). Each written block's true error `||dW - up @ down||_F` is
+measured against the change itself, with the factors as stored.
+
+Output: the native format by default, `alpha_scale` 1.0 and float32 factors split as `up = U sqrt(S)`,
+`down = sqrt(S) Vh` (both factors of the same magnitude, so any dtype a converter picks holds them
+well); with a fixed rank every up block has exactly that rank (zero-padded where the change has lower
+rank), as the official loader's `lora_network_dim` expects. Any other format through `save_lora`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import naming
+from ..adapter import LoraAdapter, LoraModule, Part, Source
+from ..errors import LoraError
+from ..formats import FORMATS, save_lora
+from ..merge import Base, open_base
+from ..st import FLOATS, SafeFile, torch_dtype
+from .lowrank import ModuleReport, RankRule, Report, dense_svd
+
+if TYPE_CHECKING:
+    import torch
+
+FLOAT64_BELOW = 1 << 22  # blocks with at most this many elements are computed in float64 (4M: 32 MiB)
+FIRST_SKETCH = 64  # randomized rank tried first for --energy / --max-error (doubled until enough)
+RESIDUAL_ELEMENTS = 1 << 22  # row chunk of the residual check
+
+
+# ---------------------------------------------------------------- checkpoints by canonical parameter
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows lo:hi of a canonical parameter, held by one tensor of one shard."""
+
+    file: SafeFile
+    tensor: str
+    lo: int
+    hi: int
+
+    @property
+    def dtype(self) -> str:
+        return self.file.info(self.tensor).dtype
+
+
+@dataclass
+class _Param:
+    """One parameter in LongCat's naming, whatever tensors hold it (a fused tensor, or split layers)."""
+
+    name: str
+    shape: tuple[int, ...]
+    pieces: list[_Piece]
+
+    @property
+    def dtypes(self) -> set[str]:
+        return {p.dtype for p in self.pieces}
+
+    def where(self) -> str:
+        return ", ".join(f"{p.file.path}:{p.tensor}" for p in self.pieces)
+
+
+def canonical_params(b: Base) -> dict[str, _Param]:
+    """Every tensor of a checkpoint under its LongCat name; FastVideo split layers joined by rows."""
+    groups: dict[str, dict[int, str]] = {}
+    splits: dict[str, int] = {}
+    for tensor in b.tensors:
+        canon, j, n = naming.param_from_fastvideo(tensor)
+        g = groups.setdefault(canon, {})
+        if splits.setdefault(canon, n) != n or j in g:
+            other = next(iter(g.values()))
+            raise LoraError(f"{b.path}: tensors {other!r} and {tensor!r} both hold {canon} "
+                            f"(LongCat and FastVideo names for one parameter)")
+        g[j] = tensor
+    out: dict[str, _Param] = {}
+    for canon, g in groups.items():
+        n = splits[canon]
+        missing = [j for j in range(n) if j not in g]
+        if missing:
+            raise LoraError(f"{b.path}: has {g[min(g)]!r} but not the other split layer(s) of {canon} "
+                            f"(split {missing} of {n} missing)")
+        files = [b.shards[b.tensors[g[j]]] for j in range(n)]
+        shapes = [f.info(g[j]).shape for j, f in enumerate(files)]
+        if n > 1 and (len(set(shapes)) != 1 or not shapes[0]):
+            raise LoraError(f"{b.path}: the split layers of {canon} have shapes {[list(s) for s in shapes]}; "
+                            f"they must be equal row blocks")
+        h = shapes[0][0] if shapes[0] else 1
+        shape = (n * h, *shapes[0][1:]) if shapes[0] else ()
+        out[canon] = _Param(canon, shape, [_Piece(f, g[j], j * h, (j + 1) * h) for j, f in enumerate(files)])
+    return out
+
+
+@dataclass
+class _Plan:
+    modules: list[tuple[str, int, _Param, _Param]]  # (module, up blocks, base weight, tuned weight)
+    others: list[tuple[_Param, _Param]]  # every other parameter, to compare
+
+
+def plan_extraction(pb: dict[str, _Param], pt: dict[str, _Param], base: str, tuned: str) -> _Plan:
+    """Match the two checkpoints parameter by parameter; any missing tensor, shape or dtype problem is a
+    LoraError naming the file and tensor. Reads headers only."""
+    for a, b, pa, pbb in ((pb, pt, base, tuned), (pt, pb, tuned, base)):
+        missing = sorted(set(a) - set(b))
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            raise LoraError(f"{pbb}: missing tensor(s) that {pa} has: {shown}")
+    plan = _Plan([], [])
+    for name in sorted(pb, key=lambda k: (pb[k].pieces[0].file.path, pb[k].pieces[0].file.info(pb[k].pieces[0].tensor).start)):
+        x, y = pb[name], pt[name]
+        if x.shape != y.shape:
+            raise LoraError(f"{name}: shape {list(x.shape)} in {base} ({x.where()}) but {list(y.shape)} in "
+                            f"{tuned} ({y.where()})")
+        module, leaf = naming.split_param(name)
+        found = naming.kind_of(module)
+        if found is None or leaf != "weight":
+            plan.others.append((x, y))
+            continue
+        for p, path in ((x, base), (y, tuned)):
+            bad = sorted(p.dtypes - set(FLOATS))
+            if bad:
+                raise LoraError(f"{path}: tensor {p.pieces[0].tensor!r} has dtype {bad[0]}; a weight to extract "
+                                f"a LoRA from must be F16, BF16, F32 or F64")
+            if len(p.shape) != 2 or 0 in p.shape:
+                raise LoraError(f"{path}: tensor {p.pieces[0].tensor!r} has shape {list(p.shape)}; a Linear "
+                                f"weight must be a non-empty 2-D matrix")
+        chunks = found[0].chunks
+        plan.modules.append((module, chunks if x.shape[0] % chunks == 0 else 1, x, y))
+    return plan
+
+
+# ---------------------------------------------------------------- reading one block of a change
+
+
+class _Workspace:
+    """Reused buffers: one for raw bytes, one for the change in the compute dtype (and a device stage)."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.device = device
+        self.raw = np.empty(0, dtype=np.uint8)
+        self.bufs: dict[torch.dtype, torch.Tensor] = {}
+        self.stage: dict[torch.dtype, torch.Tensor] = {}
+
+    def _buf(self, pool: dict, dtype, n: int):
+        import torch
+
+        b = pool.get(dtype)
+        if b is None or b.numel() < n:
+            pool.pop(dtype, None)
+            b = pool[dtype] = torch.empty(n, dtype=dtype, device=self.device)
+        return b[:n]
+
+    def _read(self, p: _Param, lo: int, hi: int, into, subtract: bool) -> None:
+        """into (+)= rows lo:hi of p, piece by piece (into is [hi-lo, cols] on the device)."""
+        import torch
+
+        cols = p.shape[1]
+        for pc in p.pieces:
+            a, b = max(lo, pc.lo), min(hi, pc.hi)
+            if a >= b:
+                continue
+            start, count = pc.file.byte_range(pc.tensor, (a - pc.lo, b - pc.lo))
+            if self.raw.size < count:
+                self.raw = np.empty(count, dtype=np.uint8)
+            buf = self.raw[:count]
+            pc.file._pread(pc.tensor, start, memoryview(buf))
+            src = torch.from_numpy(buf).view(torch_dtype(pc.dtype)).view(b - a, cols)
+            dst = into[a - lo:b - lo]
+            if not subtract:
+                dst.copy_(src)
+            elif into.device.type == "cpu":
+                dst.sub_(src)
+            else:
+                stage = self._buf(self.stage, into.dtype, src.numel()).view(b - a, cols)
+                stage.copy_(src)
+                dst.sub_(stage)
+
+    def change(self, base: _Param, tuned: _Param, lo: int, hi: int):
+        """W_tuned - W_base on rows lo:hi, in float64 when small (or float64 in), float32 otherwise."""
+        import torch
+
+        n = (hi - lo) * base.shape[1]
+        wide = n <= FLOAT64_BELOW or "F64" in base.dtypes | tuned.dtypes
+        dtype = torch.float64 if wide else torch.float32
+        d = self._buf(self.bufs, dtype, n).view(hi - lo, base.shape[1])
+        self._read(tuned, lo, hi, d, subtract=False)
+        self._read(base, lo, hi, d, subtract=True)
+        return d
+
+
+# ---------------------------------------------------------------- factors and their spool
+
+
+class _Spool:
+    """An anonymous temp file the factors are appended to, so they never all sit in memory."""
+
+    def __init__(self, directory: str):
+        self.f = tempfile.TemporaryFile(dir=directory)
+        self.end = 0
+
+    def put(self, t: torch.Tensor) -> Source:
+        """Append a 2-D float32 tensor; returns a Source reading it back."""
+        raw = t.detach().to("cpu").contiguous().view(-1).numpy().view(np.uint8)
+        mv = memoryview(raw).cast("B")
+        fd, off, done = self.f.fileno(), self.end, 0
+        while done < mv.nbytes:
+            done += os.pwrite(fd, mv[done:], off + done)
+        self.end += mv.nbytes
+        return _SpoolSource((int(t.shape[0]), int(t.shape[1])), "F32", fd, off, mv.nbytes)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _SpoolSource(Source):
+    def __init__(self, shape: tuple[int, int], dtype: str, fd: int, offset: int, nbytes: int):
+        self.shape, self.dtype, self.fd, self.offset, self.nbytes = shape, dtype, fd, offset, nbytes
+
+    def raw(self, check: bool = False) -> np.ndarray:
+        buf = bytearray(self.nbytes)
+        mv, got = memoryview(buf), 0
+        while got < self.nbytes:
+            n = os.preadv(self.fd, [mv[got:]], self.offset + got)
+            if n <= 0:
+                raise LoraError(f"extract: spool file truncated at byte {self.offset + got}")
+            got += n
+        a = np.frombuffer(buf, dtype=np.uint8).reshape(self.shape[0], -1)
+        from ..adapter import _checked
+
+        return _checked(a, self.dtype, check)
+
+
+@dataclass
+class _Block:
+    """One up block's result."""
+
+    rank: int  # kept (before any padding)
+    total: float  # ||change||_F^2
+    kept: float  # sum of the kept singular values squared
+    err2: float  # ||change - up @ down||_F^2 of the factors as stored
+    up: torch.Tensor | None = None  # [h, r] float32
+    down: torch.Tensor | None = None  # [r, in] float32
+
+
+def _low_rank(d: torch.Tensor, rule: RankRule, total: float, gen: torch.Generator):
+    """(U, S, Vh, k): the leading singular triplets of d and the rank the rule keeps (k <= len(S))."""
+    import torch
+
+    q = min(d.shape)
+    if rule.rank is not None:
+        u, s, vh = dense_svd(d, rule.rank, generator=gen)
+        return u, s, vh, rule.choose(s, total)
+    want = min(q, FIRST_SKETCH)
+    while True:
+        u, s, vh = dense_svd(d, want, generator=gen)
+        k = rule.choose(s, total)
+        kept = float(torch.sum(s[:k].double() ** 2))
+        ok = (kept >= rule.energy * total) if rule.energy is not None else \
+            (max(total - kept, 0.0) <= rule.max_error ** 2 * total)  # type: ignore[operator]
+        if ok or want >= q:
+            return u, s, vh, k
+        want = min(q, 2 * want)
+
+
+def _residual2(d: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+    """||d - up @ down||_F^2 in row chunks (no full-size temporary), summed in float64."""
+    import torch
+
+    up, down = up.to(d.dtype), down.to(d.dtype)
+    step = max(1, RESIDUAL_ELEMENTS // d.shape[1])
+    acc = 0.0
+    for r0 in range(0, d.shape[0], step):
+        c = d[r0:r0 + step] - up[r0:r0 + step] @ down
+        acc += float(torch.sum(c.double() ** 2)) if c.dtype != torch.float64 else float(torch.sum(c * c))
+    return acc
+
+
+def extract_block(d: torch.Tensor, rule: RankRule, gen: torch.Generator, where: str) -> _Block | None:
+    """Truncate one block of a weight change; None when it is exactly zero."""
+    import torch
+
+    total = float(torch.sum(d.double() ** 2)) if d.dtype != torch.float64 else float(torch.sum(d * d))
+    if not math.isfinite(total):
+        raise LoraError(f"{where}: the weight change is not finite (NaN/Inf in a checkpoint, or overflow)")
+    if total == 0.0:
+        return None
+    u, s, vh, k = _low_rank(d, rule, total, gen)
+    k = max(k, 1)
+    root = torch.sqrt(s[:k].to(torch.float64))
+    up = (u[:, :k].to(torch.float64) * root).to(torch.float32)
+    down = (root[:, None] * vh[:k].to(torch.float64)).to(torch.float32)
+    if rule.rank is not None and k < rule.rank:  # the native rank is per module: pad with zeros
+        up = torch.cat([up, up.new_zeros(up.shape[0], rule.rank - k)], 1)
+        down = torch.cat([down, down.new_zeros(rule.rank - k, down.shape[1])], 0)
+    kept = float(torch.sum(s[:k].double() ** 2))
+    return _Block(k, total, min(kept, total), _residual2(d, up, down), up, down)
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class ExtractReport(Report):
+    """Report plus what extract alone knows: tensors that changed but are not the weight of a LoRA
+    target (biases, norms, embedders), which a LoRA cannot carry. `skipped` lists the weights that are
+    identical in both checkpoints."""
+
+    not_representable: list[str] = field(default_factory=list)
+
+    def format(self, per_module: bool = True) -> str:  # type: ignore[override]
+        """The shared report, with the (often long) list of identical weights on one line."""
+        lines = [Report.format(replace(self, skipped=[]), per_module)]
+        if self.skipped:
+            lines.append(f"identical in both checkpoints (skipped): {', '.join(self.skipped)}")
+        for name in self.not_representable:
+            lines.append(f"changed but not representable as LoRA: {name}")
+        return "\n".join(lines)
+
+
+def _same(x: _Param, y: _Param) -> bool:
+    """Whether two parameters hold equal values (bitwise when their dtypes agree)."""
+    import torch
+
+    def whole(p: _Param) -> torch.Tensor:
+        parts = [pc.file.read(pc.tensor) for pc in p.pieces]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+
+    a, b = whole(x), whole(y)
+    if a.dtype == b.dtype:
+        return bool(np.array_equal(a.contiguous().view(-1).view(torch.uint8).numpy(),
+                                   b.contiguous().view(-1).view(torch.uint8).numpy()))
+    if a.dtype.is_floating_point and b.dtype.is_floating_point:
+        return torch.equal(a.to(torch.float64), b.to(torch.float64))
+    return False
+
+
+# ---------------------------------------------------------------- the entry point
+
+
+def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, energy: float | None = None,
+                 max_error: float | None = None, device: str = "cpu", format: str = "longcat",
+                 overwrite: bool = False, progress: bool = False) -> ExtractReport:
+    """Write the LoRA that best approximates `tuned - base` (see the module docstring) to `out`.
+
+    Exactly one of `rank` (per up block), `energy` (smallest rank keeping that share of each block's
+    squared Frobenius norm) or `max_error` (smallest rank whose relative Frobenius error is at most
+    that). Returns the report: per module ranks, retained share and true relative error; weights equal
+    in both; other tensors that changed. Nothing is written unless everything succeeds.
+    """
+    import torch
+
+    rule = RankRule.parse(rank, energy, max_error)
+    if format not in FORMATS:
+        raise LoraError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise LoraError("device cuda: no CUDA device is available")
+    base, tuned, out = str(base), str(tuned), str(out)
+    _precheck(out, overwrite)
+    b = open_base(base)
+    try:
+        t = open_base(tuned)
+    except BaseException:
+        b.close()
+        raise
+    spool = None
+    try:
+        plan = plan_extraction(canonical_params(b), canonical_params(t), base, tuned)
+        if not plan.modules:
+            raise LoraError(f"{base}: holds no weight of a LongCat DiT Linear (nothing to extract from)")
+        report = ExtractReport("extract", rule.describe(), format_out=format, output=out)
+        report.bytes_before = sum(sf.size for sf in t.shards.values())
+        ws = _Workspace(device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        spool = _Spool(os.path.dirname(os.path.abspath(out)))
+        modules: dict[str, LoraModule] = {}
+        bar = _bar(len(plan.modules), progress)
+        for module, n, pb, pt in plan.modules:
+            rows, cols = pb.shape
+            h = rows // n
+            blocks: list[tuple[int, _Block]] = []
+            for i in range(n):
+                d = ws.change(pb, pt, i * h, (i + 1) * h)
+                blk = extract_block(d, rule, gen, f"{tuned}: {module} (rows {i * h}:{(i + 1) * h})")
+                if blk is not None:
+                    blocks.append((i, blk))
+            if bar:
+                bar.update(1)
+            if not blocks:
+                report.skipped.append(module)
+                continue
+            parts = [Part((i * h, (i + 1) * h), spool.put(blk.down), spool.put(blk.up), 1.0) for i, blk in blocks]
+            modules[module] = LoraModule(module, rows, cols, parts)
+            total = math.fsum(blk.total for _, blk in blocks)
+            kept = math.fsum(blk.kept for _, blk in blocks)
+            err2 = math.fsum(blk.err2 for _, blk in blocks)
+            by_index = dict(blocks)
+            ranks = [by_index[i].rank if i in by_index else 0 for i in range(n)]
+            stored = max(p.rank for p in parts)
+            report.modules.append(ModuleReport(module, min(h, cols), stored, math.sqrt(err2 / total),
+                                               kept / total, ranks))
+            report.params_before += rows * cols
+            report.params_after += n * stored * (cols + h)
+        if bar:
+            bar.close()
+        for x, y in plan.others:
+            if not _same(x, y):
+                report.not_representable.append(x.name)
+        if not modules:
+            raise LoraError(f"{tuned}: every Linear weight equals {base}'s; there is no change to extract")
+        adapter = LoraAdapter(modules, "memory", tuned, scale_dtype="F32")
+        save_lora(adapter, out, format, overwrite=overwrite, inputs=[base, tuned], progress=progress)
+        report.bytes_after = _size(out)
+        return report
+    finally:
+        if spool is not None:
+            spool.close()
+        b.close()
+        t.close()
+
+
+def _precheck(out: str, overwrite: bool) -> None:
+    """The output problems worth finding before the long part (save_lora checks everything again)."""
+    if os.path.lexists(out) and not overwrite:
+        raise LoraError(f"{out}: already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise LoraError(f"{out}: parent directory {parent} does not exist")
+
+
+def _size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    return os.path.getsize(path)
+
+
+def _bar(total: int, enabled: bool):
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="module", desc="extract", leave=False)
+
+
+__all__ = ["ExtractReport", "canonical_params", "extract_block", "extract_lora", "plan_extraction"]
