@@ -5,10 +5,14 @@
 - `fastvideo_delta`: what FastVideo's LoRAPipeline merges for a file (names normalised, rank from
   lora_A, alpha = int(lora_alpha) or rank, scale 1 when that is 0), mapped back to LongCat rows with the
   spec's table (section 3), spelled out here on purpose as an oracle.
+- `peft_delta`, `diffusers_delta`, `kohya_delta` (and `lora_delta`, any format by its keys): the standard
+  `alpha / r * B @ A` of the formats with original names, with PEFT's own pattern rule.
+- `half_ulp`: how far rounding once to a dtype may move an exact value.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 
@@ -111,3 +115,99 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def worst(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> float:
     assert set(ref) == set(got), (sorted(set(ref) ^ set(got)))[:5]
     return max(rel_err(ref[k], got[k]) for k in ref)
+
+
+# ------------------------------------------------ the formats with LongCat's original names (spec section 4)
+
+def _peft_pattern(patterns: dict, module: str):
+    """PEFT's own rule (peft.utils.other.get_pattern_key): the first key k, in config order, with
+    re.match(rf"(.*\\.)?({k})$", module); None if there is none."""
+    for k in patterns:
+        if re.match(rf"(.*\.)?({k})$", module):
+            return patterns[k]
+    return None
+
+
+def _standard_deltas(sd: dict[str, torch.Tensor], prefix: str, a: str, b: str,
+                     scale_of) -> dict[str, torch.Tensor]:
+    out = {}
+    for k in sd:
+        if k.startswith(prefix) and k.endswith(a):
+            m = k[len(prefix):-len(a)]
+            A, B = sd[k].double(), sd[prefix + m + b].double()
+            out[m] = scale_of(m, A.shape[0]) * (B @ A)
+    return out
+
+
+def peft_config_scale(config: dict):
+    """module, rank -> lora_alpha / r as PEFT resolves it (rank_pattern / alpha_pattern, use_rslora)."""
+    def scale(module: str, rank: int) -> float:
+        r = _peft_pattern(config.get("rank_pattern") or {}, module)
+        r = config.get("r", 8) if r is None else r
+        alpha = _peft_pattern(config.get("alpha_pattern") or {}, module)
+        alpha = config.get("lora_alpha", 8) if alpha is None else alpha
+        assert r == rank, (module, r, rank)  # PEFT would refuse to load the weights
+        return alpha / (r ** 0.5 if config.get("use_rslora") else r)
+
+    return scale
+
+
+def peft_delta(directory: str) -> dict[str, torch.Tensor]:
+    """module -> dW of a PEFT adapter directory (adapter_model.safetensors + adapter_config.json)."""
+    import json
+    import os
+
+    with open(os.path.join(directory, "adapter_config.json")) as f:
+        config = json.load(f)
+    sd = load(os.path.join(directory, "adapter_model.safetensors"))
+    return _standard_deltas(sd, "base_model.model.", ".lora_A.weight", ".lora_B.weight", peft_config_scale(config))
+
+
+def diffusers_delta(path: str) -> dict[str, torch.Tensor]:
+    """module -> dW of a diffusers LoRA file: config in the `lora_adapter_metadata` metadata (keys
+    prefixed `transformer.`); without it diffusers uses alpha = rank."""
+    import json
+
+    with safe_open(path, framework="pt") as f:
+        meta = (f.metadata() or {}).get("lora_adapter_metadata")
+    config = {k.removeprefix("transformer."): v for k, v in json.loads(meta).items()} if meta else None
+    scale = peft_config_scale(config) if config else (lambda m, r: 1.0)
+    return _standard_deltas(load(path), "transformer.", ".lora_A.weight", ".lora_B.weight", scale)
+
+
+def kohya_delta(path: str) -> dict[str, torch.Tensor]:
+    """module -> dW of a kohya / ComfyUI / Wan2GP file: dW = alpha / rank * up @ down (alpha = rank when
+    absent), optional `diffusion_model.` prefix."""
+    sd = {k.removeprefix("diffusion_model."): v for k, v in load(path).items()}
+
+    def scale(m: str, rank: int) -> float:
+        return float(sd[m + ".alpha"].double().reshape(())) / rank if m + ".alpha" in sd else 1.0
+
+    return _standard_deltas(sd, "", ".lora_down.weight", ".lora_up.weight", scale)
+
+
+def lora_delta(path: str) -> dict[str, torch.Tensor]:
+    """module (LongCat naming) -> dW of a LoRA in any of the five formats, told apart by its keys."""
+    import os
+
+    if os.path.isdir(path):
+        return peft_delta(path)
+    with safe_open(path, framework="pt") as f:
+        keys = list(f.keys())
+    if any(k.startswith("lora" + SEP) for k in keys):
+        return official_delta(path)
+    if any(k.startswith("transformer.") for k in keys):
+        return diffusers_delta(path)
+    if any(k.endswith(".lora_down.weight") for k in keys):
+        return kohya_delta(path)
+    return fastvideo_delta(path)
+
+
+def half_ulp(want: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of `dtype` at each value of the float64 tensor `want`: the most that rounding
+    the exact value once to `dtype` may move it (subnormals included)."""
+    fi = torch.finfo(dtype)
+    mant = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}[dtype]
+    _, e = torch.frexp(want.abs())  # |want| = m * 2**e, 0.5 <= m < 1
+    exp = torch.clamp(e.double() - 1, min=math.log2(fi.smallest_normal))
+    return torch.exp2(exp - mant) / 2

@@ -1,0 +1,400 @@
+"""Regression tests for plausible one-line bugs that the rest of the suite let through (issue 8).
+
+Each test names the mutant it kills. Expected values come from tests/reference.py (float64, written from
+the spec, no longcat_lora code) or are computed here from the stored tensors, never from the code under
+test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import longcat_lora as L
+from longcat_lora.dit import DiTConfig
+from longcat_lora.fixtures import write_base_checkpoint, write_native_lora
+from longcat_lora.naming import DitDims
+
+from conftest import cli
+from linear_bag import LinearBag
+from reference import half_ulp, load, official_delta, fastvideo_delta, rel_err, worst
+
+SEP = "___lorahyphen___"
+DIMS = DitDims(hidden=16, ffn=48, adaln=8, final_out=8, depth=2)
+
+
+def enc(module: str) -> str:
+    return "lora" + SEP + module.replace(".", SEP)
+
+
+# --------------------------------------------------------------- folding a scale into lora_B (FastVideo)
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fold_is_computed_in_float64_and_rounded_once(tmp_path, dtype):
+    """Mutant: `folded()` multiplying in float32 instead of float64. alpha_scale 0.3 (a float64 scalar,
+    so not a float32 number) at rank 6: 0.3 * 6 is not a whole number, so the scale is folded into
+    lora_B. Expected bit for bit: (B.double() * 0.3) rounded once to float64 (F64 input) or float32."""
+    src = write_native_lora(str(tmp_path / "n.safetensors"), "refinement", dims=DIMS, rank=6, dtype=dtype,
+                            alpha_scale=0.3, scale_dtype=torch.float64, seed=5)
+    out = str(tmp_path / "fv.safetensors")
+    L.convert(src, out, "fastvideo")
+    nat, fv = load(src), load(out)
+    stored = torch.float64 if dtype == torch.float64 else torch.float32
+    s = float(nat[f"{enc('blocks.1.attn.qkv')}.alpha_scale"])
+    assert s == 0.3
+    for j, name in enumerate(("to_q", "to_k", "to_v")):
+        B = fv[f"blocks.1.self_attn.{name}.lora_B"]
+        want = (nat[f"{enc('blocks.1.attn.qkv')}.lora_up.blocks.{j}.weight"].double() * 0.3).to(stored)
+        assert B.dtype == stored and torch.equal(B, want), name
+        assert fv[f"blocks.1.self_attn.{name}.lora_alpha"].item() == 6.0  # alpha = rank after folding
+        assert torch.equal(fv[f"blocks.1.self_attn.{name}.lora_A"],
+                           nat[f"{enc('blocks.1.attn.qkv')}.lora_down.weight"][6 * j:6 * j + 6])
+    # a 6-way adaLN layer: alpha 0.3 * 36 = 10.8, folded into the block-diagonal B
+    ups = [nat[f"{enc('blocks.0.adaLN_modulation.1')}.lora_up.blocks.{i}.weight"] for i in range(6)]
+    want = (torch.block_diag(*ups).double() * 0.3).to(stored)
+    assert torch.equal(fv["blocks.0.adaln_linear_1.lora_B"], want)
+    assert fv["blocks.0.adaln_linear_1.lora_alpha"].item() == 36.0
+    assert worst(official_delta(src), fastvideo_delta(out)) < (1e-15 if dtype == torch.float64 else 1e-7)
+
+
+# --------------------------------------------------------------- FastVideo lora_alpha below 1
+
+def _fv_file(path, alpha, rank=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A, B = torch.randn(rank, 16, generator=g), torch.randn(16, rank, generator=g)
+    sd = {"blocks.0.ffn.w2.lora_A": torch.randn(rank, 48, generator=g),
+          "blocks.0.ffn.w2.lora_B": torch.randn(16, rank, generator=g),
+          "blocks.0.self_attn.to_k.lora_A": A, "blocks.0.self_attn.to_k.lora_B": B}
+    if alpha is not None:
+        sd["blocks.0.ffn.w2.lora_alpha"] = torch.tensor(float(alpha))
+        sd["blocks.0.self_attn.to_k.lora_alpha"] = torch.tensor(float(alpha))
+    save_file(sd, path)
+    return sd
+
+
+@pytest.mark.parametrize("alpha,scale", [(0.5, 1.0), (0.0, 1.0), (-0.75, 1.0), (0.999, 1.0), (1.9, 0.25),
+                                         (3.0, 0.75), (None, 1.0)])
+def test_fastvideo_alpha_below_one_means_scale_one(tmp_path, alpha, scale):
+    """Mutant: reading lora_alpha without FastVideo's `int()` / `0 -> scale 1` rule. FastVideo applies
+    int(alpha) / rank, and scale 1 when int(alpha) is 0 (0.5, 0, -0.75, 0.999) or alpha is absent."""
+    path = str(tmp_path / "fv.safetensors")
+    sd = _fv_file(path, alpha)
+    native = str(tmp_path / "n.safetensors")
+    L.convert(path, native, "longcat")
+    got = official_delta(native)
+    A, B = sd["blocks.0.self_attn.to_k.lora_A"].double(), sd["blocks.0.self_attn.to_k.lora_B"].double()
+    qkv = got["blocks.0.attn.qkv"]
+    assert qkv.shape == (48, 16)
+    assert rel_err(qkv[16:32], scale * (B @ A)) < 1e-15 and qkv[:16].abs().max() == 0 == qkv[32:].abs().max()
+    A2, B2 = sd["blocks.0.ffn.w2.lora_A"].double(), sd["blocks.0.ffn.w2.lora_B"].double()
+    assert rel_err(got["blocks.0.ffn.w2"], scale * (B2 @ A2)) < 1e-15
+    # and through the other formats too (a second reader of the same semantics)
+    L.convert(path, str(tmp_path / "k.safetensors"), "comfyui")
+    from reference import kohya_delta
+    assert rel_err(kohya_delta(str(tmp_path / "k.safetensors"))["blocks.0.ffn.w2"], scale * (B2 @ A2)) < 1e-15
+
+
+@pytest.mark.parametrize("alpha_scale,rank", [(0.25, 2), (0.1, 3), (0.0, 4)])
+def test_fastvideo_writer_folds_when_alpha_is_below_one(tmp_path, alpha_scale, rank):
+    """Mutant: writing lora_alpha = alpha_scale * rank when it is < 1 (0.5, 0.3, 0): FastVideo would
+    read int() = 0 and apply scale 1. The scale must be folded into lora_B and lora_alpha = rank."""
+    src = write_native_lora(str(tmp_path / "n.safetensors"), "cfg_step", dims=DIMS, rank=rank, dtype=torch.float32,
+                            alpha_scale=alpha_scale, scale_dtype=torch.float64, seed=3)
+    out = str(tmp_path / "fv.safetensors")
+    L.convert(src, out, "fastvideo")
+    fv, nat = load(out), load(src)
+    assert fv["blocks.0.ffn.w1.lora_alpha"].item() == float(rank)
+    want = (nat[f"{enc('blocks.0.ffn.w1')}.lora_up.weight"].double() * alpha_scale).float()
+    assert torch.equal(fv["blocks.0.ffn.w1.lora_B"], want)
+    ref, got = official_delta(src), fastvideo_delta(out)
+    if alpha_scale == 0.0:
+        assert all(v.abs().max() == 0 for v in got.values())
+    else:
+        assert worst(ref, got) < 1e-7
+
+
+# --------------------------------------------------------------- merge: --dtype keep / fp16 on bf16, fp16 bases
+
+CFG = DiTConfig(in_channels=4, out_channels=4, hidden_size=32, depth=2, num_heads=2, caption_channels=16,
+                adaln_tembed_dim=16, frequency_embedding_size=16, ffn_multiple_of=16)
+
+
+@pytest.fixture(scope="module")
+def merge_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mergedt")
+    bases = {dt: write_base_checkpoint(str(d / f"base_{dt}"), CFG, "longcat", shards=2, dtype=getattr(torch, dt), seed=4)
+             for dt in ("bfloat16", "float16")}
+    lora = write_native_lora(str(d / "lora.safetensors"), "refinement", dims=CFG.dims, rank=4,
+                             dtype=torch.float32, alpha_scale=0.3, seed=8)
+    return d, bases, lora
+
+
+def _shards(path):
+    out = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load(os.path.join(path, f)))
+    return out
+
+
+@pytest.mark.parametrize("base_dtype,option,want_dtype", [("bfloat16", "keep", torch.bfloat16),
+                                                          ("float16", "keep", torch.float16),
+                                                          ("bfloat16", "fp16", torch.float16),
+                                                          ("float16", "bf16", torch.bfloat16)])
+def test_merge_output_dtypes_and_values(merge_inputs, base_dtype, option, want_dtype):
+    """Mutants: `--dtype keep` writing touched weights as F32; `--dtype fp16` mapped to bf16. Every output
+    tensor has the expected dtype, and each merged weight is W + 0.7 * dW (float64 reference) rounded once
+    to that dtype: within half an ulp of it (plus float32 arithmetic)."""
+    d, bases, lora = merge_inputs
+    out = str(d / f"out_{base_dtype}_{option}")
+    cli("merge", bases[base_dtype], out, "--lora", f"{lora}:0.7", "--dtype", option)
+    base, merged = _shards(bases[base_dtype]), _shards(out)
+    assert base.keys() == merged.keys()
+    ref = official_delta(lora)
+    assert all(v.dtype == want_dtype for v in merged.values())
+    touched = 0
+    for module, dW in ref.items():
+        W = base[module + ".weight"]
+        want = W.double() + 0.7 * dW
+        got = merged[module + ".weight"].double()
+        bound = half_ulp(want, want_dtype) * (1 + 2 ** -10) + 2e-7 * (W.double().abs() + dW.abs())
+        assert ((got - want).abs() <= bound).all(), (module, ((got - want).abs() / half_ulp(want, want_dtype)).max())
+        touched += 1
+    assert touched == len(ref) > 0
+    for k, v in base.items():  # untouched tensors: bit-identical (keep) or one cast (fp16/bf16)
+        if k.removesuffix(".weight") not in ref:
+            assert torch.equal(merged[k], v.to(want_dtype)), k
+
+
+# --------------------------------------------------------------- runtime: the mixed-dtype branch
+
+class Float64Out(nn.Module):
+    """A Linear-like layer with a float32 weight whose output is float64 (so the LoRA's dtype, float32,
+    differs from the output's and the hook takes its mixed-dtype branch)."""
+
+    def __init__(self, inp, out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out, inp, generator=torch.Generator().manual_seed(1)) * 0.1)
+
+    def forward(self, x):
+        return x.double() @ self.weight.double().T
+
+
+def _one_layer_model(layer):
+    m = nn.Module()
+    m.blocks = nn.ModuleList([nn.Module()])
+    m.blocks[0].ffn = nn.Module()
+    m.blocks[0].ffn.w1 = layer
+    return m
+
+
+def _w1_lora(path, inp, out, rank=3, scale=0.75, big=1.0):
+    g = torch.Generator().manual_seed(6)
+    down, up = torch.randn(rank, inp, generator=g) * big, torch.randn(out, rank, generator=g) * big
+    save_file({f"{enc('blocks.0.ffn.w1')}.lora_down.weight": down, f"{enc('blocks.0.ffn.w1')}.lora_up.weight": up,
+               f"{enc('blocks.0.ffn.w1')}.alpha_scale": torch.tensor(scale)}, path)
+    return scale * (up.double() @ down.double())
+
+
+@pytest.mark.parametrize("strength", [0.5, -1.25])
+def test_runtime_mixed_dtype_branch_applies_strength(tmp_path, strength):
+    """Mutant: the hook's mixed-dtype branch (output dtype != LoRA dtype, as under autocast) dropping
+    the strength or the scale. Output = W x + strength * dW x."""
+    layer = Float64Out(12, 20)
+    model = _one_layer_model(layer)
+    dW = _w1_lora(str(tmp_path / "l.safetensors"), 12, 20)
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(2))
+    L.apply_lora(model, str(tmp_path / "l.safetensors"), strength=strength)
+    with torch.no_grad():
+        got = layer(x)
+    want = x.double() @ (layer.weight.double() + strength * dW).T
+    assert got.dtype == torch.float64 and rel_err(want, got) < 1e-6
+    L.remove_lora(model)
+
+
+def test_runtime_under_autocast_applies_strength(tmp_path):
+    """The same branch as reached in practice: a float32 nn.Linear under CPU bf16 autocast (the layer's
+    output is bf16, the LoRA weights float32). The LoRA term must be strength * dW x (bf16 accuracy)."""
+    layer = nn.Linear(32, 24, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(24, 32, generator=torch.Generator().manual_seed(3)) * 0.01)
+    model = _one_layer_model(layer)
+    dW = _w1_lora(str(tmp_path / "l.safetensors"), 32, 24, big=0.5)
+    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = layer(x)
+    L.apply_lora(model, str(tmp_path / "l.safetensors"), strength=0.4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    L.remove_lora(model)
+    assert got.dtype == torch.bfloat16
+    lora_term = got.double() - plain.double()
+    assert rel_err(0.4 * (x.double() @ dW.T), lora_term) < 2e-2
+
+
+# --------------------------------------------------------------- runtime: merge twice, unmerge
+
+def test_merge_lora_twice_then_unmerge_restores_bit_for_bit(tmp_path):
+    """Mutant: a second merge_lora overwriting the saved originals, so unmerge_lora restores the
+    once-merged weights. Two merges (same layers, bf16 and fp32 weights), then unmerge: every parameter
+    equal to the original, bit for bit."""
+    from longcat_lora.dit import LongCatDiT
+
+    torch.manual_seed(0)
+    model = LongCatDiT(CFG).cast(torch.bfloat16)
+    orig = {k: v.clone() for k, v in model.state_dict().items()}
+    lora = write_native_lora(str(tmp_path / "l.safetensors"), "refinement", dims=CFG.dims, rank=4,
+                             dtype=torch.float32, alpha_scale=0.5, seed=2)
+    L.merge_lora(model, lora, strength=1.0)
+    once = {k: v.clone() for k, v in model.state_dict().items()}
+    L.merge_lora(model, lora, strength=-0.5)
+    assert any(not torch.equal(once[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(orig[k], once[k]) for k in orig)
+    L.unmerge_lora(model)
+    assert all(torch.equal(orig[k], v) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------- outputs: temp file, never OUT directly
+
+def _last_module(path):
+    """The module whose lora_down lies last in the file (so its up matrix is among the last written)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    downs = [(v["data_offsets"][0], k) for k, v in header.items() if k.endswith(".lora_down.weight")]
+    return max(downs)[1].removesuffix(".lora_down.weight")
+
+
+@pytest.mark.parametrize("to", ["fastvideo", "longcat", "comfyui", "peft"])
+def test_failed_convert_leaves_existing_out_byte_identical(tmp_path, to):
+    """Mutant: writing the output straight to OUT instead of a temp file beside it. A convert that fails
+    on the last module (a NaN) with --overwrite leaves an existing OUT byte-identical and no temp file."""
+    src = write_native_lora(str(tmp_path / "good.safetensors"), "refinement", dims=DIMS, rank=2,
+                            dtype=torch.float32, alpha_scale=0.5, seed=1)
+    sd = load_file(src)
+    last = _last_module(src)
+    up = next(k for k in sd if k.startswith(last + ".lora_up"))
+    sd[up][-1, -1] = float("nan")
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(sd, bad)
+    assert _last_module(bad) == last
+    out = tmp_path / "out"
+    cli("convert", src, out, "--to", to)
+    before = {p: open(p, "rb").read() for p in _files(out)}
+    p = cli("convert", bad, out, "--to", to, "--overwrite", check=2)
+    assert "non-finite" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert {p: open(p, "rb").read() for p in _files(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["bad.safetensors", "good.safetensors", "out"]
+
+
+def _files(path):
+    path = str(path)
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, f) for f in os.listdir(path))
+    return [path]
+
+
+# --------------------------------------------------------------- OUT == input, by resolved path
+
+def test_out_equal_to_input_is_refused_by_resolved_path(tmp_path):
+    """Mutant: comparing OUT and the inputs as strings. `dir/./in`, a relative path against an absolute
+    one, and a symlink to the input all name the input: refused (exit 2), the input byte-identical."""
+    src = write_native_lora(str(tmp_path / "in.safetensors"), "cfg_step", dims=DIMS, rank=2, dtype=torch.float32,
+                            alpha_scale=0.5, seed=1)
+    raw = open(src, "rb").read()
+    os.symlink(src, tmp_path / "link.safetensors")
+    (tmp_path / "sub").mkdir()
+    cases = [  # (cwd, input, output)
+        (None, src, os.path.join(str(tmp_path), ".", "in.safetensors")),
+        (None, os.path.join(str(tmp_path), "sub", "..", "in.safetensors"), src),
+        (str(tmp_path), src, "in.safetensors"),
+        (str(tmp_path / "sub"), "../in.safetensors", src),
+        (None, src, str(tmp_path / "link.safetensors")),
+        (None, str(tmp_path / "link.safetensors"), src),
+    ]
+    for cwd, inp, out in cases:
+        p = subprocess.run([sys.executable, "-m", "longcat_lora", "convert", inp, out, "--to", "fastvideo",
+                            "--overwrite"], capture_output=True, text=True, cwd=cwd,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert p.returncode == 2, (inp, out, p.stdout, p.stderr)
+        assert "same path" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert open(src, "rb").read() == raw, (inp, out)
+        assert os.path.islink(tmp_path / "link.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors", "link.safetensors", "sub"]
+
+
+# --------------------------------------------------------------- safetensors header: overlapping offsets
+
+def _hand_built(path, entries, data: bytes):
+    header = json.dumps(entries).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + data)
+
+
+@pytest.mark.parametrize("offsets", [((0, 32), (16, 48)), ((0, 32), (0, 32)), ((16, 48), (0, 32))])
+def test_overlapping_data_offsets_are_refused(tmp_path, offsets):
+    """Mutant: the header parser accepting overlapping data_offsets (checking only for gaps). Two tensors
+    share bytes, yet every size and the file length add up: refused with exit 2 by inspect and convert."""
+    (a0, a1), (b0, b1) = offsets
+    entries = {"blocks.0.ffn.w1.lora_A": {"dtype": "F32", "shape": [2, 4], "data_offsets": [a0, a1]},
+               "blocks.0.ffn.w1.lora_B": {"dtype": "F32", "shape": [4, 2], "data_offsets": [b0, b1]}}
+    path = str(tmp_path / "overlap.safetensors")
+    _hand_built(path, entries, bytes(range(max(a1, b1))))
+    with pytest.raises(Exception):  # the safetensors library refuses it too
+        with safe_open(path, "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    for args in (["inspect", path], ["convert", path, str(tmp_path / "o.safetensors"), "--to", "longcat"]):
+        p = cli(*args, check=2)
+        assert "overlap" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not os.path.exists(tmp_path / "o.safetensors")
+    # the same two tensors laid out properly are accepted (so the refusal is about the overlap)
+    entries["blocks.0.ffn.w1.lora_A"]["data_offsets"] = [0, 32]
+    entries["blocks.0.ffn.w1.lora_B"]["data_offsets"] = [32, 64]
+    _hand_built(path, entries, struct.pack("<16f", *range(1, 17)))
+    cli("inspect", path)
+
+
+# --------------------------------------------------------------- PEFT alpha_pattern at the default rank
+
+def test_peft_alpha_pattern_for_a_default_rank_module(tmp_path):
+    """Mutant: alpha_pattern written only for modules whose rank differs from the default. Here
+    blocks.1.ffn.w1 has the default rank (4) but alpha_scale 1.25 instead of 0.3: real PEFT must load
+    it with alpha 5, matching the native reference layer by layer."""
+    from peft import PeftModel
+
+    src = write_native_lora(str(tmp_path / "n.safetensors"), "refinement", dims=DIMS, rank=4, dtype=torch.float32,
+                            alpha_scale=0.3, seed=2)
+    sd = load_file(src)
+    sd[f"{enc('blocks.1.ffn.w1')}.alpha_scale"] = torch.tensor(1.25)
+    save_file(sd, src)
+    out = tmp_path / "adapter"
+    cli("convert", src, out, "--to", "peft")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and "blocks.1.ffn.w1" not in cfg["rank_pattern"]
+    assert cfg["alpha_pattern"]["blocks.1.ffn.w1"] == 5
+    torch.manual_seed(0)
+    model = LinearBag(DIMS)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    pm = PeftModel.from_pretrained(model, str(out))
+    ref = official_delta(src)
+    g = torch.Generator().manual_seed(0)
+    for name, dW in ref.items():
+        layer = pm.base_model.model.get_submodule(name)
+        x = torch.randn(3, dW.shape[1], generator=g)
+        with torch.no_grad():
+            got = layer(x).double()
+        W, b = base[name + ".weight"].double(), base.get(name + ".bias")
+        plain = x.double() @ W.T + (b.double() if b is not None else 0)
+        assert rel_err(x.double() @ dW.T, got - plain) < 1e-4, name
+    assert pm.base_model.model.blocks[1].ffn.w1.scaling["default"] == 1.25

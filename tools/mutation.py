@@ -1,0 +1,422 @@
+"""Mutation testing for the core, outside CI: does the suite notice the one-line bugs we would write?
+
+    .venv/bin/python tools/mutation.py                 # hand-made mutants + a seeded sample of generated ones
+    .venv/bin/python tools/mutation.py --hand          # only the hand-made mutants (issue 8's list)
+    .venv/bin/python tools/mutation.py --sample 0      # every generated mutant (hours on 2 cores)
+    .venv/bin/python tools/mutation.py --list          # print the mutants, run nothing
+
+The tree (src/ and tests/ of the working copy, or of a git revision with --rev) is copied to a temp
+directory and every mutant is applied there, never in the checkout, so people can keep working in it.
+Each mutant runs only a FAST relevant subset of the tests (`SUBSETS`, per core module, `-x`: the first
+failure ends the run) against that copy (PYTHONPATH points at the copy's src, so CLI subprocesses see
+the mutant too). A mutant is killed when the subset fails or runs past its timeout.
+
+Mutants are generated from the AST of each core module (formats/, adapter.py, st.py, runtime.py,
+merge.py, verify.py, naming.py, targets.py): comparison and arithmetic operators, and/or, `not`,
+small integer and float constants, True/False, dtype names ("F64" <-> "F32", "F16" <-> "BF16",
+torch.float64 <-> torch.float32). Lines that only build messages, docstrings and type hints are left
+alone. `EQUIVALENT` lists mutants that cannot change behaviour, each with the reason; the score is
+killed / (mutants run - equivalent ones).
+
+Why not mutmut (3.8 is installed): it rewrites the package into trampolines in a mutants/ folder of
+the checkout (others work there), needs one run of the whole suite (3+ minutes here) to record which
+tests reach which function before the first mutant, and the CLI tests run the package in a subprocess,
+which mutmut's in-process trampolines do not reach, so every mutant met only through the CLI would
+survive. A plain copy of the tree with PYTHONPATH set has none of these problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = "src/longcat_lora"
+CORE = ["formats/__init__.py", "formats/_common.py", "formats/longcat.py", "formats/fastvideo.py",
+        "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "adapter.py", "st.py", "runtime.py",
+        "merge.py", "verify.py", "naming.py", "targets.py"]
+
+# Fast subsets (node ids or -k expressions), per core module. Together ~10-40 s each on 2 cores.
+_FORMATS = ["tests/test_regressions.py", "tests/test_exactness.py", "tests/test_bad_input.py",
+            "tests/test_formats.py::test_round_trip_bit_exact", "tests/test_formats.py::test_comfyui_file_semantics",
+            "tests/test_formats.py::test_split_parts_with_different_ranks_and_alphas",
+            "tests/test_formats.py::test_peft_directory_loads_in_real_peft",
+            "tests/test_formats.py::test_diffusers_file_loads_in_real_diffusers",
+            "tests/test_formats.py::test_fastvideo_names_in_other_formats_map_to_longcat_modules",
+            "tests/test_fixtures_and_naming.py"]
+SUBSETS = {
+    "formats": _FORMATS,
+    "adapter.py": _FORMATS,
+    "naming.py": ["tests/test_fixtures_and_naming.py", "tests/test_exactness.py", "tests/test_regressions.py",
+                  "tests/test_runtime.py", "tests/test_bad_input.py"],
+    "st.py": ["tests/test_regressions.py", "tests/test_bad_input.py", "tests/test_exactness.py",
+              "tests/test_cli.py", "tests/test_fuzz.py"],
+    "runtime.py": ["tests/test_regressions.py", "tests/test_runtime.py"],
+    "targets.py": ["tests/test_regressions.py", "tests/test_runtime.py", "tests/test_merge.py"],
+    "merge.py": ["tests/test_regressions.py", "tests/test_merge.py"],
+    "verify.py": ["tests/test_cli.py", "tests/test_formats.py::test_verify_across_formats_detects_perturbation",
+                  "tests/test_exactness.py::test_cli_other_dims_rank_dtype_alpha", "tests/test_bad_input.py"],
+}
+
+
+def subset(path: str) -> list[str]:
+    rel = path.removeprefix(PKG + "/")
+    return SUBSETS["formats"] if rel.startswith("formats/") else SUBSETS[rel]
+
+
+@dataclass
+class Mutant:
+    path: str  # relative to the repository root
+    where: str  # the function (#n: the n-th such mutation in it), stable while lines move
+    what: str  # "old -> new [source]"
+    source: str  # the whole mutated file
+    hand: bool = False
+    line: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"{self.path.removeprefix(PKG + '/')}:{self.where}: {self.what}"
+
+
+# ------------------------------------------------------------------ hand-made mutants (issue 8)
+
+HAND = [  # (file, exact old text, new text, the bug it stands for)
+    ("adapter.py", "t = (_torch(src, check).to(torch.float64) * factor)",
+     "t = (_torch(src, check).to(torch.float32) * factor)", "fold a scale into lora_B in fp32, not fp64"),
+    ("formats/fastvideo.py", "return a / rank if a else 1.0", "return a / rank if a else 0.0",
+     "FastVideo lora_alpha < 1 read as scale 0"),
+    ("formats/fastvideo.py", "    a = int(alpha)\n", "    a = alpha\n", "FastVideo lora_alpha not truncated"),
+    ("formats/fastvideo.py", "and int(alpha) != 0\n", "\n", "FastVideo writer keeps lora_alpha < 1"),
+    ("merge.py", "return Entry(name, dt, info.shape, lambda: ws.merged(sf, name, adds, dt))",
+     "return Entry(name, 'F32', info.shape, lambda: ws.merged(sf, name, adds, 'F32'))",
+     "merge writes touched weights as F32"),
+    ("merge.py", '"fp16": "F16"', '"fp16": "BF16"', "merge --dtype fp16 mapped to bf16"),
+    ("runtime.py", "dst += (hb @ b.up.T).to(y.dtype) * (b.scale * s)", "dst += (hb @ b.up.T).to(y.dtype) * b.scale",
+     "runtime mixed-dtype branch ignores strength"),
+    ("runtime.py", "if layer not in st.originals:", "if True:", "second merge_lora overwrites the saved originals"),
+    ("st.py", "os.chmod(tmp, 0o666 & ~umask)", "os.chmod(tmp, 0o666 & ~umask); os.remove(tmp); tmp = out",
+     "file output written straight to OUT"),
+    ("st.py", "real_out = os.path.realpath(out)", "real_out = out", "OUT == input compared as strings (out)"),
+    ("st.py", "real_in = os.path.realpath(p)", "real_in = p", "OUT == input compared as strings (input)"),
+    ("st.py", "if lo != expected:", "if lo > expected:", "header parser accepts overlapping data_offsets"),
+    ("formats/_common.py", "for i in infos if i.alpha != alpha}", "for i in infos if i.alpha != alpha and i.rank != r}",
+     "PEFT alpha_pattern omitted at the default rank"),
+]
+
+
+def hand_mutants(tree: str) -> tuple[list[Mutant], list[str]]:
+    out, stale = [], []
+    for rel, old, new, why in HAND:
+        path = f"{PKG}/{rel}"
+        src = open(os.path.join(tree, path)).read()
+        if src.count(old) != 1:
+            stale.append(f"{rel}: {why} (text not found once; the code changed)")
+            continue
+        out.append(Mutant(path, "hand", why, src.replace(old, new), hand=True))
+    return out, stale
+
+
+# ------------------------------------------------------------------ generated mutants
+
+CMP = {ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
+       ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+BIN = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
+       ast.Mod: ast.FloorDiv, ast.LShift: ast.RShift, ast.RShift: ast.LShift, ast.BitAnd: ast.BitOr,
+       ast.BitOr: ast.BitAnd}
+STRINGS = {"F64": "F32", "F32": "F64", "F16": "BF16", "BF16": "F16"}
+ATTRS = {"float64": "float32", "float32": "float64"}
+SYM = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.In: "in",
+       ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not", ast.Add: "+", ast.Sub: "-", ast.Mult: "*",
+       ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.LShift: "<<", ast.RShift: ">>", ast.BitAnd: "&",
+       ast.BitOr: "|", ast.And: "and", ast.Or: "or"}
+
+
+def _skipped_nodes(tree: ast.AST) -> set[int]:
+    """ids of nodes inside docstrings, annotations, f-strings/messages and raise statements' messages."""
+    skip: set[int] = set()
+
+    def mark(node: ast.AST | None) -> None:
+        if node is not None:
+            skip.update(id(n) for n in ast.walk(node))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            mark(node)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for d in node.decorator_list:  # @dataclass(frozen=True, ...)
+                mark(d)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            mark(node.returns)
+            for a in node.args.args + node.args.kwonlyargs + node.args.posonlyargs:
+                mark(a.annotation)
+        elif isinstance(node, ast.AnnAssign):
+            mark(node.annotation)
+        elif isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            for a in node.exc.args:  # the message; the exception type and `from` stay mutable
+                mark(a)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                "print", "append") and any(isinstance(a, ast.JoinedStr) for a in node.args):
+            mark(node)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                mark(first)
+    return skip
+
+
+def _functions(tree: ast.AST) -> dict[int, str]:
+    """line -> innermost function (or class) name."""
+    where: dict[int, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for line in range(node.lineno, (node.end_lineno or node.lineno) + 1):
+                if line not in where or node.lineno > where[line][1]:
+                    where[line] = (node.name, node.lineno)
+    return {k: v[0] for k, v in where.items()}
+
+
+def generated_mutants(tree_dir: str, rel: str) -> list[Mutant]:
+    path = f"{PKG}/{rel}"
+    text = open(os.path.join(tree_dir, path)).read()
+    lines = text.splitlines(keepends=True)
+    offsets = [0]
+    for ln in lines:
+        offsets.append(offsets[-1] + len(ln))
+    tree = ast.parse(text)
+    skip = _skipped_nodes(tree)
+    funcs = _functions(tree)
+    out: list[Mutant] = []
+    seen: dict[str, int] = {}
+
+    def pos(line: int, col: int) -> int:
+        # ast columns are UTF-8 byte offsets
+        return offsets[line - 1] + len(lines[line - 1].encode()[:col].decode())
+
+    def add(node: ast.AST, start: int, end: int, new: str, what: str) -> None:
+        old = text[start:end]
+        func = funcs.get(node.lineno, "<module>")
+        key = f"{func}: {what}"
+        seen[key] = seen.get(key, 0) + 1
+        label = f"{func}#{seen[key]}" if seen[key] > 1 else func
+        snippet = lines[node.lineno - 1].strip()[:70]
+        out.append(Mutant(path, label, f"{what} [{snippet}]", text[:start] + new + text[end:], line=node.lineno))
+
+    def between(a: ast.AST, b: ast.AST) -> tuple[int, int]:
+        return pos(a.end_lineno, a.end_col_offset), pos(b.lineno, b.col_offset)
+
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            for i, op in enumerate(node.ops):
+                if type(op) not in CMP:
+                    continue
+                s, e = between(operands[i], operands[i + 1])
+                seg = text[s:e]
+                sym = SYM[type(op)]
+                k = seg.find(sym if sym[0].isalpha() else sym)
+                if k < 0:
+                    continue
+                new_sym = SYM[CMP[type(op)]]
+                add(node, s, e, seg[:k] + new_sym + seg[k + len(sym):], f"{sym} -> {new_sym}")
+        elif isinstance(node, ast.BinOp) and type(node.op) in BIN:
+            s, e = between(node.left, node.right)
+            seg = text[s:e]
+            sym = SYM[type(node.op)]
+            k = seg.find(sym)
+            if k < 0 or seg.strip().startswith(")") and sym not in seg:
+                continue
+            if isinstance(node.left, ast.Constant) and isinstance(node.left.value, str):
+                continue  # string building
+            new_sym = SYM[BIN[type(node.op)]]
+            add(node, s, e, seg[:k] + new_sym + seg[k + len(sym):], f"{sym} -> {new_sym}")
+        elif isinstance(node, ast.AugAssign) and type(node.op) in (ast.Add, ast.Sub):
+            s, e = pos(node.target.end_lineno, node.target.end_col_offset), pos(node.value.lineno, node.value.col_offset)
+            seg = text[s:e]
+            sym = SYM[type(node.op)] + "="
+            new = SYM[BIN[type(node.op)]] + "="
+            if sym in seg:
+                add(node, s, e, seg.replace(sym, new, 1), f"{sym} -> {new}")
+        elif isinstance(node, ast.BoolOp):
+            for a, b in zip(node.values, node.values[1:]):
+                s, e = between(a, b)
+                seg = text[s:e]
+                sym = SYM[type(node.op)]
+                new = "or" if sym == "and" else "and"
+                k = seg.find(sym)
+                if k >= 0:
+                    add(node, s, e, seg[:k] + new + seg[k + len(sym):], f"{sym} -> {new}")
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            s, e = pos(node.lineno, node.col_offset), pos(node.operand.lineno, node.operand.col_offset)
+            add(node, s, e, "", "drop not")
+        elif isinstance(node, ast.Constant) and node.lineno == node.end_lineno:
+            s, e = pos(node.lineno, node.col_offset), pos(node.end_lineno, node.end_col_offset)
+            v = node.value
+            if isinstance(v, bool):
+                add(node, s, e, str(not v), f"{v} -> {not v}")
+            elif isinstance(v, int) and -2 <= v <= 64:
+                add(node, s, e, str(v + 1), f"{v} -> {v + 1}")
+            elif isinstance(v, float) and v in (0.0, 1.0, 0.5):
+                add(node, s, e, repr(1.0 - v if v != 0.5 else 0.25), f"{v} -> {1.0 - v if v != 0.5 else 0.25}")
+            elif isinstance(v, str) and v in STRINGS and text[s] in "\"'":
+                add(node, s, e, f'"{STRINGS[v]}"', f"{v} -> {STRINGS[v]}")
+        elif isinstance(node, ast.Attribute) and node.attr in ATTRS and getattr(node.value, "id", "") == "torch":
+            s, e = pos(node.end_lineno, node.end_col_offset) - len(node.attr), pos(node.end_lineno, node.end_col_offset)
+            add(node, s, e, ATTRS[node.attr], f"torch.{node.attr} -> torch.{ATTRS[node.attr]}")
+    good = []
+    for m in out:  # drop mutants that do not parse (e.g. a sign inside a literal)
+        try:
+            ast.parse(m.source)
+        except SyntaxError:
+            continue
+        good.append(m)
+    return good
+
+
+# ------------------------------------------------------------------ equivalent mutants (reviewed by hand)
+
+EQUIVALENT: dict[str, str] = {}  # filled in from tools/mutation_equivalent.txt: "<id prefix> | reason"
+
+
+def _load_equivalent() -> None:
+    path = os.path.join(ROOT, "tools", "mutation_equivalent.txt")
+    if os.path.exists(path):
+        for line in open(path):
+            line = line.strip()
+            if line and not line.startswith("#") and " | " in line:
+                k, reason = line.split(" | ", 1)
+                EQUIVALENT[k.strip()] = reason.strip()
+
+
+def equivalent(m: Mutant) -> str | None:
+    for k, reason in EQUIVALENT.items():
+        if m.id.startswith(k):
+            return reason
+    return None
+
+
+# ------------------------------------------------------------------ running
+
+def copy_tree(rev: str | None) -> str:
+    """src/ (of the working tree, or of git revision `rev`) and the working tree's tests/, in a temp dir."""
+    tmp = tempfile.mkdtemp(prefix="mutation.")
+    dirs = ["tests"]
+    if rev:
+        arch = subprocess.run(["git", "-C", ROOT, "archive", rev, "src"], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=arch, check=True)
+    else:
+        dirs.append("src")
+    for d in dirs:
+        shutil.copytree(os.path.join(ROOT, d), os.path.join(tmp, d),
+                        ignore=shutil.ignore_patterns("__pycache__", ".hypothesis", "*.pyc"))
+    return tmp
+
+
+def run_tests(tree: str, tests: list[str], timeout: float) -> tuple[str, float, str]:
+    env = {**os.environ, "PYTHONPATH": os.path.join(tree, "src"), "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONWARNINGS": "ignore"}
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                            "--hypothesis-seed=0", *tests], cwd=tree, env=env, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.monotonic() - t0, ""
+    dt = time.monotonic() - t0
+    failed = [ln for ln in p.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    return ("survived" if p.returncode == 0 else "killed"), dt, (failed[0] if failed else p.stdout[-300:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hand", action="store_true", help="only the hand-made mutants")
+    ap.add_argument("--sample", type=int, default=120, help="generated mutants to run (0: all); default 120")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", help="only mutants of this core file (e.g. st.py, formats/peft.py)")
+    ap.add_argument("--rev", help="mutate src/ of this git revision instead of the working tree's (tests: the working tree's)")
+    ap.add_argument("--tests", nargs="+", help="run these tests for every mutant instead of the module's subset")
+    ap.add_argument("--budget", type=float, default=1800, help="stop starting mutants after this many seconds")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = ap.parse_args(argv)
+    _load_equivalent()
+
+    tree = copy_tree(args.rev)
+    try:
+        mutants, stale = hand_mutants(tree)
+        for s in stale:
+            print(f"hand mutant skipped: {s}")
+        generated: list[Mutant] = []
+        if not args.hand:
+            for rel in CORE:
+                generated += generated_mutants(tree, rel)
+        if args.only:
+            mutants = [m for m in mutants if m.path.endswith(args.only)]
+            generated = [m for m in generated if m.path.endswith(args.only)]
+        total_generated = len(generated)
+        if args.sample and len(generated) > args.sample:
+            generated = random.Random(args.seed).sample(generated, args.sample)
+            generated.sort(key=lambda m: (CORE.index(m.path.removeprefix(PKG + "/")), m.where))
+        mutants += generated
+        print(f"{len(mutants)} mutants ({len(mutants) - len(generated)} hand-made, {len(generated)} of "
+              f"{total_generated} generated{', a seeded sample' if len(generated) < total_generated else ''})")
+        if args.list:
+            for m in mutants:
+                print(("  [equivalent] " if equivalent(m) else "  ") + m.id)
+            return 0
+
+        baseline: dict[tuple[str, ...], float] = {}
+        results: list[tuple[Mutant, str, float, str]] = []
+        start = time.monotonic()
+        for i, m in enumerate(mutants):
+            if time.monotonic() - start > args.budget:
+                print(f"budget of {args.budget:.0f} s spent: {len(mutants) - i} mutants not run")
+                break
+            tests = tuple(args.tests or subset(m.path))
+            if tests not in baseline:
+                status, dt, info = run_tests(tree, list(tests), timeout=900)
+                if status != "survived":
+                    print(f"the unmutated tree fails its subset {tests}: {info}")
+                    return 2
+                baseline[tests] = dt
+                print(f"baseline {dt:.0f} s for {m.path.removeprefix(PKG + '/')}'s subset")
+            target = os.path.join(tree, m.path)
+            original = open(target).read()
+            try:
+                with open(target, "w") as f:
+                    f.write(m.source)
+                status, dt, info = run_tests(tree, list(tests), timeout=3 * baseline[tests] + 30)
+            finally:
+                with open(target, "w") as f:
+                    f.write(original)
+            eq = equivalent(m)
+            if status == "survived" and eq:
+                status = "equivalent"
+            results.append((m, status, dt, info))
+            print(f"[{i + 1}/{len(mutants)}] {status:10s} {dt:5.1f}s  {m.id}" + (f" (line {m.line})" if m.line else "")
+                  + (f"\n      killed by {info}" if status == "killed" and m.hand else ""), flush=True)
+        n = len(results)
+        killed = sum(1 for _, s, _, _ in results if s in ("killed", "timeout"))
+        eqv = sum(1 for _, s, _, _ in results if s == "equivalent")
+        survivors = [m for m, s, _, _ in results if s == "survived"]
+        print(f"\n{n} mutants run in {time.monotonic() - start:.0f} s: {killed} killed, {eqv} equivalent, "
+              f"{len(survivors)} survived")
+        if n - eqv:
+            print(f"score: {killed}/{n - eqv} = {100 * killed / (n - eqv):.1f}% of non-equivalent mutants killed")
+        for m in survivors:
+            print(f"  SURVIVED {m.id} (line {m.line})")
+        return 0 if not survivors else 1
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
