@@ -1,0 +1,350 @@
+"""resize and combine (issue 11, part A), checked against independent float64 references.
+
+Expected values come from `reference.official_delta` (the official forward read with the real safetensors
+library) and `torch.linalg.svdvals` of the materialised changes, never from longcat_lora's algebra code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from longcat_lora import convert
+from longcat_lora.algebra import combine_loras, resize_lora
+from longcat_lora.naming import DitDims
+
+from conftest import DIMS, cli
+from linear_bag import LinearBag
+from reference import SEP, official_delta, rel_err
+
+RANK = 6
+
+
+def up_blocks(path: str) -> dict[str, int]:
+    """module -> number of up blocks of a native file (read with the real safetensors)."""
+    out: dict[str, int] = {}
+    with safe_open(path, "pt") as f:
+        for k in f.keys():
+            enc, _, leaf = k.removeprefix("lora" + SEP).partition(".")
+            if leaf.startswith("lora_up"):
+                out[enc.replace(SEP, ".")] = out.get(enc.replace(SEP, "."), 0) + 1
+    return out
+
+
+def block_svals(dW: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Singular values of each up block's change (row chunk), independently in float64."""
+    return [torch.linalg.svdvals(c) for c in torch.chunk(dW, n, 0)]
+
+
+def optimum(dW: torch.Tensor, ranks: list[int]) -> float:
+    """Eckart-Young: the least relative Frobenius error with block i truncated at ranks[i]."""
+    tail = sum(float((s[k:] ** 2).sum()) for s, k in zip(block_svals(dW, len(ranks)), ranks))
+    return (tail / float(dW.norm() ** 2)) ** 0.5
+
+
+def true_errors(ref: dict[str, torch.Tensor], out_path: str) -> dict[str, float]:
+    got = official_delta(out_path)
+    assert set(got) == set(ref), sorted(set(got) ^ set(ref))[:5]
+    return {m: float((ref[m] - got[m]).norm() / ref[m].norm()) for m in ref}
+
+
+def report_errors(report) -> dict[str, float]:
+    return {m.module: m.rel_error for m in report.modules}
+
+
+@pytest.fixture
+def src(native):
+    return native("refinement", rank=RANK, dtype=torch.float32, alpha_scale=0.3, name="src.safetensors")
+
+
+# ---------------------------------------------------------------- resize
+
+
+def test_full_rank_resize_reproduces_the_weight_change(src, tmp_path):
+    out = str(tmp_path / "full.safetensors")
+    report = resize_lora(src, out, rank=RANK)
+    ref = official_delta(src)
+    errs = true_errors(ref, out)
+    assert max(errs.values()) <= 1e-6
+    assert max(report_errors(report).values()) <= 1e-6
+    assert len(report.modules) == len(ref) == 386
+    assert report.params_after == report.params_before  # same ranks, same fused layout
+    assert all(m.rank_before == m.rank_after == RANK and m.retained > 1 - 1e-12 for m in report.modules)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_k_is_the_eckart_young_optimum_of_each_up_block_and_the_report_is_true(native, tmp_path, dtype):
+    src = native("refinement", rank=RANK, dtype=dtype, alpha_scale=0.3, name="src.safetensors")
+    ref, nblocks = official_delta(src), up_blocks(src)
+    out = str(tmp_path / "r2.safetensors")
+    report = resize_lora(src, out, rank=2)
+    errs, rep = true_errors(ref, out), report_errors(report)
+    with safe_open(out, "pt") as f:
+        for m, n in nblocks.items():
+            down = f.get_slice(f"lora{SEP}{m.replace('.', SEP)}.lora_down.weight").get_shape()
+            assert down[0] == 2 * n, m  # fused layout kept: rank 2 for each of the n up blocks
+    for m, dW in ref.items():
+        opt = optimum(dW, [2] * nblocks[m])
+        # bf16: the stored factors' rounding (~1e-3 of the kept part) adds to the truncation error
+        assert errs[m] == pytest.approx(opt, rel=1e-4 if dtype == torch.float32 else 2e-3), m
+        assert rep[m] == pytest.approx(errs[m], rel=1e-4, abs=1e-9), m
+        tail = sum(float((s[2:] ** 2).sum()) for s in block_svals(dW, nblocks[m]))
+        kept = next(x.retained for x in report.modules if x.module == m)
+        assert kept == pytest.approx(1 - tail / float(dW.norm() ** 2), rel=1e-6), m
+    assert report.worst_error == pytest.approx(max(errs.values()), rel=1e-4)
+    assert report.mean_error == pytest.approx(sum(errs.values()) / len(errs), rel=1e-4)
+    assert report.bytes_after == os.path.getsize(out) and report.bytes_before == os.path.getsize(src)
+
+
+def test_reported_error_includes_the_output_dtype_rounding(native, tmp_path):
+    """At full rank the only error is rounding the new factors to bf16 (~1e-3): the report must show it."""
+    src = native("cfg_step", rank=RANK, dtype=torch.bfloat16, name="src.safetensors")
+    ref = official_delta(src)
+    out = str(tmp_path / "bf16.safetensors")
+    report = resize_lora(src, out, rank=RANK)
+    errs, rep = true_errors(ref, out), report_errors(report)
+    assert min(errs.values()) > 1e-4  # rounding really happened
+    for m in ref:
+        assert rep[m] == pytest.approx(errs[m], rel=1e-4), m
+    with safe_open(out, "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(".weight")} == {"BF16"}
+
+
+def _spiky(native, tmp_path) -> str:
+    """A LoRA whose up blocks have different spectra: qkv block 0 of every layer is nearly rank 1."""
+    src = native("refinement", rank=RANK, dtype=torch.float32, alpha_scale=0.3, name="spiky0.safetensors")
+    sd = load_file(src)
+    for i in range(DIMS.depth):
+        k = f"lora{SEP}blocks{SEP}{i}{SEP}attn{SEP}qkv.lora_up.blocks.0.weight"
+        sd[k][:, 0] *= 30.0
+    path = str(tmp_path / "spiky.safetensors")
+    save_file(sd, path)
+    return path
+
+
+def _nonzero_cols(t: torch.Tensor) -> int:
+    nz = (t != 0).any(0).nonzero()
+    return int(nz.max()) + 1 if len(nz) else 0
+
+
+@pytest.mark.parametrize("flag,value", [("energy", 0.8), ("max_error", 0.35)])
+def test_energy_and_max_error_pick_the_smallest_qualifying_rank_per_up_block(native, tmp_path, flag, value):
+    src = _spiky(native, tmp_path)
+    ref, nblocks = official_delta(src), up_blocks(src)
+    out = str(tmp_path / "rule.safetensors")
+    report = resize_lora(src, out, **{flag: value})
+    sd = load_file(out)
+    errs, rep = true_errors(ref, out), report_errors(report)
+
+    def qualifies(s: torch.Tensor, k: int) -> bool:
+        total = float((s ** 2).sum())
+        if flag == "energy":
+            return float((s[:k] ** 2).sum()) >= value * total
+        return (float((s[k:] ** 2).sum()) / total) ** 0.5 <= value
+
+    padded = 0
+    for m, dW in ref.items():
+        n = nblocks[m]
+        enc = f"lora{SEP}{m.replace('.', SEP)}"
+        ups = [sd[f"{enc}.lora_up.weight"]] if n == 1 else [sd[f"{enc}.lora_up.blocks.{i}.weight"] for i in range(n)]
+        chosen = [_nonzero_cols(u) for u in ups]
+        for s, k in zip(block_svals(dW, n), chosen):
+            assert qualifies(s, k) and not qualifies(s, k - 1), (m, k)
+        stored = ups[0].shape[1]
+        assert stored == max(chosen) and sd[f"{enc}.lora_down.weight"].shape[0] == n * stored  # fused, padded
+        padded += len(set(chosen)) > 1
+        assert errs[m] == pytest.approx(optimum(dW, chosen), rel=1e-4), m
+        assert rep[m] == pytest.approx(errs[m], rel=1e-4, abs=1e-9), m
+        if flag == "max_error":
+            assert errs[m] <= value * (1 + 1e-6)
+    assert padded >= DIMS.depth  # the spiky qkv modules really chose different ranks per block
+
+
+def _real_peft(out_dir: str, ref: dict[str, torch.Tensor]) -> None:
+    import logging
+    import warnings
+
+    from peft import PeftModel
+    from test_formats import _check_layers, _no_key_warnings, _Records
+
+    torch.manual_seed(0)
+    model = LinearBag(DIMS)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    handler = _Records()
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            pm = PeftModel.from_pretrained(model, out_dir)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    _no_key_warnings(w, handler)
+    _check_layers(pm.base_model.model, ref, base)
+
+
+def _real_diffusers(path: str, ref: dict[str, torch.Tensor]) -> None:
+    import logging
+    import warnings
+
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.loaders import PeftAdapterMixin
+    from test_formats import _check_layers, _no_key_warnings, _Records
+
+    class TinyTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+        @register_to_config
+        def __init__(self, depth: int = 48):
+            super().__init__()
+            bag = LinearBag(DIMS)
+            self.blocks, self.final_layer = bag.blocks, bag.final_layer
+
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    handler = _Records()
+    for name in ("diffusers", "peft", ""):
+        logging.getLogger(name).addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            model.load_lora_adapter(path, prefix="transformer", use_safetensors=True)
+    finally:
+        for name in ("diffusers", "peft", ""):
+            logging.getLogger(name).removeHandler(handler)
+    _no_key_warnings(w, handler)
+    _check_layers(model, ref, base)
+
+
+def test_resized_outputs_load_in_real_peft_and_diffusers(native, tmp_path):
+    """PEFT/diffusers outputs (mixed ranks per block: block-diagonal B) apply exactly the native result."""
+    src = _spiky(native, tmp_path)
+    native_out = str(tmp_path / "native.safetensors")
+    resize_lora(src, native_out, energy=0.8)
+    ref = official_delta(native_out)
+    peft_out = str(tmp_path / "adapter")
+    resize_lora(src, peft_out, energy=0.8, format="peft")
+    _real_peft(peft_out, ref)
+    diff_out = str(tmp_path / "diffusers.safetensors")
+    resize_lora(src, diff_out, energy=0.8, format="diffusers")
+    _real_diffusers(diff_out, ref)
+
+
+def test_resize_cli_json_and_format(src, tmp_path):
+    out = tmp_path / "fv.safetensors"
+    p = cli("resize", src, out, "--rank", "3", "--to", "fastvideo", "--json")
+    data = json.loads(p.stdout)
+    back = tmp_path / "back.safetensors"
+    convert(str(out), str(back), "longcat")
+    ref = official_delta(src)
+    errs = true_errors(ref, str(back))
+    assert data["format_out"] == "fastvideo" and len(data["modules"]) == len(ref)
+    for row in data["modules"]:
+        assert row["rel_error"] == pytest.approx(errs[row["module"]], rel=1e-4), row["module"]
+    assert data["worst_error"] == pytest.approx(max(errs.values()), rel=1e-4)
+    text = cli("resize", src, tmp_path / "t.safetensors", "--max-error", "0.5").stdout
+    assert "relative Frobenius error: worst" in text and "blocks.47.ffn.w2" in text
+
+
+# ---------------------------------------------------------------- combine
+
+
+@pytest.fixture
+def three(native, tmp_path):
+    """Three inputs in three formats, different ranks, dtypes and scales; B and C lack the adaLN modules."""
+    a = native("refinement", rank=4, dtype=torch.float32, alpha_scale=0.3, name="a.safetensors")
+    b = native("cfg_step", rank=3, dtype=torch.bfloat16, alpha_scale=0.5, seed=1, name="b.safetensors")
+    c = native("cfg_step", rank=2, dtype=torch.float16, alpha_scale=1.25, seed=2, name="c.safetensors")
+    b_peft, c_comfy = str(tmp_path / "b_peft"), str(tmp_path / "c.comfy.safetensors")
+    convert(b, b_peft, "peft")
+    convert(c, c_comfy, "comfyui")
+    da, db, dc = official_delta(a), official_delta(b), official_delta(c)
+    s = (0.7, -1.5, 2.0)
+    ref = {m: s[0] * da[m] + s[1] * db.get(m, 0) + s[2] * dc.get(m, 0) for m in da}
+    assert set(da) > set(db) == set(dc)  # adaLN / final layer: in A only
+    return [(a, s[0]), (b_peft, s[1]), (c_comfy, s[2])], ref
+
+
+def test_exact_combine_is_the_sum_of_weight_changes(three, tmp_path):
+    loras, ref = three
+    out = tmp_path / "sum.safetensors"
+    p = cli("combine", out, *[x for path, st in loras for x in ("--lora", f"{path}:{st}")], "--json")
+    data = json.loads(p.stdout)
+    errs = true_errors(ref, str(out))
+    assert max(errs.values()) <= 1e-6
+    sd = load_file(str(out))
+    qkv = f"lora{SEP}blocks{SEP}5{SEP}attn{SEP}qkv"
+    assert sd[f"{qkv}.lora_up.blocks.0.weight"].shape == (DIMS.hidden, 4 + 3 + 2)  # ranks concatenated
+    assert sd[f"{qkv}.lora_down.weight"].shape == (3 * 9, DIMS.hidden)
+    ada = f"lora{SEP}blocks{SEP}5{SEP}adaLN_modulation{SEP}1"
+    assert sd[f"{ada}.lora_down.weight"].shape == (6 * 4, DIMS.adaln)  # from A only, kept
+    assert data["rule"] == "exact" and len(data["modules"]) == len(ref)
+
+
+def test_compressed_combine_is_the_optimum_of_the_sum(three, tmp_path):
+    loras, ref = three
+    out = str(tmp_path / "c3.safetensors")
+    report = combine_loras(out, loras, rank=3, dtype="fp32")
+    errs, rep = true_errors(ref, out), report_errors(report)
+    with safe_open(out, "pt") as f:
+        nblocks = up_blocks(out)
+    for m, dW in ref.items():
+        assert errs[m] == pytest.approx(optimum(dW, [3] * nblocks[m]), rel=1e-4), m
+        assert rep[m] == pytest.approx(errs[m], rel=1e-4), m
+    # the adaLN modules (rank 4 in A only) lost something; block 5's qkv (rank 9 of the sum) too
+    assert rep["blocks.5.adaLN_modulation.1"] > 0.01 and rep["blocks.5.attn.qkv"] > 0.01
+    # exact rank of the sum: energy 1 keeps everything, to float rounding
+    full = str(tmp_path / "full.safetensors")
+    combine_loras(full, loras, energy=1.0, dtype="fp64")
+    assert max(true_errors(ref, full).values()) <= 1e-9
+
+
+def test_combine_refuses_inputs_whose_module_shapes_disagree(native, tmp_path):
+    a = native("cfg_step", rank=2, name="a.safetensors")
+    other = DitDims(hidden=32, ffn=96, adaln=32, final_out=16, depth=48)
+    b = native("cfg_step", rank=2, dims=other, name="b.safetensors")
+    out = tmp_path / "o.safetensors"
+    p = cli("combine", out, "--lora", a, "--lora", b, check=2)
+    line = p.stderr.strip()
+    assert "\n" not in line and str(a) in line and str(b) in line and "blocks.0.attn.qkv" in line
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["a.safetensors", "b.safetensors"]
+
+
+# ---------------------------------------------------------------- bad input through the CLI
+
+
+@pytest.mark.parametrize("args,flag", [
+    ([], "--rank"),
+    (["--rank", "0"], "--rank"),
+    (["--rank", "2", "--energy", "0.5"], "--energy"),
+    (["--energy", "0"], "--energy"),
+    (["--energy", "1.5"], "--energy"),
+    (["--max-error", "-0.1"], "--max-error"),
+    (["--max-error", "1"], "--max-error"),
+    (["--rank", "2", "--to", "nonsense"], "--to"),
+])
+def test_resize_bad_options_exit_2_with_one_line_and_write_nothing(native, tmp_path, args, flag):
+    src = native("cfg_step", rank=2, name="in.safetensors")
+    out = tmp_path / "out.safetensors"
+    p = cli("resize", src, out, *args, check=2)
+    lines = p.stderr.strip().splitlines()
+    assert flag in lines[-1] and "Traceback" not in p.stderr
+    if flag != "--to":  # argparse's own choices error prints its usage line first
+        assert len(lines) == 1, p.stderr
+    assert not out.exists() and os.listdir(tmp_path) == ["in.safetensors"]
+
+
+def test_combine_bad_options_exit_2(native, tmp_path):
+    src = native("cfg_step", rank=2, name="in.safetensors")
+    out = tmp_path / "out.safetensors"
+    for args, flag in ((["--rank", "-1"], "--rank"), (["--dtype", "bf16"], "--dtype"),
+                       (["--energy", "2"], "--energy")):
+        p = cli("combine", out, "--lora", src, *args, check=2)
+        assert len(p.stderr.strip().splitlines()) == 1 and flag in p.stderr, p.stderr
+    p = cli("combine", out, "--lora", src, "--lora", str(tmp_path / "missing.safetensors"), check=2)
+    assert "missing.safetensors" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == ["in.safetensors"]
