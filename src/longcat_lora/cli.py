@@ -90,9 +90,15 @@ def _resize(args: argparse.Namespace) -> int:
     from .algebra.resize import resize_lora
 
     rule = _rank_flags(args, required=True)
+    if args.plot:  # before the work: matplotlib present, PNG writable
+        from .algebra.plot import check_plot_output, plot_resize
+
+        check_plot_output(args.plot, args.overwrite, inputs=[args.input, args.output])
     report = resize_lora(args.input, args.output, rank=rule.rank, energy=rule.energy, max_error=rule.max_error,
                          format=args.to, dtype=args.dtype, overwrite=args.overwrite,
                          skip_unmapped=args.skip_unmapped, progress=True)
+    if args.plot:
+        plot_resize(report, args.plot, lora=args.input, overwrite=args.overwrite)
     _print_report(args, report)
     return 0
 
@@ -110,6 +116,32 @@ def _combine(args: argparse.Namespace) -> int:
                            max_error=rule.max_error if rule else None, format=args.to, dtype=args.dtype,
                            overwrite=args.overwrite, skip_unmapped=args.skip_unmapped, progress=True)
     _print_report(args, report)
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    import torch
+
+    from .algebra.extract import extract_lora
+
+    rule = _rank_flags(args, required=True)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoraError(f"--device {args.device}: no CUDA device is available")
+    report = extract_lora(args.base, args.tuned, args.output, rank=rule.rank, energy=rule.energy,
+                          max_error=rule.max_error, device=args.device, format=args.to, dtype=args.dtype,
+                          overwrite=args.overwrite, skip_unmapped=args.skip_unmapped, progress=True)
+    _print_report(args, report)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .algebra.plot import plot_lora
+
+    kinds = [k.strip() for k in args.modules.split(",") if k.strip()] if args.modules is not None else None
+    if kinds == []:
+        raise LoraError("--modules: give module kinds separated by commas, e.g. attn.qkv,ffn.w2")
+    drawn = plot_lora(args.lora, args.output, modules=kinds, overwrite=args.overwrite)
+    print(f"wrote {args.output}: {len(drawn['norms'])} modules, spectra of {len(drawn['spectra'])}")
     return 0
 
 
@@ -178,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="a LoRA in any format")
     s.add_argument("output")
     rank_options(s, "one is required")
+    s.add_argument("--plot", metavar="OUT.png", help="also draw the input LoRA with the ranks chosen and the errors "
+                   "they cost (needs matplotlib)")
     s.set_defaults(fn=_resize)
 
     s = sub.add_parser("combine", help="several LoRAs as one: exact (ranks concatenated) or compressed by SVD")
@@ -186,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA in any format, optionally with a strength (default 1.0); repeatable")
     rank_options(s, "optional, compresses the sum")
     s.set_defaults(fn=_combine)
+
+    s = sub.add_parser("extract", help="a LoRA from a base and a fine-tuned checkpoint (low-rank SVD of each "
+                       "weight change), with its true error")
+    s.add_argument("base", help="base checkpoint: a .safetensors file or a sharded directory (either naming)")
+    s.add_argument("tuned", help="fine-tuned checkpoint with the same tensors (either naming)")
+    s.add_argument("output")
+    rank_options(s, "one is required")
+    s.add_argument("--device", default="cpu", help="where to compute the SVDs: cpu or cuda")
+    s.set_defaults(fn=_extract)
+
+    s = sub.add_parser("plot", help="draw a LoRA as a PNG: ||dW|| per block and module kind, singular values")
+    s.add_argument("lora", help="a LoRA in any format")
+    s.add_argument("output", help="the PNG to write")
+    s.add_argument("--modules", metavar="KINDS", help="only these module kinds, comma-separated (e.g. attn.qkv,ffn.w2)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.set_defaults(fn=_plot)
 
     s = sub.add_parser("demo", help="run the end-to-end demo on a generated LoRA")
     s.add_argument("--keep", metavar="DIR", help="write the demo files here instead of a temp dir")

@@ -39,12 +39,13 @@ from ..adapter import LoraAdapter, LoraModule, Part, Source
 from ..errors import LoraError
 from ..formats import FORMATS, save_lora
 from ..merge import Base, open_base
-from ..st import FLOATS, SafeFile, torch_dtype
+from ..st import FLOATS, SafeFile, dtype_name, torch_dtype
 from .lowrank import ModuleReport, RankRule, Report, dense_svd
 
 if TYPE_CHECKING:
     import torch
 
+DTYPES = {"keep": "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 FLOAT64_BELOW = 1 << 22  # blocks with at most this many elements are computed in float64 (4M: 32 MiB)
 FIRST_SKETCH = 64  # randomized rank tried first for --energy / --max-error (doubled until enough)
 RESIDUAL_ELEMENTS = 1 << 22  # row chunk of the residual check
@@ -223,14 +224,14 @@ class _Spool:
         self.end = 0
 
     def put(self, t: torch.Tensor) -> Source:
-        """Append a 2-D float32 tensor; returns a Source reading it back."""
+        """Append a 2-D float tensor; returns a Source reading it back."""
         raw = t.detach().to("cpu").contiguous().view(-1).numpy().view(np.uint8)
         mv = memoryview(raw).cast("B")
         fd, off, done = self.f.fileno(), self.end, 0
         while done < mv.nbytes:
             done += os.pwrite(fd, mv[done:], off + done)
         self.end += mv.nbytes
-        return _SpoolSource((int(t.shape[0]), int(t.shape[1])), "F32", fd, off, mv.nbytes)
+        return _SpoolSource((int(t.shape[0]), int(t.shape[1])), dtype_name(t.dtype), fd, off, mv.nbytes)
 
     def close(self) -> None:
         self.f.close()
@@ -262,8 +263,8 @@ class _Block:
     total: float  # ||change||_F^2
     kept: float  # sum of the kept singular values squared
     err2: float  # ||change - up @ down||_F^2 of the factors as stored
-    up: torch.Tensor | None = None  # [h, r] float32
-    down: torch.Tensor | None = None  # [r, in] float32
+    up: torch.Tensor | None = None  # [h, r] in the output dtype
+    down: torch.Tensor | None = None  # [r, in]
 
 
 def _low_rank(d: torch.Tensor, rule: RankRule, total: float, gen: torch.Generator):
@@ -299,8 +300,10 @@ def _residual2(d: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
     return acc
 
 
-def extract_block(d: torch.Tensor, rule: RankRule, gen: torch.Generator, where: str) -> _Block | None:
-    """Truncate one block of a weight change; None when it is exactly zero."""
+def extract_block(d: torch.Tensor, rule: RankRule, gen: torch.Generator, where: str,
+                  store: torch.dtype | None = None) -> _Block | None:
+    """Truncate one block of a weight change into factors stored as `store` (default float32); None
+    when the change is exactly zero. The error is that of the stored factors."""
     import torch
 
     total = float(torch.sum(d.double() ** 2)) if d.dtype != torch.float64 else float(torch.sum(d * d))
@@ -310,9 +313,10 @@ def extract_block(d: torch.Tensor, rule: RankRule, gen: torch.Generator, where: 
         return None
     u, s, vh, k = _low_rank(d, rule, total, gen)
     k = max(k, 1)
+    store = store or torch.float32
     root = torch.sqrt(s[:k].to(torch.float64))
-    up = (u[:, :k].to(torch.float64) * root).to(torch.float32)
-    down = (root[:, None] * vh[:k].to(torch.float64)).to(torch.float32)
+    up = (u[:, :k].to(torch.float64) * root).to(store)
+    down = (root[:, None] * vh[:k].to(torch.float64)).to(store)
     if rule.rank is not None and k < rule.rank:  # the native rank is per module: pad with zeros
         up = torch.cat([up, up.new_zeros(up.shape[0], rule.rank - k)], 1)
         down = torch.cat([down, down.new_zeros(rule.rank - k, down.shape[1])], 0)
@@ -363,19 +367,26 @@ def _same(x: _Param, y: _Param) -> bool:
 
 def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, energy: float | None = None,
                  max_error: float | None = None, device: str = "cpu", format: str = "longcat",
-                 overwrite: bool = False, progress: bool = False) -> ExtractReport:
+                 dtype: str = "keep", overwrite: bool = False, skip_unmapped: bool = False,
+                 progress: bool = False) -> ExtractReport:
     """Write the LoRA that best approximates `tuned - base` (see the module docstring) to `out`.
 
     Exactly one of `rank` (per up block), `energy` (smallest rank keeping that share of each block's
     squared Frobenius norm) or `max_error` (smallest rank whose relative Frobenius error is at most
-    that). Returns the report: per module ranks, retained share and true relative error; weights equal
-    in both; other tensors that changed. Nothing is written unless everything succeeds.
+    that). `dtype`: of the factors, "fp32" (also what "keep" means here: a change has no LoRA dtype to
+    keep), "bf16", "fp16" or "fp64"; its rounding is part of the reported error. `skip_unmapped`: leave
+    out (and list) modules the output format cannot name. Returns the report: per module ranks, retained
+    share and true relative error; weights equal in both; other tensors that changed. Nothing is
+    written unless everything succeeds.
     """
     import torch
 
     rule = RankRule.parse(rank, energy, max_error)
     if format not in FORMATS:
         raise LoraError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if dtype not in DTYPES:
+        raise LoraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    store = getattr(torch, DTYPES[dtype])
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise LoraError("device cuda: no CUDA device is available")
     base, tuned, out = str(base), str(tuned), str(out)
@@ -404,7 +415,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
             blocks: list[tuple[int, _Block]] = []
             for i in range(n):
                 d = ws.change(pb, pt, i * h, (i + 1) * h)
-                blk = extract_block(d, rule, gen, f"{tuned}: {module} (rows {i * h}:{(i + 1) * h})")
+                blk = extract_block(d, rule, gen, f"{tuned}: {module} (rows {i * h}:{(i + 1) * h})", store)
                 if blk is not None:
                     blocks.append((i, blk))
             if bar:
@@ -432,7 +443,10 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
         if not modules:
             raise LoraError(f"{tuned}: every Linear weight equals {base}'s; there is no change to extract")
         adapter = LoraAdapter(modules, "memory", tuned, scale_dtype="F32")
-        save_lora(adapter, out, format, overwrite=overwrite, inputs=[base, tuned], progress=progress)
+        left_out = save_lora(adapter, out, format, overwrite=overwrite, skip_unmapped=skip_unmapped,
+                             inputs=[base, tuned], progress=progress)
+        for m in left_out:
+            report.notes.append(f"left out (no name in {format}): {m}")
         report.bytes_after = _size(out)
         return report
     finally:
