@@ -183,7 +183,9 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter, strength
     """Inject a LoRA (path in any format, or a LoraAdapter) without changing base weights.
 
     Works on models with LongCat's original Linear names (fused qkv...) and on models with FastVideo's
-    split names. Targets the model lacks raise a LoraError listing them, unless skip_missing. Shapes
+    split names, on float Linear-like layers and on INT8 ones (weight_int8 + weight_scale). Targets the
+    model lacks raise a LoraError listing them, unless skip_missing; targets it has but cannot adapt
+    (no weight and no weight_int8, a 1-D weight, ...) always raise, naming each with the reason. Shapes
     are checked before anything is touched. Returns the adapter's name.
     """
     st = _state(model)
