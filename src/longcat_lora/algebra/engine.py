@@ -64,20 +64,27 @@ class Cell:
 
 @dataclass
 class CellPlan:
-    """What pass 1 learnt about a cell: all singular values, the chosen and stored rank, the transforms."""
+    """What the SVD of a cell gave: all singular values, the chosen and stored rank, the transforms.
 
-    s: torch.Tensor  # float64, descending
+    A plan made before writing (`plan_cell`) has everything; a *deferred* plan (fixed rank, where the
+    stored rank is known from the shapes alone) only has `stored` until `realise` fills it in, so the
+    factors are read once."""
+
+    s: torch.Tensor | None  # float64, descending (None while deferred)
     k: int  # chosen by the rule (0 for a zero change)
-    stored: int  # max(k, 1): every module keeps at least one (zero) rank
+    stored: int  # the rank written: max(k, 1), or min(rank, q) for a fixed rank
     x: torch.Tensor | None  # U = up_stack @ x   (None: recompute by QR, ill-conditioned factors)
     y: torch.Tensor | None  # V = down_stack.T @ y
+    rule: RankRule | None = None  # set while deferred
 
     @property
     def total(self) -> float:
+        assert self.s is not None
         return float((self.s * self.s).sum())
 
     @property
     def kept(self) -> float:
+        assert self.s is not None
         return float((self.s[:self.k] ** 2).sum())
 
 
@@ -92,22 +99,56 @@ class ModulePlan:
     plans: list[CellPlan] | None = None  # None: exact (no truncation), parts written as they are
 
 
-def stacked(cell: Cell) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up_stack [rows, R], down_stack [R, in]) in float64 with each term's factor folded into its up."""
+class Workspace:
+    """Reused float64 buffers for the stacked factors: one allocation for the whole run instead of two
+    fresh m x r matrices per cell (which fragment the heap and fault in new pages every time)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, rows: int, cols: int) -> torch.Tensor:
+        import torch
+
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < rows * cols:
+            buf = self.bufs[name] = torch.empty(rows * cols, dtype=torch.float64)
+        return buf[:rows * cols].view(rows, cols)
+
+
+def stacked(cell: Cell, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up_stack [rows, R], down_stack [R, in]) in float64 with each term's factor folded into its up.
+
+    The results live in `ws` and are valid until its next use."""
+    h = cell.rows[1] - cell.rows[0]
+    n = cell.terms[0].down.shape[1]
+    a = ws.take("up", h, cell.rank)
+    b = ws.take("down", cell.rank, n)
+    c = 0
+    for t in cell.terms:
+        r = t.down.shape[0]
+        a[:, c:c + r].copy_(t.up.load())
+        if t.factor != 1.0:
+            a[:, c:c + r].mul_(t.factor)
+        b[c:c + r].copy_(t.down.load())
+        c += r
+    return a, b
+
+
+def fixed_stored(cell: Cell, rule: RankRule) -> int | None:
+    """The rank a fixed-rank rule stores for a cell, known from the shapes alone (None for other rules)."""
+    if rule.rank is None:
+        return None
+    n = cell.terms[0].down.shape[1]
+    return min(rule.rank, cell.rows[1] - cell.rows[0], cell.rank, n)
+
+
+def plan_cell(cell: Cell, rule: RankRule, ws: Workspace, stored: int | None = None,
+              loaded: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellPlan:
+    """The exact singular values of a cell's change, the rank the rule picks, and the transforms to the
+    leading singular vectors (`stored` of them: max(k, 1) unless given)."""
     import torch
 
-    ups = [t.up.load().to(torch.float64) * t.factor for t in cell.terms]
-    downs = [t.down.load().to(torch.float64) for t in cell.terms]
-    if len(ups) == 1:
-        return ups[0], downs[0]
-    return torch.cat(ups, 1), torch.cat(downs, 0)
-
-
-def plan_cell(cell: Cell, rule: RankRule) -> CellPlan:
-    """Pass 1 for one cell: exact singular values of its change and the transforms to its singular vectors."""
-    import torch
-
-    a, b = stacked(cell)
+    a, b = loaded if loaded is not None else stacked(cell, ws)
     m, r = a.shape
     n = b.shape[1]
     if r <= min(m, n):
@@ -116,13 +157,13 @@ def plan_cell(cell: Cell, rule: RankRule) -> CellPlan:
         if qa is None and qb is None:  # well conditioned: Cholesky factors, Q = a @ R^-1 never formed
             uc, s, vch = torch.linalg.svd(ra @ rb.T)
             k = rule.choose(s)
-            stored = max(k, 1)
-            x = torch.linalg.solve_triangular(ra, uc[:, :stored].contiguous(), upper=True)
-            y = torch.linalg.solve_triangular(rb, vch[:stored].T.contiguous(), upper=True)
-            return CellPlan(s, k, stored, x, y)
+            keep = max(k, 1) if stored is None else stored
+            x = torch.linalg.solve_triangular(ra, uc[:, :keep].contiguous(), upper=True)
+            y = torch.linalg.solve_triangular(rb, vch[:keep].T.contiguous(), upper=True)
+            return CellPlan(s, k, keep, x, y)
     _, s, _ = factored_svd(a, b, k=0)
     k = rule.choose(s)
-    return CellPlan(s, k, max(k, 1), None, None)
+    return CellPlan(s, k, max(k, 1) if stored is None else stored, None, None)
 
 
 def _tail_sq(s: torch.Tensor, k: int) -> float:
@@ -133,18 +174,30 @@ def _tail_sq(s: torch.Tensor, k: int) -> float:
     return float(torch.flip(t * t, [0]).sum()) if t.numel() else 0.0
 
 
-def realise(cell: Cell, plan: CellPlan, dtype: str, where: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Pass 2: (up' [rows, stored], down' [stored, in]) in `dtype` and the true ||dW - up' down'||_F^2.
+def _dot(p1: torch.Tensor, q1: torch.Tensor) -> float:
+    """<A, B> = tr(A^T B) for A = x1 @ y1, B = x2 @ y2, given p1 = x1^T x2 and q1 = y1 @ y2^T."""
+    return float((p1 * q1).sum())
+
+
+def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
+            ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up' [rows, stored], down' [stored, in]) in `dtype` and the true ||dW - up' down'||_F^2.
 
     With U S Vh the truncated SVD and dA, dB the rounding of the stored factors (up' = U sqrt(S) + dA,
     down' = sqrt(S) Vh + dB), the error is E = T - R with T = dW - U S Vh (the discarded tail, ||T||^2 =
-    sum of the discarded s^2) and R = dA down' + U sqrt(S) dB (the rounding). So
-    ||E||^2 = ||T||^2 + ||R||^2 - 2 <T, R>, each term computed from factors (Gram matrices of thin
-    matrices): no large terms cancel, so the result is accurate even when the error is tiny.
+    the sum of the discarded s^2) and R = dA down' + U sqrt(S) dB (the rounding). T is orthogonal to U
+    and to Vh, so <T, R> = <T, dA dB> and
+        ||E||^2 = ||T||^2 + ||R||^2 - 2 <dW - U S Vh, dA dB>,
+    every term from small Gram matrices of thin factors: nothing large cancels, so the result is
+    accurate even when the error is tiny (full rank, rounding only).
     """
     import torch
 
-    a, b = stacked(cell)
+    a, b = stacked(cell, ws)
+    if plan.rule is not None:  # deferred (fixed rank): plan now, from the factors already loaded
+        done = plan_cell(cell, plan.rule, ws, plan.stored, (a, b))
+        plan.s, plan.k, plan.x, plan.y, plan.rule = done.s, done.k, done.x, done.y, None
+    assert plan.s is not None
     k = plan.stored
     if plan.x is not None:
         u = a @ plan.x
@@ -157,22 +210,26 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str) -> tuple[torch.T
     up64 = u * root
     down64 = (v * root).T
     td = torch_dtype(dtype)
-    up = up64.to(td).contiguous()
+    up = up64.to(td)
     down = down64.to(td).contiguous()
     if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-        raise LoraError(f"{where}: the resized factors overflow {dtype} (choose a wider --dtype)")
+        raise LoraError(f"{where}: the new factors overflow {dtype} (choose a wider --dtype)")
     err2 = _tail_sq(plan.s, k)
     if td != torch.float64:
-        da = up.to(torch.float64) - up64
-        db = down.to(torch.float64) - down64
-        p = torch.cat([da, u], 1)  # R = p @ q
-        q = torch.cat([down.to(torch.float64), root[:, None] * db], 0)
-        r2 = float(((p.T @ p) * (q @ q.T)).sum())
-        # <T, R> = <a b, R> - <U S Vh, R>
-        ab_r = float(((a.T @ p) * (b @ q.T)).sum())
-        usv_r = float(((s[:, None] * (p.T @ u).T) * (v.T @ q.T)).sum())
-        err2 = err2 + r2 - 2.0 * (ab_r - usv_r)
-    return up, down, max(err2, 0.0)
+        da = up.to(torch.float64) - up64  # [m, k]
+        down_st = down.to(torch.float64)
+        db = down_st - down64  # [k, n]
+        left = torch.cat([da, u], 1)
+        gl = left.T @ left  # [da u]^T [da u]
+        gda, gdu, guu = gl[:k, :k], gl[:k, k:], gl[k:, k:]
+        right = torch.cat([down_st, db], 0)
+        gr = right @ right.T
+        gbb, gbd, gdd = gr[:k, :k], gr[:k, k:], gr[k:, k:]
+        rs = root[:, None] * gdd * root[None, :]  # (sqrt(S) dB)(sqrt(S) dB)^T
+        r2 = _dot(gda, gbb) + _dot(guu, rs) + 2.0 * _dot(gdu * root[None, :], gbd)
+        cross = _dot(a.T @ da, b @ db.T) - _dot(s[:, None] * gdu.T, v.T @ db.T)  # <dW - U S Vh, dA dB>
+        err2 = err2 + r2 - 2.0 * cross
+    return up.contiguous(), down, max(err2, 0.0)
 
 
 @contextmanager
@@ -202,6 +259,7 @@ class _Realised:
         self.cache: OrderedDict[str, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.errors: dict[str, list[float]] = {}
         self.lock = threading.Lock()
+        self.ws = Workspace()
 
     def get(self, mp: ModulePlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
         with self.lock:
@@ -213,7 +271,7 @@ class _Realised:
             got, errs = [], []
             with single_threaded():
                 for cell, plan in zip(mp.cells, mp.plans):
-                    up, down, err2 = realise(cell, plan, self.dtype, f"module {mp.name}")
+                    up, down, err2 = realise(cell, plan, self.dtype, f"module {mp.name}", self.ws)
                     got.append((up, down))
                     errs.append(err2)
             self.errors[mp.name] = errs
@@ -252,9 +310,15 @@ def plan_modules(mps: list[ModulePlan], rule: RankRule, progress: bool, desc: st
 
         bar = tqdm(total=len(mps), unit="module", desc=desc, leave=False)
     try:
+        ws = Workspace()
         with single_threaded():
             for mp in mps:
-                mp.plans = [plan_cell(c, rule) for c in mp.cells]
+                mp.plans = []
+                for c in mp.cells:
+                    stored = fixed_stored(c, rule)
+                    # a fixed rank needs no pass before writing: the SVD is done once, as the module is written
+                    mp.plans.append(plan_cell(c, rule, ws) if stored is None
+                                    else CellPlan(None, -1, stored, None, None, rule))
                 if bar is not None:
                     bar.update(1)
     finally:
