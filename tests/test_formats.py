@@ -12,11 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from longcat_lora import convert, load_lora
-from longcat_lora.verify import compare
-
 from conftest import DIMS, cli
 from linear_bag import LinearBag
-from reference import official_delta, rel_err, worst
+from reference import lora_delta, official_delta, rel_err, worst
 
 FORMATS = ["longcat", "fastvideo", "peft", "diffusers", "comfyui"]
 
@@ -178,8 +176,8 @@ def test_round_trip_bit_exact(native, tmp_path, fmt, dtype):
     for other in FORMATS:  # any form to any form stays exact
         o2 = str(tmp_path / f"y.{other}")
         convert(out, o2, other)
-        with load_lora(o2) as x, load_lora(src) as y:
-            assert compare(x, y).worst == 0.0, (fmt, other)
+        # the weight change each target runtime applies (independent readers) is the native one
+        assert worst(official_delta(src), lora_delta(o2)) <= 1e-15, (fmt, other)
 
 
 def test_split_parts_with_different_ranks_and_alphas(tmp_path):
@@ -212,8 +210,7 @@ def test_split_parts_with_different_ranks_and_alphas(tmp_path):
     for fmt in ("peft", "comfyui", "diffusers", "fastvideo"):
         out = str(tmp_path / f"o.{fmt}")
         convert(native, out, fmt)
-        with load_lora(out) as a, load_lora(src) as b:
-            assert compare(a, b).worst < 1e-6, fmt
+        assert worst(ref, lora_delta(out)) < 1e-6, fmt
     assert worst(ref, kohya_delta(str(tmp_path / "o.comfyui"))) < 1e-6
 
 

@@ -15,7 +15,7 @@ from longcat_lora.fixtures import write_base_checkpoint, write_native_lora
 from longcat_lora.merge import parse_lora_arg
 
 from conftest import cli
-from reference import rel_err
+from reference import fastvideo_delta, half_ulp, official_delta, rel_err
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -93,10 +93,14 @@ def test_merge_math_fp32_cast_once_and_dtype_option(setup):
     out = str(d / "merged_bf16")
     L.merge_checkpoint(bases["longcat"], out, [(loras["ref"], 0.8), (loras["cfg_fv"], 0.5)], dtype="bf16")
     base_sd, merged_sd = _load_dir(bases["longcat"]), _load_dir(out)
-    with L.load_lora(loras["ref"]) as a, L.load_lora(loras["cfg"]) as c:
-        dW = 0.8 * a.modules["blocks.5.attn.qkv"].delta(torch.float32) + 0.5 * c.modules["blocks.5.attn.qkv"].delta(torch.float32)
-    want = (base_sd["blocks.5.attn.qkv.weight"].float() + dW).to(torch.bfloat16)
-    assert torch.allclose(merged_sd["blocks.5.attn.qkv.weight"].float(), want.float(), rtol=0, atol=2 ** -8 * want.abs().max().item())
+    # independent float64 references: the native file by the official formula, the FastVideo file as
+    # FastVideo's loader reads it
+    dW = 0.8 * official_delta(loras["ref"])["blocks.5.attn.qkv"] + 0.5 * fastvideo_delta(loras["cfg_fv"])["blocks.5.attn.qkv"]
+    W = base_sd["blocks.5.attn.qkv.weight"].double()
+    want = W + dW
+    got = merged_sd["blocks.5.attn.qkv.weight"].double()
+    # cast once: within half a bf16 ulp of the exact value (plus float32 arithmetic)
+    assert ((got - want).abs() <= half_ulp(want, torch.bfloat16) * (1 + 2 ** -10) + 2e-7 * (W.abs() + dW.abs())).all()
     assert all(v.dtype == torch.bfloat16 for v in merged_sd.values())
     assert torch.equal(merged_sd["x_embedder.proj.weight"], base_sd["x_embedder.proj.weight"].to(torch.bfloat16))
     idx = json.load(open(os.path.join(out, INDEX)))
@@ -111,10 +115,9 @@ def test_single_file_base_and_exact_fp32_merge(setup, tmp_path):
     out = str(tmp_path / "merged.safetensors")
     L.merge_checkpoint(single, out, [(loras["ref"], 1.0)])
     m = load_file(out)
-    with L.load_lora(loras["ref"]) as a:
-        dW = a.modules["final_layer.adaLN_modulation.1"].delta(torch.float32)
-    want = sd["final_layer.adaLN_modulation.1.weight"] + dW
-    assert torch.allclose(m["final_layer.adaLN_modulation.1.weight"], want, rtol=0, atol=1e-7)
+    dW = official_delta(loras["ref"])["final_layer.adaLN_modulation.1"]
+    want = sd["final_layer.adaLN_modulation.1.weight"].double() + dW
+    assert torch.allclose(m["final_layer.adaLN_modulation.1.weight"].double(), want, rtol=0, atol=1e-7)
     assert torch.equal(m["blocks.0.attn.q_norm.weight"], sd["blocks.0.attn.q_norm.weight"])
 
 

@@ -110,7 +110,7 @@ class FileSource(Source):
         if self.col_range is not None:
             return None
         off, n = self.file.byte_range(self.key, self.row_range)
-        return self.file, FileRange(self.file.fd, off, n)
+        return self.file, FileRange(self.file.fd, off, n, self.file.path, self.key)
 
     def rows(self, lo: int, hi: int) -> Source:
         base = self.row_range[0] if self.row_range else 0

@@ -1,7 +1,9 @@
 """The `longcat-lora` command: a thin layer over the library.
 
-Exit codes: 0 ok, 1 verify mismatch (or demo over tolerance), 2 bad input or usage. Errors are one line
-on stderr; `--debug` shows the traceback.
+Exit codes: 0 ok, 1 verify mismatch (or demo over tolerance), 2 bad input, usage or an I/O error (disk
+full, permission), 3 internal error (a bug), 130 interrupted (SIGINT), 143 terminated (SIGTERM); after
+130/143 no temp file is left and OUT is untouched. Errors are one line on stderr; `--debug` shows the
+traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from . import __version__
 from .errors import LoraError
 from .formats import FORMATS, convert, load_lora
+from .interrupts import Terminated, handle_signals
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -247,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.fn(args)
+        with handle_signals():  # SIGTERM unwinds like Ctrl-C, so temp outputs are removed
+            return args.fn(args)
+    except Terminated:
+        print("longcat-lora: terminated", file=sys.stderr)
+        return 143
     except LoraError as e:
         if args.debug:
             raise

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from .. import naming
 from ..adapter import LoraAdapter
 from ..errors import LoraError
-from ..st import SafeFile, atomic_output
+from ..st import SafeFile, atomic_output, check_output
 from . import comfyui, diffusers, fastvideo, longcat, peft
 from ._common import WriteOptions
 
@@ -117,9 +117,10 @@ def save_lora(adapter: LoraAdapter, path: str, format: str, *, overwrite: bool =
         bar = tqdm(unit="B", unit_scale=True, desc=os.path.basename(path), leave=False)
         opts.progress = bar.update
     try:
-        with atomic_output(path, overwrite=overwrite, inputs=inputs,
-                           directory=getattr(mod, "DIRECTORY", False)) as tmp:
+        with atomic_output(path, overwrite=overwrite, inputs=inputs, **_output_kind(format)) as tmp:
             mod.write(adapter, tmp, opts)
+            for f in adapter.files:
+                f.check_unchanged()  # an input rewritten meanwhile: what was read may mix two versions
     except LoraError as e:
         where = adapter.path or "adapter"
         raise LoraError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
@@ -129,8 +130,17 @@ def save_lora(adapter: LoraAdapter, path: str, format: str, *, overwrite: bool =
     return opts.skipped
 
 
+def _output_kind(format: str) -> dict:
+    """atomic_output's arguments for a format: a file, or a directory that `--overwrite` may replace only
+    when it is an earlier output of that format (the format module's `replaceable`)."""
+    mod = FORMATS[format]
+    return {"directory": getattr(mod, "DIRECTORY", False), "replaceable": getattr(mod, "replaceable", None)}
+
+
 def convert(src: str, dst: str, to: str, **kwargs) -> list[str]:
     """Convert a LoRA file (any format) to `to`; returns the modules skipped."""
+    if to in FORMATS:  # refuse the output before reading anything
+        check_output(dst, overwrite=kwargs.get("overwrite", False), inputs=[src], **_output_kind(to))
     with load_lora(src) as adapter:
         return save_lora(adapter, dst, to, inputs=[src], **kwargs)
 

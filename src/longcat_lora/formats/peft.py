@@ -14,7 +14,7 @@ import re
 
 from ..adapter import LoraAdapter
 from ..errors import LoraError
-from ..st import SafeFile, write_safetensors
+from ..st import SafeFile, dir_problem, write_safetensors
 from ._common import (WriteOptions, add_standard_layer, finish, group_keys, metadata, peft_config, peft_scales,
                       standard_entries)
 
@@ -38,6 +38,12 @@ def paths(path: str) -> tuple[str, str] | None:
 
 
 def detect(keys: list[str]) -> bool:
+def replaceable(path: str) -> str | None:
+    """Why an existing directory is not an earlier PEFT output (None if it is): `--overwrite` replaces only
+    a directory holding the adapter's two files (and PEFT's own README.md), all regular files."""
+    return dir_problem(path, {n: "a regular file" for n in (WEIGHTS, CONFIG, "README.md")}, {WEIGHTS, CONFIG})
+
+
     return any(k.startswith(PREFIX) for k in keys)
 
 
