@@ -59,7 +59,8 @@ def _merge(args: argparse.Namespace) -> int:
     for m in report.skipped:
         print(f"skipped (no base weight): {m}", file=sys.stderr)
     print(f"wrote {args.output}: {len(report.merged)} weights changed"
-          + (f", {len(report.skipped)} LoRA modules skipped" if report.skipped else ""))
+          + (f", {len(report.skipped)} LoRA modules skipped" if report.skipped else "")
+          + (f"; {report.summary}" if report.summary else ""))
     return 0
 
 

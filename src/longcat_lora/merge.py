@@ -23,6 +23,7 @@ import torch
 from .adapter import LoraAdapter
 from .errors import LoraError
 from .formats import load_lora
+from .merge_int8 import Int8Merge, Requant, check_fit, scan
 from .st import (FLOATS, ITEMSIZE, Entry, FileRange, SafeFile, atomic_output, nonfinite, torch_dtype,
                  write_safetensors)
 from .targets import Target, find_targets
@@ -107,6 +108,8 @@ class MergeReport:
     merged: list[str]  # base tensors changed
     skipped: list[str]  # LoRA modules left out (skip_unmapped)
     out: str
+    requantized: dict[str, Requant] = field(default_factory=dict)  # INT8 layer -> requantization error
+    summary: str = ""  # one line about the INT8 layers of an INT8 base (requantized or dequantized)
 
 
 def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapter, float]], *, dtype: str = "keep",
@@ -124,38 +127,57 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
     b = open_base(base)
     opened: list[LoraAdapter] = []
     try:
+        int8 = scan(b)  # INT8 layers (validated), or None
         per_weight: dict[str, list[tuple[Target, float]]] = {}
         skipped: list[str] = []
 
         def layer_shape(layer: str) -> tuple[int, int] | None:
             shape = b.shape(layer + ".weight")
+            if shape is None and int8 is not None and layer in int8:
+                shape = int8[layer].shape
             return shape if shape is not None and len(shape) == 2 else None  # type: ignore[return-value]
 
         for lora, strength in loras:
             adapter = lora if isinstance(lora, LoraAdapter) else load_lora(str(lora))
             if adapter is not lora:
                 opened.append(adapter)
+            if int8 is not None:
+                check_fit(int8, b, adapter, str(lora) if adapter is not lora else "(in memory)")
             targets, missing = find_targets(adapter, layer_shape, skip_unmapped, f"base {base}")
             skipped += missing
             for t in targets:
-                per_weight.setdefault(t.layer + ".weight", []).append((t, float(strength)))
+                suffix = ".weight_int8" if int8 is not None and t.layer in int8 else ".weight"
+                per_weight.setdefault(t.layer + suffix, []).append((t, float(strength)))
         for tensor in per_weight:
             d = b.shards[b.tensors[tensor]].info(tensor).dtype
-            if d not in FLOATS:
+            if d not in FLOATS and not tensor.endswith(".weight_int8"):
                 raise LoraError(f"{base}: tensor {tensor!r} has dtype {d}; cannot add a LoRA to it")
         bar = _progress(b, progress)
         ws = _Workspace(device)
+        q8 = None
+        if int8 is not None:
+            adds = {k.removesuffix(".weight_int8"): v for k, v in per_weight.items() if k.endswith(".weight_int8")}
+            q8 = Int8Merge(b, int8, adds, out_dtype, device)
+            q8.check_names()
         inputs = [base] + [str(x) for x, _ in loras if not isinstance(x, LoraAdapter)]
         with atomic_output(out, overwrite=overwrite, inputs=inputs, directory=b.directory) as tmp:
             for shard, sf in b.shards.items():
-                target = os.path.join(tmp, shard) if b.directory else tmp
-                entries = [_entry(sf, name, per_weight.get(name), out_dtype, ws) for name in
-                           sorted(sf.keys(), key=lambda k: sf.info(k).start)]
+                target = os.path.join(tmp, q8.out_shard(shard) if q8 else shard) if b.directory else tmp
+                if q8 is not None:
+                    entries = q8.entries(shard, sf, lambda name, sf=sf: _entry(sf, name, per_weight.get(name),
+                                                                                out_dtype, ws))
+                else:
+                    entries = [_entry(sf, name, per_weight.get(name), out_dtype, ws) for name in
+                               sorted(sf.keys(), key=lambda k: sf.info(k).start)]
                 write_safetensors(target, entries, sf.metadata or None, bar.update if bar else None, pipelined=PIPELINED)
-            if b.directory:
+            if b.directory and q8 is not None and out_dtype is not None:
+                q8.copy_rest(tmp)
+            elif b.directory:
                 _copy_rest(b, tmp, out_dtype)
         if bar:
             bar.close()
+        if q8 is not None:
+            return MergeReport(sorted(per_weight), skipped, out, dict(sorted(q8.report.items())), q8.summary())
         return MergeReport(sorted(per_weight), skipped, out)
     finally:
         b.close()

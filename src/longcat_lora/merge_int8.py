@@ -1,0 +1,361 @@
+"""Merging LoRAs into LongCat's INT8 checkpoints (the official `base_model_int8/` layout).
+
+An INT8 checkpoint (spec section 5) holds, per quantized Linear `<m>`, `<m>.weight_int8` (int8
+[out, in]), `<m>.weight_scale` (float32 [out]) and `<m>.bias`; everything else is ordinary. A LoRA
+module lands on `<m>.weight_int8` when the checkpoint has no `<m>.weight`.
+
+Two outputs (`merge_checkpoint` decides by `dtype`):
+
+- **requantized** (`--dtype keep`, the default): the same layout. Each adapted layer is computed as
+  `W' = dequant(W) + sum strength * dW` in fp32, row chunk by row chunk, and requantized per row with
+  the official scheme (`int8.quantize_rows`: a new scale per row). Every key, dtype, shape, shard name
+  and the index stay as they were; untouched tensors are copied byte for byte. The requantization
+  error of each layer (relative Frobenius error of `dequant(q', s')` against the fp32 `W'`, and the
+  worst element error in units of its row's new scale) goes into the report.
+- **dequantized** (`--dtype bf16|fp16|fp32`): ordinary `<m>.weight` keys in that dtype in place of
+  `weight_int8`/`weight_scale`, every other float tensor cast, shards and index renamed from
+  `quantized_model*` to diffusers' `diffusion_pytorch_model*` (what the non-INT8 loader reads), the
+  index's weight_map and total_size rewritten, `quantization_config.json` not copied.
+
+Memory: `weight_int8` and `weight_scale` of one layer come from one computation but are two tensors,
+maybe in two shards, in any order (files written by `safetensors` put all F32 tensors before the I8
+ones). Within a shard, an adapted layer's `weight_scale` is written right after its `weight_int8`, so
+each layer is computed once and only its new scale (out x 4 bytes) waits to be written. When the two
+lie in different shards and the scale's shard is written first, the layer is computed when the scale
+is written (its int8 result dropped) and again when its int8 is; the two scales must agree bit for bit
+(they do: same inputs, same code), or the merge stops. So at most one layer is held at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .adapter import LoraAdapter
+from .errors import LoraError
+from .int8 import quantize_rows
+from .st import ITEMSIZE, Entry, SafeFile, nonfinite, torch_dtype
+
+if TYPE_CHECKING:  # merge imports this module
+    from .merge import Base
+    from .targets import Target
+
+INT8, SCALE = ".weight_int8", ".weight_scale"
+QUANT_CONFIG = "quantization_config.json"
+QUANT_STEM, PLAIN_STEM = "quantized_model", "diffusion_pytorch_model"
+CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row chunk (4 MiB), as in merge.py
+
+
+@dataclass(frozen=True)
+class Requant:
+    """Requantization error of one merged INT8 layer."""
+
+    rel: float  # ||dequant(q', s') - W'||_F / ||W'||_F, W' the merged weight in fp32
+    steps: float  # worst |dequant(q', s') - W'| element, in units of its row's new scale (<= 0.5)
+
+
+@dataclass(frozen=True)
+class Int8Layer:
+    """Where one quantized Linear's two tensors live."""
+
+    name: str
+    shape: tuple[int, int]
+    q_shard: str
+    s_shard: str
+
+
+def scan(b: Base) -> dict[str, Int8Layer] | None:
+    """The INT8 layers of a base checkpoint, validated; None when it has none.
+
+    Checks every pair before anything is written: weight_int8 2-D int8, weight_scale float32 [out]
+    present, every scale positive and finite (the scales are read: out x 4 bytes per layer, released
+    after the check), no scale without its int8 weight, no layer with both `.weight` and `.weight_int8`.
+    """
+    names = [t for t in b.tensors if t.endswith(INT8) or t.endswith(SCALE)]
+    if not names:
+        return None
+    layers: dict[str, Int8Layer] = {}
+    for t in names:
+        if t.endswith(SCALE) and t[:-len(SCALE)] + INT8 not in b.tensors:
+            raise LoraError(f"{_path(b, t)}: tensor {t!r} has no {t[:-len(SCALE)] + INT8!r} in {b.path}")
+    for t in names:
+        if not t.endswith(INT8):
+            continue
+        m = t[:-len(INT8)]
+        info = b.shards[b.tensors[t]].info(t)
+        if info.dtype != "I8" or len(info.shape) != 2:
+            raise LoraError(f"{_path(b, t)}: tensor {t!r} is {info.dtype} {list(info.shape)}; an INT8 weight "
+                            f"must be 2-D I8 [out, in]")
+        if m + ".weight" in b.tensors:
+            raise LoraError(f"{_path(b, t)}: layer {m!r} has both {m + '.weight'!r} and {t!r}")
+        s = m + SCALE
+        if s not in b.tensors:
+            raise LoraError(f"{_path(b, t)}: tensor {t!r} has no {s!r} in {b.path}")
+        sf = b.shards[b.tensors[s]]
+        sinfo = sf.info(s)
+        if sinfo.dtype != "F32" or sinfo.shape != info.shape[:1]:
+            raise LoraError(f"{sf.path}: tensor {s!r} is {sinfo.dtype} {list(sinfo.shape)}; the scales of "
+                            f"{t!r} {list(info.shape)} must be F32 {list(info.shape[:1])}")
+        scales = sf.read(s)
+        bad = ~(torch.isfinite(scales) & (scales > 0))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise LoraError(f"{sf.path}: tensor {s!r} row {row} is {float(scales[row])!r}; every scale must be "
+                            f"positive and finite")
+        layers[m] = Int8Layer(m, info.shape, b.tensors[t], b.tensors[s])  # type: ignore[arg-type]
+    return layers
+
+
+def check_fit(layers: dict[str, Int8Layer], b: Base, adapter: LoraAdapter, lora: str) -> None:
+    """Refuse a LoRA module whose [out, in] does not match the INT8 layer it names."""
+    for m in sorted(adapter.modules.values(), key=lambda m: m.name):
+        layer = layers.get(m.name)
+        if layer is not None and layer.shape != (m.out_features, m.in_features):
+            t = m.name + INT8
+            raise LoraError(f"{_path(b, t)}: tensor {t!r} is {list(layer.shape)}; LoRA {lora} module {m.name} "
+                            f"needs {[m.out_features, m.in_features]}")
+
+
+def _path(b: Base, tensor: str) -> str:
+    return b.shards[b.tensors[tensor]].path
+
+
+def plain_name(name: str) -> str:
+    """Output file name of a shard or index in a dequantized checkpoint (diffusers' names)."""
+    return PLAIN_STEM + name[len(QUANT_STEM):] if name.startswith(QUANT_STEM) else name
+
+
+class Int8Merge:
+    """Entries for the shards of an INT8 base, and the report of what was requantized."""
+
+    def __init__(self, b: Base, layers: dict[str, Int8Layer], adds: dict[str, list[tuple[Target, float]]],
+                 out_dtype: str | None, device: str):
+        self.b, self.layers, self.adds = b, layers, adds  # adds: layer -> [(target, strength)]
+        self.out_dtype, self.device = out_dtype, device
+        self.report: dict[str, Requant] = {}
+        self._pending: dict[str, torch.Tensor] = {}  # layer -> new scale, int8 written, scale not yet
+        self._early: dict[str, torch.Tensor] = {}  # layer -> new scale written before its int8
+        self._raw = torch.empty(0, dtype=torch.uint8)
+        self._f32 = torch.empty(0, dtype=torch.float32, device=device)
+        self._err = torch.empty(0, dtype=torch.float32, device=device)
+        self._out = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self._turn = 0
+
+    # ------------------------------------------------------------------ planning
+
+    def check_names(self) -> None:
+        """A dequantized directory renames shards and index: refuse if that collides with another file."""
+        if self.out_dtype is None or not self.b.directory:
+            return
+        renamed = {plain_name(n) for n in [*self.b.shards, self.b.index_name or ""] if plain_name(n) != n}
+        for entry in os.listdir(self.b.path):
+            if entry in renamed and entry not in self.b.shards and entry != self.b.index_name:
+                raise LoraError(f"{os.path.join(self.b.path, entry)}: a dequantized output names a shard "
+                                f"{entry}; this base already holds a file of that name")
+
+    def out_shard(self, shard: str) -> str:
+        return plain_name(shard) if self.out_dtype is not None else shard
+
+    def entries(self, shard: str, sf: SafeFile, plain: Callable[[str], Entry]) -> list[Entry]:
+        """This shard's entries in input order; `plain(name)` makes the entry of any other tensor."""
+        out: list[Entry] = []
+        for name in sorted(sf.keys(), key=lambda k: sf.info(k).start):
+            layer, kind = _split(name)
+            if layer not in self.layers:
+                out.append(plain(name))
+            elif self.out_dtype is not None:  # dequantized: <m>.weight where <m>.weight_int8 was
+                if kind == INT8:
+                    out.append(Entry(layer + ".weight", self.out_dtype, self.layers[layer].shape,
+                                     lambda layer=layer: self._dequantized(layer)))
+            elif layer not in self.adds:
+                out.append(plain(name))
+            elif kind == INT8:
+                out.append(Entry(name, "I8", self.layers[layer].shape, lambda layer=layer: self._int8(layer)))
+                if self.layers[layer].s_shard == shard:  # its scale follows at once
+                    out.append(self._scale_entry(layer))
+            elif self.layers[layer].q_shard != shard:
+                out.append(self._scale_entry(layer))
+        return out
+
+    def _scale_entry(self, layer: str) -> Entry:
+        return Entry(layer + SCALE, "F32", self.layers[layer].shape[:1], lambda: self._scale(layer))
+
+    # ------------------------------------------------------------------ producers
+
+    def _int8(self, layer: str) -> np.ndarray:
+        q, s = self._requantized(layer)
+        early = self._early.pop(layer, None)
+        if early is None:
+            self._pending[layer] = s
+        elif not torch.equal(early.view(torch.int32), s.view(torch.int32)):
+            raise RuntimeError(f"{layer}: recomputing the merged weight gave other scales (non-deterministic "
+                               f"arithmetic on this device)")
+        return q
+
+    def _scale(self, layer: str) -> np.ndarray:
+        s = self._pending.pop(layer, None)
+        if s is None:  # the scale's shard comes first: compute now, again for the int8 weight
+            _, s = self._requantized(layer)
+            self._early[layer] = s
+        return s.numpy().view(np.uint8)
+
+    def _requantized(self, layer: str) -> tuple[np.ndarray, torch.Tensor]:
+        """(new weight_int8 bytes, new weight_scale) of one layer; records its error."""
+        rows, cols = self.layers[layer].shape
+        out = self._buffer(rows * cols).view(torch.int8).view(rows, cols)
+        scale = torch.empty(rows, dtype=torch.float32)
+        err2 = ref2 = steps = 0.0
+        for r0, r1, w in self._merged_rows(layer):
+            q, s = quantize_rows(w)
+            if not bool(torch.isfinite(s).all()):
+                raise LoraError(f"{_path(self.b, layer + INT8)}: merging gives non-finite values in {layer + INT8}")
+            out[r0:r1].copy_(q)
+            scale[r0:r1].copy_(s)
+            # error q * s - W' in fp32, in place in a reused buffer (float64 temporaries cost more than the
+            # merge): good to ~1e-5 of a step, far below the figures reported
+            e = self._scratch(w.numel(), w.device).view_as(w)
+            torch.mul(q, s[:, None], out=e).sub_(w)
+            err2 += float(torch.linalg.vector_norm(e)) ** 2
+            ref2 += float(torch.linalg.vector_norm(w)) ** 2
+            if e.numel():
+                steps = max(steps, float((torch.linalg.vector_norm(e, float("inf"), dim=1) / s).max()))
+        rel = (err2 ** 0.5 / ref2 ** 0.5) if ref2 else (0.0 if err2 == 0 else float("inf"))
+        self.report.setdefault(layer, Requant(rel, steps))
+        return out.view(torch.uint8).reshape(-1).numpy(), scale
+
+    def _dequantized(self, layer: str) -> np.ndarray:
+        """dequant(W) (+ the LoRAs, if any) cast once to the output dtype."""
+        rows, cols = self.layers[layer].shape
+        dt = self.out_dtype
+        assert dt is not None
+        nbytes = rows * cols * ITEMSIZE[dt]
+        out = self._buffer(nbytes).view(torch_dtype(dt)).view(rows, cols)
+        for r0, r1, w in self._merged_rows(layer):
+            out[r0:r1].copy_(w)
+        data = out.view(torch.uint8).reshape(-1).numpy()
+        if nonfinite(data, dt):
+            raise LoraError(f"{_path(self.b, layer + INT8)}: dequantizing {layer + INT8} gives non-finite values "
+                            f"as {dt}")
+        return data
+
+    def _scratch(self, n: int, device) -> torch.Tensor:
+        if self._err.numel() < n or self._err.device != device:
+            self._err = torch.empty(n, dtype=torch.float32, device=device)
+        return self._err[:n]
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """One of two alternating output buffers (the write pipeline is at most one tensor deep)."""
+        k = self._turn = 1 - self._turn
+        if self._out[k].numel() < nbytes:
+            self._out[k] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._out[k][:nbytes]
+
+    def _merged_rows(self, layer: str):
+        """Yield (r0, r1, W'[r0:r1]) in fp32: dequant(W) + sum strength * scale * up @ down, by row chunk.
+
+        The yielded chunk is a reused buffer, valid until the next one.
+        """
+        info = self.layers[layer]
+        rows, cols = info.shape
+        qf = self.b.shards[info.q_shard]
+        if self._raw.numel() < rows * cols:
+            self._raw = torch.empty(rows * cols, dtype=torch.uint8)
+        raw = self._raw[:rows * cols]
+        qf.read_into(layer + INT8, memoryview(raw.numpy()))
+        q = raw.view(torch.int8).view(rows, cols)
+        s = self.b.shards[info.s_shard].read(layer + SCALE).to(self.device)
+        factors = [(p.rows, p.up.load().to(device=self.device, dtype=torch.float32),
+                    p.down.load().to(device=self.device, dtype=torch.float32), p.scale * strength)
+                   for t, strength in self.adds.get(layer, []) for p in t.parts()]
+        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+        if self._f32.numel() < step * cols:
+            self._f32 = torch.empty(step * cols, dtype=torch.float32, device=self.device)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            w = self._f32[:(r1 - r0) * cols].view(r1 - r0, cols)
+            w.copy_(q[r0:r1])  # int8 -> fp32, exact
+            w.mul_(s[r0:r1, None])  # dequant, as the official layer computes it in fp32
+            for (p0, p1), up, down, alpha in factors:
+                lo, hi = max(r0, p0), min(r1, p1)
+                if lo < hi:
+                    w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
+            yield r0, r1, w
+
+    # ------------------------------------------------------------------ side files and summary
+
+    def copy_rest(self, tmp: str, copy_entry: Callable[[str, str], None] | None = None) -> None:
+        """A dequantized directory's other files: the index rewritten and renamed, quantization_config.json
+        left out, every other entry copied with `copy_entry(src, dst)` (merge's side-file copy; by default
+        directories recursively and links as links)."""
+        copy_entry = copy_entry or _copy_entry
+        b = self.b
+        for entry in os.listdir(b.path):
+            if entry in b.shards or entry == QUANT_CONFIG:
+                continue
+            if entry == b.index_name and b.index is not None:
+                self._write_index(os.path.join(tmp, plain_name(entry)))
+            else:
+                copy_entry(os.path.join(b.path, entry), os.path.join(tmp, entry))
+
+    def _write_index(self, dst: str) -> None:
+        assert self.b.index is not None and self.out_dtype is not None
+        weight_map: dict[str, str] = {}
+        total = 0
+        for name, shard in self.b.index["weight_map"].items():
+            layer, kind = _split(name)
+            shape = None
+            if layer in self.layers:
+                if kind != INT8:
+                    continue
+                name, shape = layer + ".weight", self.layers[layer].shape
+            weight_map[name] = plain_name(shard)
+            info = self.b.shards[shard].info(name if shape is None else layer + INT8)
+            dt = self.out_dtype if (shape is not None or info.dtype in ("F16", "BF16", "F32", "F64")) else info.dtype
+            total += int(np.prod(info.shape, dtype=np.int64)) * ITEMSIZE[dt]
+        index = json.loads(json.dumps(self.b.index))
+        index["weight_map"] = weight_map
+        meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        index["metadata"] = {**meta, "total_size": total}
+        with open(dst, "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+
+    def summary(self) -> str:
+        """One line: what happened to the INT8 layers (and the worst requantization error)."""
+        if self.out_dtype is not None:
+            dt = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}[self.out_dtype]
+            what = f"dequantized {len(self.layers)} INT8 weights to {dt} (ordinary .weight keys"
+            if self.b.directory:
+                what += f", {PLAIN_STEM} shard names; {QUANT_CONFIG} not copied"
+            return what + ")"
+        if not self.report:
+            return "no INT8 weight adapted"
+        worst = max(self.report, key=lambda k: (self.report[k].rel, k))
+        far = max(self.report, key=lambda k: (self.report[k].steps, k))
+        return (f"requantized {len(self.report)} INT8 weights; worst relative error {self.report[worst].rel:.1e} "
+                f"at {worst} (worst element {self.report[far].steps:.2f} steps, at {far})")
+
+
+def _copy_entry(src: str, dst: str) -> None:
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _split(name: str) -> tuple[str, str]:
+    """(layer, ".weight_int8" | ".weight_scale") of an INT8 tensor name, or (name, "") otherwise."""
+    for kind in (INT8, SCALE):
+        if name.endswith(kind):
+            return name[:-len(kind)], kind
+    return name, ""
+
+
+__all__ = ["Requant", "Int8Layer", "Int8Merge", "scan", "check_fit", "plain_name"]
