@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from .adapter import LoraAdapter
 from .errors import LoraError
 from .formats import load_lora
 from .merge_int8 import Int8Merge, Requant, check_fit, scan
-from .st import (FLOATS, ITEMSIZE, Entry, FileRange, SafeFile, atomic_output, nonfinite, torch_dtype,
-                 write_safetensors)
+from .st import (FLOATS, ITEMSIZE, Entry, FileRange, SafeFile, atomic_output, check_output, dir_problem,
+                 file_kind, nonfinite, torch_dtype, write_safetensors)
 from .targets import Target, find_targets
 
 INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
@@ -63,6 +64,8 @@ def open_base(path: str) -> Base:
         base.tensors = {k: os.path.basename(path) for k in sf.keys()}
         return base
     if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise LoraError(f"{path}: not a regular file or directory ({file_kind(os.stat(path).st_mode)})")
         raise LoraError(f"{path}: no such file or directory")
     indexes = [n for n in os.listdir(path) if n.endswith(".safetensors.index.json")]
     if not indexes:
@@ -76,6 +79,8 @@ def open_base(path: str) -> Base:
     preferred = [n for n in INDEX_NAMES if n in indexes]
     name = preferred[0] if preferred else sorted(indexes)[0]
     ipath = os.path.join(path, name)
+    if os.path.exists(ipath) and not os.path.isfile(ipath):  # a FIFO would block the read forever
+        raise LoraError(f"{ipath}: not a regular file ({file_kind(os.stat(ipath).st_mode)})")
     try:
         with open(ipath, encoding="utf-8") as f:
             index = json.load(f)
@@ -87,7 +92,9 @@ def open_base(path: str) -> Base:
     try:
         for shard in sorted(set(weight_map.values())):
             spath = os.path.join(path, shard)
-            if os.path.dirname(os.path.normpath(shard)) or not os.path.isfile(spath):
+            if not _plain_name(shard):  # a path from a file never leaves BASE
+                raise LoraError(f"{ipath}: shard {shard!r} is not a file name inside {path}; refusing")
+            if not os.path.exists(spath):  # (a FIFO or device is refused by SafeFile, never read)
                 raise LoraError(f"{ipath}: shard {shard!r} is missing from {path}")
             base.shards[shard] = SafeFile(spath)
         for tensor, shard in weight_map.items():
@@ -124,6 +131,9 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
     loras = list(loras)
     if not loras:
         raise LoraError("no --lora given")
+    inputs = [str(base)] + [str(x) for x, _ in loras if not isinstance(x, LoraAdapter)]
+    check_output(out, overwrite=overwrite, inputs=inputs, directory=os.path.isdir(base),
+                 replaceable=_earlier_output(str(base)))  # before reading anything
     b = open_base(base)
     opened: list[LoraAdapter] = []
     try:
@@ -160,7 +170,8 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
             q8 = Int8Merge(b, int8, adds, out_dtype, device)
             q8.check_names()
         inputs = [base] + [str(x) for x, _ in loras if not isinstance(x, LoraAdapter)]
-        with atomic_output(out, overwrite=overwrite, inputs=inputs, directory=b.directory) as tmp:
+        with atomic_output(out, overwrite=overwrite, inputs=inputs, directory=b.directory,
+                           replaceable=_earlier_output(str(base))) as tmp:
             for shard, sf in b.shards.items():
                 target = os.path.join(tmp, q8.out_shard(shard) if q8 else shard) if b.directory else tmp
                 if q8 is not None:
@@ -174,6 +185,9 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
                 q8.copy_rest(tmp)
             elif b.directory:
                 _copy_rest(b, tmp, out_dtype)
+            for sf in [*b.shards.values(), *(f for a, _ in loras if isinstance(a, LoraAdapter) for f in a.files),
+                       *(f for a in opened for f in a.files)]:
+                sf.check_unchanged()  # an input rewritten meanwhile: what was read may mix two versions
         if bar:
             bar.close()
         if q8 is not None:
@@ -245,7 +259,7 @@ def _entry(sf: SafeFile, name: str, adds: list[tuple[Target, float]] | None, out
     dt = out_dtype if out_dtype and info.dtype in FLOATS else info.dtype
     if not adds:
         if dt == info.dtype:
-            return Entry(name, dt, info.shape, lambda: FileRange(sf.fd, info.start, info.nbytes))
+            return Entry(name, dt, info.shape, lambda: FileRange(sf.fd, info.start, info.nbytes, sf.path, name))
         return Entry(name, dt, info.shape, lambda: _bytes(sf.read(name).to(torch_dtype(dt))))
     return Entry(name, dt, info.shape, lambda: ws.merged(sf, name, adds, dt))
 
@@ -254,8 +268,73 @@ def _bytes(t: torch.Tensor):
     return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
+def _plain_name(name: object) -> bool:
+    """True for a file name that stays inside its folder (no separator, not '.', '..' or empty, no NUL)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
+            and "\0" not in name)
+
+
+def _earlier_output(base: str):
+    """The `--overwrite` rule for an existing OUT directory: it must look like an earlier merge of BASE.
+
+    Every entry is either a regular file named `*.safetensors` / `*.safetensors.index.json` (shards and
+    index, whatever their names) or has the name and kind of an entry of BASE (the files merge copies),
+    and it holds at least one `*.safetensors`. Anything else (a stray file, a link where BASE has a file)
+    means it is not ours to delete.
+    """
+
+    def problem(out: str) -> str | None:
+        allowed: dict[str, str] = {}
+        try:
+            for n in os.listdir(base):
+                allowed[n] = file_kind(os.lstat(os.path.join(base, n)).st_mode)
+            names = os.listdir(out)
+        except OSError as e:
+            return f"cannot list it ({e.strerror})"
+        for n in names:
+            if n.endswith((".safetensors", ".safetensors.index.json")):
+                allowed.setdefault(n, "a regular file")
+        why = dir_problem(out, allowed, set())
+        if why is None and not any(n.endswith(".safetensors") for n in names):
+            why = "it holds no .safetensors file, so it is not an earlier merge output"
+        return why
+
+    return problem
+
+
+def _copy_side_file(src: str, dst: str, root: str) -> None:
+    """Copy one non-shard entry of BASE: a regular file, a directory (recursively), or a symlink as a link.
+
+    Links are never followed: a link whose target stays inside BASE (`root`) keeps its text (it resolves
+    the same way in OUT, which mirrors BASE); one pointing out of BASE becomes a link to the same absolute
+    target.
+    Nothing is read through a link, so a link to `/` or to a secret never copies its contents into OUT.
+    FIFOs, sockets and devices are refused (copying one would block or read forever).
+    """
+    mode = os.lstat(src).st_mode
+    if stat.S_ISLNK(mode):
+        target = os.readlink(src)
+        inside = _inside(os.path.join(os.path.dirname(src), target), root)
+        os.symlink(target if inside else os.path.realpath(src), dst)
+    elif stat.S_ISDIR(mode):
+        os.mkdir(dst, 0o777)
+        for n in sorted(os.listdir(src)):
+            _copy_side_file(os.path.join(src, n), os.path.join(dst, n), root)
+        shutil.copystat(src, dst, follow_symlinks=False)
+    elif stat.S_ISREG(mode):
+        shutil.copy2(src, dst, follow_symlinks=False)
+    else:
+        raise LoraError(f"{src}: {file_kind(mode)} in the base checkpoint; refusing to copy it")
+
+
+def _inside(path: str, folder: str) -> bool:
+    """True if `path`, resolved through every link, lies in `folder` (also resolved)."""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def _copy_rest(b: Base, tmp: str, out_dtype: str | None) -> None:
-    """Every file of BASE that is not a shard, the index rewritten only where sizes changed."""
+    """Every file of BASE that is not a shard, the index rewritten only where sizes changed (see _copy_side_file)."""
     for entry in os.listdir(b.path):
         src, dst = os.path.join(b.path, entry), os.path.join(tmp, entry)
         if entry in b.shards:
@@ -268,10 +347,8 @@ def _copy_rest(b: Base, tmp: str, out_dtype: str | None) -> None:
             with open(dst, "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
                 f.write("\n")
-        elif os.path.isdir(src):
-            shutil.copytree(src, dst, symlinks=True)
         else:
-            shutil.copy2(src, dst, follow_symlinks=False)
+            _copy_side_file(src, dst, b.path)
 
 
 def _out_nbytes(sf: SafeFile, name: str, out_dtype: str) -> int:

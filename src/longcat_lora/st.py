@@ -9,13 +9,15 @@ read (offsets, sizes, dtypes), and nothing is ever unpickled. Files written here
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
 import os
+import re
 import shutil
+import stat
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import LoraError
+from .interrupts import critical
 
 if TYPE_CHECKING:
     import torch
@@ -114,8 +117,15 @@ class TensorInfo:
 
 def sniff(path: str) -> str | None:
     """Name what a non-safetensors file is, from its first bytes (never by its name), or None."""
-    with open(path, "rb") as f:
-        head = f.read(16)
+    fd = open_regular(path)
+    try:
+        return sniff_bytes(os.pread(fd, 16, 0))
+    finally:
+        os.close(fd)
+
+
+def sniff_bytes(head: bytes) -> str | None:
+    """Name what a file starting with `head` is when it is not safetensors, or None."""
     if not head:
         return "an empty file"
     if head.startswith(b"PK\x03\x04"):
@@ -129,28 +139,81 @@ def sniff(path: str) -> str | None:
     return None
 
 
+def file_kind(mode: int) -> str:
+    """What a file of this st_mode is, in words (for refusals)."""
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return what
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
+def open_regular(path: str) -> int:
+    """Open an input for reading; anything but a regular file (after links) is refused, never read.
+
+    The type is checked before opening (opening some devices has side effects) and again on the open
+    descriptor (the path may have been swapped meanwhile); the open is non-blocking, so a FIFO with no
+    writer cannot hang it.
+    """
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise LoraError(f"{path}: no such file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LoraError(f"{path}: not a regular file ({file_kind(st.st_mode)})")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LoraError(f"{path}: not a regular file ({file_kind(st.st_mode)})")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int]:
+    return st.st_size, st.st_mtime_ns
+
+
 class SafeFile:
     """A safetensors file opened for lazy, validated, per-tensor reads."""
 
     def __init__(self, path: str):
         self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise LoraError(f"{self.path}: no such file")
-        self.size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
-            head = f.read(9)
-        plausible = len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= self.size - 8
-        what = None if plausible else sniff(self.path)  # a header length can look like a pickle's first bytes
-        if what is not None:
-            raise LoraError(f"{self.path}: not a safetensors file: {what}")
-        if self.size < 8:
-            raise LoraError(f"{self.path}: not a safetensors file: only {self.size} bytes")
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = -1
+        self._fd = open_regular(self.path)
         try:
+            st = os.fstat(self._fd)
+            self.size = st.st_size
+            self._stamp = _stamp(st)
+            head = os.pread(self._fd, 16, 0)
+            plausible = (len(head) >= 9 and head[8:9] == b"{"
+                         and 0 < struct.unpack("<Q", head[:8])[0] <= self.size - 8)
+            what = None if plausible else sniff_bytes(head)  # a header length can look like a pickle's first bytes
+            if what is not None:
+                raise LoraError(f"{self.path}: not a safetensors file: {what}")
+            if self.size < 8:
+                raise LoraError(f"{self.path}: not a safetensors file: only {self.size} bytes")
             self.tensors, self.metadata = self._parse_header()
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
+
+    def check_unchanged(self) -> None:
+        """Raise if the file's size or mtime changed since it was opened (what was read may mix versions).
+
+        Called after an output is written and before it is put in place; one fstat.
+        """
+        if self._fd < 0:
+            return
+        st = os.fstat(self._fd)
+        if _stamp(st) != self._stamp:
+            how = (f"was {self._stamp[0]} bytes, now {st.st_size}" if st.st_size != self._stamp[0]
+                   else "modified during the run")
+            raise LoraError(f"{self.path}: changed while being read ({how}); the output was not written")
 
     def _parse_header(self) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
@@ -255,11 +318,15 @@ class SafeFile:
         self._pread(name, start, buf)
 
     def _pread(self, name: str, start: int, buf: memoryview) -> None:
+        """Fill `buf` from `start`; a read error names this file, and so does an end of file before it is full."""
         got = 0
         while got < buf.nbytes:
-            n = os.preadv(self._fd, [buf[got:]], start + got)
+            try:
+                n = os.preadv(self._fd, [buf[got:]], start + got)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, self.path) from e
             if n <= 0:
-                raise LoraError(f"{self.path}: truncated while reading tensor {name!r}")
+                raise short_read(self.path, name, buf.nbytes, got)
             got += n
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -286,7 +353,13 @@ class SafeFile:
             return False
         gran = mmap.ALLOCATIONGRANULARITY
         start = rng.offset - rng.offset % gran
-        mm = mmap.mmap(self._fd, rng.offset - start + rng.nbytes, access=mmap.ACCESS_READ, offset=start)
+        size = os.fstat(self._fd).st_size  # a map past the end would fault (SIGBUS) when touched
+        if size < rng.offset + rng.nbytes:
+            raise short_read(self.path, rng.name, rng.nbytes, max(0, size - rng.offset))
+        try:
+            mm = mmap.mmap(self._fd, rng.offset - start + rng.nbytes, access=mmap.ACCESS_READ, offset=start)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from e
         try:
             a = np.frombuffer(mm, dtype=np.uint8, count=rng.nbytes, offset=rng.offset - start)
             try:
@@ -304,6 +377,15 @@ class FileRange:
     fd: int
     offset: int
     nbytes: int
+    path: str = ""  # the input file, named when it turns out shorter than promised
+    name: str = ""  # the tensor these bytes belong to, if one
+
+
+def short_read(path: str, name: str, expected: int, got: int) -> LoraError:
+    """The error for an input that ended before the bytes its header promised."""
+    what = f"tensor {name!r}: " if name else ""
+    return LoraError(f"{path or 'input'}: changed or truncated while being read "
+                     f"({what}expected {expected} bytes, got {got})")
 
 
 @dataclass
@@ -350,7 +432,7 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         # numpy, pread, write and copy_file_range all release the GIL. At most two tensors in memory.
         # (Compute-heavy producers, like merging, run better alone: pipelined=False.)
         # Unchanged byte ranges that follow each other in the input are copied in one call.
-        run: FileRange | None = None
+        run: list[FileRange] = []  # contiguous ranges of one input, copied in one go
         with ThreadPoolExecutor(1) as pool:
             submit = pool.submit if pipelined else _Done
             pending = submit(entries[0].produce) if entries else None
@@ -360,21 +442,22 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
                 if isinstance(data, FileRange):
                     if data.nbytes != e.nbytes:
                         raise AssertionError(f"{e.name}: {data.nbytes} bytes produced, {e.nbytes} declared")
-                    if run is not None and run.fd == data.fd and run.offset + run.nbytes == data.offset:
-                        run = FileRange(run.fd, run.offset, run.nbytes + data.nbytes)
-                    else:
-                        if run is not None:
-                            _copy_range(run, fd)
-                        run = data
+                    if run and not (run[-1].fd == data.fd and run[-1].offset + run[-1].nbytes == data.offset):
+                        _copy_run(run, fd)
+                        run = []
+                    run.append(data)
                 else:
-                    if run is not None:
-                        _copy_range(run, fd)
-                        run = None
+                    if run:
+                        _copy_run(run, fd)
+                        run = []
                     _write_entry(fd, e, data)
                 if progress is not None:
                     progress(e.nbytes)
-            if run is not None:
-                _copy_range(run, fd)
+            if run:
+                _copy_run(run, fd)
+        written = os.fstat(fd).st_size
+        if written != 8 + len(raw) + offset:  # the file must be exactly what its header promises
+            raise AssertionError(f"{path}: {written} bytes written, the header promises {8 + len(raw) + offset}")
     except BaseException:
         if pending is not None:
             pending.cancel()
@@ -408,27 +491,72 @@ def _write_entry(fd: int, e: Entry, data) -> None:
 
 
 def _write_all(fd: int, data) -> None:
+    """Write every byte of `data` (a write that makes no progress is an error, never an endless loop)."""
     mv = memoryview(data).cast("B")
     while mv.nbytes:
         n = os.write(fd, mv)
+        if n <= 0:
+            raise OSError(errno.EIO, "a write made no progress")
         mv = mv[n:]
 
 
+class _ShortRead(Exception):
+    """The input ended after `copied` bytes of a range (internal: turned into a LoraError naming it)."""
+
+    def __init__(self, copied: int):
+        super().__init__(copied)
+        self.copied = copied
+
+
 def _copy_range(r: FileRange, fd: int) -> None:
+    """Append r's bytes to `fd`, counting every byte: copy_file_range, or pread + write where it cannot.
+
+    copy_file_range returns 0 at the end of the input (or where it is not supported): the plain read
+    decides which, and an empty read before `r.nbytes` raises _ShortRead. A failing read names the input.
+    """
     off, left = r.offset, r.nbytes
     while left:
         try:
             n = os.copy_file_range(r.fd, fd, left, off)
         except OSError:
-            n = 0
-        if n <= 0:  # not supported here: fall back to read + write
-            _write_all(fd, os.pread(r.fd, min(left, 1 << 24), off))
-            n = min(left, 1 << 24)
+            n = 0  # not supported between these files (or failing): the plain path names the failing side
+        if n <= 0:
+            try:
+                data = os.pread(r.fd, min(left, 1 << 24), off)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, r.path or None) from e
+            if not data:
+                raise _ShortRead(r.nbytes - left)
+            _write_all(fd, data)
+            n = len(data)
         off += n
         left -= n
 
 
-def _check_out(out: str, overwrite: bool, inputs: Iterable[str]) -> None:
+def _copy_run(parts: list[FileRange], fd: int) -> None:
+    """Copy contiguous ranges of one input in one go; a short input names the tensor where it ended."""
+    first = parts[0]
+    try:
+        _copy_range(FileRange(first.fd, first.offset, sum(p.nbytes for p in parts)), fd)
+    except _ShortRead as e:
+        done = e.copied
+        for p in parts:
+            if done < p.nbytes:
+                break
+            done -= p.nbytes
+        raise short_read(p.path, p.name, p.nbytes, done) from None
+
+
+def check_output(out: str, *, overwrite: bool = False, inputs: Iterable[str] = (), directory: bool = False,
+                 replaceable: Callable[[str], str | None] | None = None) -> None:
+    """Refuse an output path that cannot be written, before any work is done (and again before the rename).
+
+    OUT may not be, lie inside, or contain an input. An existing OUT needs `overwrite`, and then only an
+    earlier output of the same kind is replaced: for a file output, a regular file; for a directory
+    output, a real directory that `replaceable(out)` accepts (it returns None, or why not; without it,
+    only an empty directory). A symbolic link is never replaced nor written through; a FIFO, socket or
+    device is never replaced.
+    """
     real_out = os.path.realpath(out)
     for p in inputs:
         real_in = os.path.realpath(p)
@@ -438,47 +566,191 @@ def _check_out(out: str, overwrite: bool, inputs: Iterable[str]) -> None:
             raise LoraError(f"{out}: output is inside input directory {p}; refusing")
         if os.path.isdir(real_out) and (real_in + os.sep).startswith(real_out.rstrip(os.sep) + os.sep):
             raise LoraError(f"{out}: input {p} is inside the output directory; refusing to replace it")
-    if os.path.lexists(out) and not overwrite:
-        raise LoraError(f"{out}: already exists (pass --overwrite to replace it)")
+    try:
+        st = os.lstat(out)
+    except OSError:
+        st = None
+    if st is not None:
+        if not overwrite:
+            raise LoraError(f"{out}: already exists (pass --overwrite to replace it)")
+        if stat.S_ISLNK(st.st_mode):
+            raise LoraError(f"{out}: is a symbolic link; --overwrite never replaces a link or writes through it "
+                            f"(remove the link, or name its target)")
+        if directory:
+            if not stat.S_ISDIR(st.st_mode):
+                raise LoraError(f"{out}: exists and is {file_kind(st.st_mode)}, not an earlier output directory; "
+                                f"refusing to replace it")
+            why = replaceable(out) if replaceable is not None else dir_problem(out, {}, set())
+            if why:
+                raise LoraError(f"{out}: {why}; refusing to replace it (--overwrite replaces only an earlier "
+                                f"output of this command)")
+        elif not stat.S_ISREG(st.st_mode):
+            raise LoraError(f"{out}: exists and is {file_kind(st.st_mode)}; --overwrite replaces only a regular file")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise LoraError(f"{out}: parent directory {parent} does not exist")
 
 
+def _check_out(out: str, overwrite: bool, inputs: Iterable[str]) -> None:
+    """The old spelling (positional) of check_output for a file output, kept for its callers."""
+    check_output(out, overwrite=overwrite, inputs=inputs)
+
+
+def dir_problem(path: str, allowed: dict[str, str], required: set[str]) -> str | None:
+    """Why directory `path` is not an earlier output (None if it is).
+
+    `allowed` maps each name an output may hold to its kind ("a regular file", "a directory", "a symbolic
+    link"); every entry must be one of them, of that kind, and every `required` name must be there.
+    """
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        return f"cannot list it ({e.strerror})"
+    for n in names:
+        if n not in allowed:
+            return f"it holds {n!r}, which this command does not write"
+        kind = file_kind(os.lstat(os.path.join(path, n)).st_mode)
+        if kind != allowed[n]:
+            return f"{n!r} in it is {kind}, not {allowed[n]}"
+    missing = sorted(required - set(names))
+    if missing:
+        return f"it does not hold {missing[0]!r}, so it is not an earlier output"
+    return None
+
+
+# Temp outputs: `.<OUT name>.longcat-lora-<pid>[.<k>].tmp` (`.old` for a replaced directory on its way out).
+TEMP_MARK = ".longcat-lora-"
+_TEMP = re.compile(r"^\..+\.longcat-lora-(?P<pid>[1-9][0-9]{0,9})(?:\.[0-9]{1,4})?\.(?:tmp|old)$", re.DOTALL)
+
+
+def _temp_path(parent: str, base: str, suffix: str) -> Iterator[str]:
+    stem = f".{base[:180]}{TEMP_MARK}{os.getpid()}"
+    yield os.path.join(parent, f"{stem}.{suffix}")
+    for k in range(1, 1000):
+        yield os.path.join(parent, f"{stem}.{k}.{suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):  # another user's process, or a pid we cannot ask about
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str) -> list[str]:
+    """Remove temp files and directories that killed runs of this package left in `folder`.
+
+    Only names of our exact pattern whose writer pid is no longer alive, and only regular files or
+    directories by those names; anything else is never touched. Returns the paths removed.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP.match(name)
+        if m is None or _pid_alive(int(m["pid"])):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            mode = os.lstat(path).st_mode
+            if stat.S_ISDIR(mode):
+                shutil.rmtree(path)
+            elif stat.S_ISREG(mode):
+                os.remove(path)
+            else:
+                continue
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _create_temp(parent: str, base: str, directory: bool) -> str:
+    """A fresh temp file or directory beside OUT, with the mode a new file would get (0o666/0o777 & ~umask)."""
+    for tmp in _temp_path(parent, base, "tmp"):
+        try:
+            if directory:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise LoraError(f"{os.path.join(parent, base)}: cannot find a free temp name beside it")
+
+
+def _remove(path: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def _name_output(e: OSError, tmp: str, out: str) -> OSError:
+    """An error on the temp output (or on no file: a write) reported as an error on OUT."""
+    f = e.filename
+    if e.errno is None or not (f is None or f == tmp or str(f).startswith(tmp + os.sep)):
+        return e
+    return OSError(e.errno, e.strerror or str(e), out)
+
+
+def _put_in_place(tmp: str, out: str, parent: str, base: str) -> None:
+    """Rename the finished temp to OUT; an existing OUT directory is swapped out, then removed."""
+    if not (os.path.isdir(tmp) and os.path.lexists(out)):
+        os.replace(tmp, out)  # a file over a regular file (atomic), or onto a free name
+        return
+    old = next(p for p in _temp_path(parent, base, "old") if not os.path.lexists(p))
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
-def atomic_output(out: str, *, overwrite: bool = False, inputs: Iterable[str] = (),
-                  directory: bool = False) -> Iterator[str]:
+def atomic_output(out: str, *, overwrite: bool = False, inputs: Iterable[str] = (), directory: bool = False,
+                  replaceable: Callable[[str], str | None] | None = None) -> Iterator[str]:
     """Yield a temp path beside `out`; move it into place only if the block finishes.
 
-    On any error the temp file (or directory) is removed and `out` is untouched: never a partial or
-    clobbered output.
+    `check_output` runs first and again just before the rename. On any error, KeyboardInterrupt or
+    `Terminated` (SIGTERM under the CLI) the temp file (or directory) is removed and `out` is untouched:
+    never a partial or clobbered output. An OSError on the temp (disk full) is reported as one on `out`.
+    Stale temps of killed runs in the same folder are removed first (see remove_stale_temps).
     """
-    _check_out(out, overwrite, list(inputs))
+    inputs = list(inputs)
+    check_output(out, overwrite=overwrite, inputs=inputs, directory=directory, replaceable=replaceable)
     parent = os.path.dirname(os.path.abspath(out))
-    base = os.path.basename(os.path.normpath(out))
-    if directory:
-        tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+    base = os.path.basename(os.path.abspath(out))
+    remove_stale_temps(parent)
     try:
-        yield tmp
-        if os.path.isdir(out) and not os.path.islink(out):
-            old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if directory and os.path.lexists(out):
-                os.remove(out)
-            os.replace(tmp, out)
+        tmp = _create_temp(parent, base, directory)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, out) from e
+    try:
+        try:
+            yield tmp
+            check_output(out, overwrite=overwrite, inputs=inputs, directory=directory, replaceable=replaceable)
+            with critical():
+                _put_in_place(tmp, out, parent, base)
+        except OSError as e:
+            raise _name_output(e, tmp, out) from e
     except BaseException:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.lexists(tmp):
-            os.remove(tmp)
+        with critical():
+            _remove(tmp)
         raise

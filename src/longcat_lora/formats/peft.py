@@ -37,13 +37,13 @@ def paths(path: str) -> tuple[str, str] | None:
     return None
 
 
-def detect(keys: list[str]) -> bool:
 def replaceable(path: str) -> str | None:
     """Why an existing directory is not an earlier PEFT output (None if it is): `--overwrite` replaces only
     a directory holding the adapter's two files (and PEFT's own README.md), all regular files."""
     return dir_problem(path, {n: "a regular file" for n in (WEIGHTS, CONFIG, "README.md")}, {WEIGHTS, CONFIG})
 
 
+def detect(keys: list[str]) -> bool:
     return any(k.startswith(PREFIX) for k in keys)
 
 
