@@ -398,3 +398,43 @@ def test_peft_alpha_pattern_for_a_default_rank_module(tmp_path):
         plain = x.double() @ W.T + (b.double() if b is not None else 0)
         assert rel_err(x.double() @ dW.T, got - plain) < 1e-4, name
     assert pm.base_model.model.blocks[1].ffn.w1.scaling["default"] == 1.25
+
+
+# --------------------------------------------------------------- verify: the numbers it reports
+
+@pytest.mark.parametrize("dense_limit", [1 << 22, 0])
+def test_verify_reports_the_reference_relative_error(tmp_path, monkeypatch, dense_limit):
+    """`verify.compare` against the float64 reference: per-module relative Frobenius errors, the worst
+    module, one-sided modules, through both its dense and its low-rank-factor paths (DENSE_LIMIT 0)."""
+    from longcat_lora import verify
+
+    monkeypatch.setattr(verify, "DENSE_LIMIT", dense_limit)
+    src = write_native_lora(str(tmp_path / "a.safetensors"), "refinement", dims=DIMS, rank=3, dtype=torch.float32,
+                            alpha_scale=0.5, seed=4)
+    sd = load_file(src)
+    sd[f"{enc('blocks.1.attn.qkv')}.lora_up.blocks.2.weight"][1, 2] += 0.01  # one block of one module
+    sd[f"{enc('blocks.0.ffn.w2')}.alpha_scale"] = torch.tensor(0.55)  # a scale only
+    for k in [k for k in sd if k.startswith(enc("blocks.1.ffn.w3") + ".")]:
+        del sd[k]  # only on one side
+    other = str(tmp_path / "b.safetensors")
+    save_file(sd, other)
+    L.convert(other, str(tmp_path / "b_peft"), "peft")
+    ra, rb = official_delta(src), official_delta(other)
+    with L.load_lora(src) as a, L.load_lora(str(tmp_path / "b_peft")) as b:
+        c = verify.compare(a, b)
+    assert c.only_a == ["blocks.1.ffn.w3"] and c.only_b == []
+    assert c.errors["blocks.1.ffn.w3"] == 1.0
+    for m in rb:
+        want = rel_err(ra[m], rb[m])
+        assert abs(c.errors[m] - want) <= 1e-9 * max(want, 1e-300) or (want == 0 and c.errors[m] == 0), m
+    assert abs(c.errors["blocks.0.ffn.w2"] - 0.05 / 0.55) < 1e-7
+    assert 0 < c.errors["blocks.1.attn.qkv"] < 1e-1
+    assert sum(1 for e in c.errors.values() if e != 0) == 3
+    assert c.worst_module == "blocks.1.ffn.w3" and c.worst == 1.0
+    assert not c.equivalent(0.5) and c.equivalent(1.0)
+    # the CLI: exit 1 with the module named; exit 0 for two spellings of the same LoRA
+    p = cli("verify", src, str(tmp_path / "b_peft"), check=1)
+    assert "blocks.1.ffn.w3" in p.stdout and "NOT equivalent" in p.stdout
+    L.convert(src, str(tmp_path / "a_fv.safetensors"), "fastvideo")
+    p = cli("verify", src, str(tmp_path / "a_fv.safetensors"), "--rtol", "0")
+    assert "worst relative error 0.000e+00" in p.stdout

@@ -44,26 +44,51 @@ CORE = ["formats/__init__.py", "formats/_common.py", "formats/longcat.py", "form
         "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "adapter.py", "st.py", "runtime.py",
         "merge.py", "verify.py", "naming.py", "targets.py"]
 
-# Fast subsets (node ids or -k expressions), per core module. Together ~10-40 s each on 2 cores.
-_FORMATS = ["tests/test_regressions.py", "tests/test_exactness.py", "tests/test_bad_input.py",
-            "tests/test_formats.py::test_round_trip_bit_exact", "tests/test_formats.py::test_comfyui_file_semantics",
-            "tests/test_formats.py::test_split_parts_with_different_ranks_and_alphas",
-            "tests/test_formats.py::test_peft_directory_loads_in_real_peft",
-            "tests/test_formats.py::test_diffusers_file_loads_in_real_diffusers",
-            "tests/test_formats.py::test_fastvideo_names_in_other_formats_map_to_longcat_modules",
-            "tests/test_fixtures_and_naming.py"]
+# Fast subsets (pytest node ids), per core module, the quickest and most telling first (`-x` stops a
+# killed mutant at its first failure; a survivor runs the whole subset: 30-90 s each on 2 shared cores).
+R = "tests/test_regressions.py::"
+E = "tests/test_exactness.py::"
+F = "tests/test_formats.py::"
+_FORMATS = [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_reads_what_fastvideo_accepts",
+            E + "test_up_blocks_ordered_by_integer_index", E + "test_alpha_scale_shapes_and_dtypes",
+            E + "test_missing_alpha_scale_means_one", E + "test_int_alpha_truncation_is_what_fastvideo_does",
+            E + "test_round_trip_non_integer_alpha_is_weight_change_exact",
+            E + "test_fastvideo_matches_official_under_fastvideo_loader[6-0.3-dtype0-refinement]",
+            E + "test_round_trip_native_fastvideo_native_bit_exact[None-dtype3]",
+            R + "test_fold_is_computed_in_float64_and_rounded_once", R + "test_fastvideo_alpha_below_one_means_scale_one",
+            R + "test_fastvideo_writer_folds_when_alpha_is_below_one", R + "test_peft_alpha_pattern_for_a_default_rank_module",
+            F + "test_split_parts_with_different_ranks_and_alphas", F + "test_comfyui_file_semantics",
+            F + "test_fastvideo_names_in_other_formats_map_to_longcat_modules",
+            F + "test_round_trip_bit_exact[dtype0-peft]", F + "test_round_trip_bit_exact[dtype1-diffusers]",
+            F + "test_round_trip_bit_exact[dtype2-comfyui]", F + "test_diffusers_file_loads_in_real_diffusers",
+            "tests/test_bad_input.py", "tests/test_properties.py"]
+_RUNTIME = [R + "test_runtime_mixed_dtype_branch_applies_strength", R + "test_runtime_under_autocast_applies_strength",
+            R + "test_merge_lora_twice_then_unmerge_restores_bit_for_bit",
+            "tests/test_runtime.py::test_fastvideo_style_layers_returning_tuples",
+            "tests/test_runtime.py::test_merge_is_fp32_cast_once_and_unmerge_bit_exact",
+            "tests/test_runtime.py::test_missing_targets_raise_listing_them_and_touch_nothing",
+            "tests/test_runtime.py::test_remove_restores_outputs_and_state_dict_exactly",
+            "tests/test_runtime.py::test_two_adapters_at_once_and_strengths"]
+_MERGE = ["tests/test_merge.py::test_parse_lora_arg", "tests/test_merge.py::test_single_file_base_and_exact_fp32_merge",
+          "tests/test_merge.py::test_merge_math_fp32_cast_once_and_dtype_option",
+          R + "test_merge_output_dtypes_and_values", "tests/test_merge.py::test_unmapped_lora_modules",
+          "tests/test_merge.py::test_merged_checkpoint_reproduces_apply_lora[longcat]",
+          "tests/test_merge.py::test_bad_bases_fail_cleanly"]
 SUBSETS = {
     "formats": _FORMATS,
     "adapter.py": _FORMATS,
-    "naming.py": ["tests/test_fixtures_and_naming.py", "tests/test_exactness.py", "tests/test_regressions.py",
-                  "tests/test_runtime.py", "tests/test_bad_input.py"],
-    "st.py": ["tests/test_regressions.py", "tests/test_bad_input.py", "tests/test_exactness.py",
-              "tests/test_cli.py", "tests/test_fuzz.py"],
-    "runtime.py": ["tests/test_regressions.py", "tests/test_runtime.py"],
-    "targets.py": ["tests/test_regressions.py", "tests/test_runtime.py", "tests/test_merge.py"],
-    "merge.py": ["tests/test_regressions.py", "tests/test_merge.py"],
-    "verify.py": ["tests/test_cli.py", "tests/test_formats.py::test_verify_across_formats_detects_perturbation",
-                  "tests/test_exactness.py::test_cli_other_dims_rank_dtype_alpha", "tests/test_bad_input.py"],
+    "naming.py": ["tests/test_fixtures_and_naming.py"] + _FORMATS[:9] + _RUNTIME[3:5],
+    "st.py": [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_alpha_scale_shapes_and_dtypes",
+              R + "test_overlapping_data_offsets_are_refused", R + "test_failed_convert_leaves_existing_out_byte_identical",
+              R + "test_out_equal_to_input_is_refused_by_resolved_path", F + "test_round_trip_bit_exact[dtype0-longcat]",
+              F + "test_round_trip_bit_exact[dtype1-fastvideo]", "tests/test_bad_input.py", "tests/test_fuzz.py",
+              "tests/test_cli.py::test_convert_round_trip_cli_bit_exact"],
+    "runtime.py": _RUNTIME,
+    "targets.py": _RUNTIME + _MERGE[:3],
+    "merge.py": _MERGE,
+    "verify.py": [R + "test_verify_reports_the_reference_relative_error",
+                  "tests/test_cli.py::test_verify_exit_codes_and_worst_location",
+                  F + "test_verify_across_formats_detects_perturbation"],
 }
 
 
