@@ -373,3 +373,40 @@ def test_extract_to_peft_loads_in_real_peft(ckpts, tmp_path):
         logging.getLogger().removeHandler(handler)
     _no_key_warnings(w, handler)
     _check_layers(pm.base_model.model, true, base_sd)
+
+
+def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official per-row symmetric INT8 scheme, spelled out from the spec (section 5)."""
+    scale = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127
+    return torch.round(w.float() / scale[:, None]).clamp(-128, 127).to(torch.int8), scale
+
+
+def test_int8_base_is_read_as_int8_times_scale(single, tmp_path):
+    """An INT8 base (weight_int8 + weight_scale per Linear, final_layer.linear left float, as the
+    official quantizer does) against a float fine-tune of it: the change is tuned - int8 * scale."""
+    b, _ = single
+    q_sd, deq = {}, {}
+    for k, v in b.items():
+        module = k.removesuffix(".weight")
+        if k.endswith(".weight") and v.dim() == 2 and "final_layer.linear" not in k and \
+                any(module == t.longcat.format(i=i) for t in TABLE for i in range(TINY.depth)):
+            q, s = _quantize(v)
+            q_sd[module + ".weight_int8"], q_sd[module + ".weight_scale"] = q, s
+            deq[k] = q.double() * s.double()[:, None]
+        else:
+            q_sd[k] = v
+    assert "blocks.1.attn.qkv.weight_int8" in q_sd and "final_layer.linear.weight" in q_sd
+    plant = {m: _planted(tuple(b[m + ".weight"].shape), s, i + 1) for i, (m, s) in enumerate(PLANT.items())}
+    # float64, so an unchanged weight is exactly int8 * scale (in float32 that product would round)
+    tuned = {k: deq.get(k, v.double()) + plant.get(k.removesuffix(".weight"), 0) for k, v in b.items()}
+    base_path = _write_single(q_sd, str(tmp_path / "base_int8.safetensors"))
+    tuned_path = _write_single(tuned, str(tmp_path / "tuned.safetensors"))
+    out = str(tmp_path / "out.safetensors")
+    rep = extract_lora(base_path, tuned_path, out, rank=RANK)
+    got = official_delta(out)
+    assert set(got) == set(PLANT)
+    for m in PLANT:
+        true = tuned[m + ".weight"].double() - deq.get(m + ".weight", b[m + ".weight"].double())
+        assert rel_err(got[m], true) <= 1e-5, m
+        assert rel_err(got[m], plant[m]) <= 1e-5, m
+    assert rep.not_representable == []

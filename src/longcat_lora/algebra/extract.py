@@ -3,7 +3,9 @@
 BASE and TUNED are read as `merge` reads a base (a safetensors file or a sharded directory with an
 index), each in LongCat's or FastVideo's naming, recognised tensor by tensor through the naming table
 (`param_from_fastvideo`), so a FastVideo fine-tune of an official base works: FastVideo's split layers
-(to_q / to_k / to_v, to_k / to_v) are read back into the fused module's rows. Every module of the
+(to_q / to_k / to_v, to_k / to_v) are read back into the fused module's rows. LongCat's INT8 layers
+(`weight_int8` int8 + `weight_scale` per row, the official QuantizedLinear) are read as the weight they
+stand for, `weight_int8 * weight_scale[:, None]` (exact in float64, one rounding in float32). Every module of the
 naming table is extracted the way the native format counts rank: its rows are cut into the module's up
 blocks (attn.qkv 3, cross_attn.kv_linear 2, adaLN 6, final adaLN 2, Avatar's audio adaLN 3, else 1), and
 each block's change is truncated separately (for qkv and kv_linear these are exactly FastVideo's split
@@ -75,10 +77,13 @@ class _Param:
     name: str
     shape: tuple[int, ...]
     pieces: list[_Piece]
+    # LongCat's INT8 layers: this weight is `weight_int8` (the pieces) times this per-row `weight_scale`
+    scale: _Param | None = None
 
     @property
     def dtypes(self) -> set[str]:
-        return {p.dtype for p in self.pieces}
+        """The value dtypes (an INT8 weight counts as its scale's float dtype)."""
+        return self.scale.dtypes if self.scale is not None else {p.dtype for p in self.pieces}
 
     def where(self) -> str:
         return ", ".join(f"{p.file.path}:{p.tensor}" for p in self.pieces)
@@ -111,7 +116,25 @@ def canonical_params(b: Base) -> dict[str, _Param]:
         h = shapes[0][0] if shapes[0] else 1
         shape = (n * h, *shapes[0][1:]) if shapes[0] else ()
         out[canon] = _Param(canon, shape, [_Piece(f, g[j], j * h, (j + 1) * h) for j, f in enumerate(files)])
-    return out
+    return _int8_weights(out, b.path)
+
+
+def _int8_weights(params: dict[str, _Param], where: str) -> dict[str, _Param]:
+    """Fold each INT8 layer's `weight_int8` [out, in] int8 and `weight_scale` [out] float32 (the
+    official QuantizedLinear's buffers) into one `<module>.weight` that reads as int8 * scale."""
+    for name in [k for k in params if k.endswith(".weight_int8")]:
+        module = name.removesuffix(".weight_int8")
+        q, s = params[name], params.get(module + ".weight_scale")
+        if s is None:
+            continue  # left as is: compared as a plain tensor
+        if module + ".weight" in params:
+            raise LoraError(f"{where}: {module} has both a weight and an INT8 weight_int8")
+        if q.dtypes != {"I8"} or len(q.shape) != 2 or s.shape != q.shape[:1] or not s.dtypes <= set(FLOATS):
+            raise LoraError(f"{where}: {module}: weight_int8 {sorted(q.dtypes)} {list(q.shape)} and weight_scale "
+                            f"{sorted(s.dtypes)} {list(s.shape)} are not an INT8 layer (int8 [out, in], float [out])")
+        del params[name], params[module + ".weight_scale"]
+        params[module + ".weight"] = _Param(module + ".weight", q.shape, q.pieces, s)
+    return params
 
 
 @dataclass
@@ -175,30 +198,47 @@ class _Workspace:
             b = pool[dtype] = torch.empty(n, dtype=dtype, device=self.device)
         return b[:n]
 
+    def _rows(self, pc: _Piece, a: int, b: int):
+        """Rows a:b (of the canonical parameter) of one piece, as a CPU tensor over the reused byte buffer."""
+        import torch
+
+        info = pc.file.info(pc.tensor)
+        start, count = pc.file.byte_range(pc.tensor, (a - pc.lo, b - pc.lo))
+        if self.raw.size < count:
+            self.raw = np.empty(count, dtype=np.uint8)
+        buf = self.raw[:count]
+        pc.file._pread(pc.tensor, start, memoryview(buf))
+        return torch.from_numpy(buf).view(torch_dtype(info.dtype)).view(b - a, *info.shape[1:])
+
     def _read(self, p: _Param, lo: int, hi: int, into, subtract: bool) -> None:
         """into (+)= rows lo:hi of p, piece by piece (into is [hi-lo, cols] on the device)."""
         import torch
 
-        cols = p.shape[1]
         for pc in p.pieces:
             a, b = max(lo, pc.lo), min(hi, pc.hi)
             if a >= b:
                 continue
-            start, count = pc.file.byte_range(pc.tensor, (a - pc.lo, b - pc.lo))
-            if self.raw.size < count:
-                self.raw = np.empty(count, dtype=np.uint8)
-            buf = self.raw[:count]
-            pc.file._pread(pc.tensor, start, memoryview(buf))
-            src = torch.from_numpy(buf).view(torch_dtype(pc.dtype)).view(b - a, cols)
             dst = into[a - lo:b - lo]
-            if not subtract:
-                dst.copy_(src)
-            elif into.device.type == "cpu":
-                dst.sub_(src)
-            else:
-                stage = self._buf(self.stage, into.dtype, src.numel()).view(b - a, cols)
-                stage.copy_(src)
+            plain = p.scale is None
+            if plain and not subtract:
+                dst.copy_(self._rows(pc, a, b))
+                continue
+            if plain and into.device.type == "cpu":
+                dst.sub_(self._rows(pc, a, b))
+                continue
+            stage = self._buf(self.stage, into.dtype, dst.numel()).view(dst.shape)
+            stage.copy_(self._rows(pc, a, b))
+            if not plain:  # int8 * its row's scale, in the compute dtype (exact in float64)
+                scale = torch.empty(b - a, dtype=into.dtype)
+                for sc in p.scale.pieces:
+                    c, d = max(a, sc.lo), min(b, sc.hi)
+                    if c < d:
+                        scale[c - a:d - a].copy_(self._rows(sc, c, d))
+                stage.mul_(scale.to(into.device)[:, None])
+            if subtract:
                 dst.sub_(stage)
+            else:
+                dst.copy_(stage)
 
     def change(self, base: _Param, tuned: _Param, lo: int, hi: int):
         """W_tuned - W_base on rows lo:hi, in float64 when small (or float64 in), float32 otherwise."""
@@ -287,17 +327,23 @@ def _low_rank(d: torch.Tensor, rule: RankRule, total: float, gen: torch.Generato
         want = min(q, 2 * want)
 
 
+def _sumsq(d: torch.Tensor) -> float:
+    """||d||_F^2 summed in float64, in row chunks (no full-size float64 copy)."""
+    import torch
+
+    step = max(1, RESIDUAL_ELEMENTS // d.shape[1])
+    return math.fsum(float(torch.sum(torch.square(d[r0:r0 + step].to(torch.float64))))
+                     for r0 in range(0, d.shape[0], step))
+
+
 def _residual2(d: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
     """||d - up @ down||_F^2 in row chunks (no full-size temporary), summed in float64."""
     import torch
 
     up, down = up.to(d.dtype), down.to(d.dtype)
     step = max(1, RESIDUAL_ELEMENTS // d.shape[1])
-    acc = 0.0
-    for r0 in range(0, d.shape[0], step):
-        c = d[r0:r0 + step] - up[r0:r0 + step] @ down
-        acc += float(torch.sum(c.double() ** 2)) if c.dtype != torch.float64 else float(torch.sum(c * c))
-    return acc
+    return math.fsum(float(torch.sum(torch.square((d[r0:r0 + step] - up[r0:r0 + step] @ down).to(torch.float64))))
+                     for r0 in range(0, d.shape[0], step))
 
 
 def extract_block(d: torch.Tensor, rule: RankRule, gen: torch.Generator, where: str,
@@ -306,7 +352,7 @@ def extract_block(d: torch.Tensor, rule: RankRule, gen: torch.Generator, where: 
     when the change is exactly zero. The error is that of the stored factors."""
     import torch
 
-    total = float(torch.sum(d.double() ** 2)) if d.dtype != torch.float64 else float(torch.sum(d * d))
+    total = _sumsq(d)
     if not math.isfinite(total):
         raise LoraError(f"{where}: the weight change is not finite (NaN/Inf in a checkpoint, or overflow)")
     if total == 0.0:
