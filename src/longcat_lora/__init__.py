@@ -13,7 +13,8 @@ from .formats import FORMATS, convert, detect_format, load_lora, save_lora  # no
 _LAZY = {
     "apply_lora": "runtime", "set_lora_strength": "runtime", "remove_lora": "runtime", "merge_lora": "runtime",
     "unmerge_lora": "runtime", "active_loras": "runtime", "merge_checkpoint": "merge",
-    "resize_lora": "algebra.resize", "combine_loras": "algebra.combine",
+    "resize_lora": "algebra.resize", "combine_loras": "algebra.combine", "extract_lora": "algebra.extract",
+    "plot_lora": "algebra.plot",
 }
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from .lowrank import ModuleReport, RankRule, Report, dense_svd, factored_svd
 
-_LAZY = {"resize_lora": "resize", "combine_loras": "combine"}
+_LAZY = {"resize_lora": "resize", "combine_loras": "combine", "extract_lora": "extract", "plot_lora": "plot",
+         "plot_resize": "plot"}
 
 
 def __getattr__(name: str):

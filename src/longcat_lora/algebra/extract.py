@@ -152,7 +152,11 @@ def plan_extraction(pb: dict[str, _Param], pt: dict[str, _Param], base: str, tun
             shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
             raise LoraError(f"{pbb}: missing tensor(s) that {pa} has: {shown}")
     plan = _Plan([], [])
-    for name in sorted(pb, key=lambda k: (pb[k].pieces[0].file.path, pb[k].pieces[0].file.info(pb[k].pieces[0].tensor).start)):
+    def file_order(name: str) -> tuple[str, int]:
+        first = pb[name].pieces[0]
+        return first.file.path, first.file.info(first.tensor).start
+
+    for name in sorted(pb, key=file_order):  # read BASE front to back
         x, y = pb[name], pt[name]
         if x.shape != y.shape:
             raise LoraError(f"{name}: shape {list(x.shape)} in {base} ({x.where()}) but {list(y.shape)} in "
@@ -377,7 +381,8 @@ def extract_block(d: torch.Tensor, rule: RankRule, gen: torch.Generator, where: 
 class ExtractReport(Report):
     """Report plus what extract alone knows: tensors that changed but are not the weight of a LoRA
     target (biases, norms, embedders), which a LoRA cannot carry. `skipped` lists the weights that are
-    identical in both checkpoints."""
+    identical in both checkpoints. A module's `rank_before` is the full rank of a dense change of its up
+    block's shape, min(rows / blocks, cols); `rank_after` the rank stored per up block."""
 
     not_representable: list[str] = field(default_factory=list)
 

@@ -231,7 +231,8 @@ def plot_resize(report: Report, out_png: str, *, lora: str | LoraAdapter | None 
     _precheck(str(out_png), overwrite)
     adapter, opened = (None, False) if lora is None else _open(lora)
     try:
-        fig = figure(figsize=RESIZE_SIZE if adapter is not None else RESIZE_ONLY_SIZE, dpi=DPI, layout="constrained")
+        size = RESIZE_SIZE if adapter is not None else RESIZE_ONLY_SIZE
+        fig = figure(figsize=size, dpi=DPI, layout="constrained")
         if adapter is not None:
             (ax_heat, ax_spec), (ax_rank, ax_err) = fig.subplots(2, 2, width_ratios=[1, 1])
             _lora_panels(fig, ax_heat, ax_spec, adapter, None, adapter.path or "input")
