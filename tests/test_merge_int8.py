@@ -381,3 +381,22 @@ def test_layer_with_both_weight_and_weight_int8_is_refused(setup, tmp_path):
     with pytest.raises(LoraError, match="both 'blocks.2.attn.proj.weight' and 'blocks.2.attn.proj.weight_int8'"):
         L.merge_checkpoint(base, str(tmp_path / "out"), [(setup["loras"]["ref"], 1.0)])
     assert not (tmp_path / "out").exists()
+
+
+def test_cuda_device_agrees_or_is_refused(setup, tmp_path):
+    loras = [(setup["loras"][k], s) for k, s in STRENGTHS.items()]
+    if not torch.cuda.is_available():
+        with pytest.raises(LoraError, match="no CUDA device"):
+            L.merge_checkpoint(setup["base"], str(tmp_path / "gpu"), loras, device="cuda")
+        assert not (tmp_path / "gpu").exists()
+        return
+    # on a GPU machine: the same requantization up to fp32 summation order (one step at a tie, rarely)
+    L.merge_checkpoint(setup["base"], str(tmp_path / "gpu"), loras, device="cuda")
+    cpu, gpu = load_dir(setup["out"]), load_dir(str(tmp_path / "gpu"))
+    assert cpu.keys() == gpu.keys()
+    for k in cpu:
+        if k.endswith(".weight_scale"):
+            assert torch.allclose(gpu[k], cpu[k], rtol=1e-6, atol=0), k
+        elif k.endswith(".weight_int8"):
+            d = (gpu[k].int() - cpu[k].int()).abs()
+            assert int(d.max()) <= 1 and int((d > 0).sum()) <= max(2, d.numel() // 1000), k
