@@ -438,3 +438,32 @@ def test_verify_reports_the_reference_relative_error(tmp_path, monkeypatch, dens
     L.convert(src, str(tmp_path / "a_fv.safetensors"), "fastvideo")
     p = cli("verify", src, str(tmp_path / "a_fv.safetensors"), "--rtol", "0")
     assert "worst relative error 0.000e+00" in p.stdout
+
+
+@pytest.mark.parametrize("dense_limit", [1 << 22, 0])
+def test_verify_when_the_two_sides_split_rows_differently(tmp_path, monkeypatch, dense_limit):
+    """One side keeps qkv as 3 up blocks, the other as one standard LoRA whose up matrix is no longer
+    block-diagonal (one off-diagonal entry): compare() must slice each side's parts per row segment
+    correctly; its error equals the reference's."""
+    from longcat_lora import verify
+    from reference import kohya_delta
+
+    monkeypatch.setattr(verify, "DENSE_LIMIT", dense_limit)
+    src = write_native_lora(str(tmp_path / "a.safetensors"), "cfg_step", dims=DIMS, rank=3, dtype=torch.float32,
+                            alpha_scale=0.5, seed=6)
+    k = str(tmp_path / "k.safetensors")
+    L.convert(src, k, "comfyui")
+    sd = load_file(k)
+    up = sd["diffusion_model.blocks.0.attn.qkv.lora_up.weight"]
+    assert up[0, 3] == 0 and up.shape == (48, 9)
+    up[0, 3] = 0.02  # row 0 (block 0) reads column 3 (block 1's rank)
+    up[40, 1] = -0.01  # row 40 (block 2) reads column 1 (block 0's rank)
+    save_file(sd, k)
+    ra, rk = official_delta(src), kohya_delta(k)
+    with L.load_lora(src) as a, L.load_lora(k) as b:
+        assert len(b.modules["blocks.0.attn.qkv"].parts) == 1 and len(a.modules["blocks.0.attn.qkv"].parts) == 3
+        c = verify.compare(a, b)
+    want = rel_err(ra["blocks.0.attn.qkv"], rk["blocks.0.attn.qkv"])
+    assert want > 1e-3 and abs(c.errors["blocks.0.attn.qkv"] - want) <= 1e-9 * want
+    assert c.worst_module == "blocks.0.attn.qkv"
+    assert all(e == 0.0 for m, e in c.errors.items() if m != "blocks.0.attn.qkv")
