@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import jsonsafe
 from .adapter import LoraAdapter
 from .errors import LoraError
 from .formats import load_lora
@@ -81,13 +82,16 @@ def open_base(path: str) -> Base:
     ipath = os.path.join(path, name)
     if os.path.exists(ipath) and not os.path.isfile(ipath):  # a FIFO would block the read forever
         raise LoraError(f"{ipath}: not a regular file ({file_kind(os.stat(ipath).st_mode)})")
-    try:
-        with open(ipath, encoding="utf-8") as f:
-            index = json.load(f)
-        weight_map = index["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (OSError, ValueError, KeyError, AssertionError, TypeError):
-        raise LoraError(f"{ipath}: not a valid safetensors index (needs a weight_map)") from None
+    index = jsonsafe.load_file(ipath, "the safetensors index", jsonsafe.MAX_INDEX_BYTES)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise LoraError(f"{ipath}: not a valid safetensors index (needs a weight_map object, tensor -> shard)")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise LoraError(f"{ipath}: weight_map[{tensor!r}] must be a shard file name, not "
+                            f"{jsonsafe.type_name(shard)}")
+    if not isinstance(index.get("metadata", {}), dict):
+        raise LoraError(f"{ipath}: the index's metadata must be an object, not {jsonsafe.type_name(index['metadata'])}")
     base = Base(path, True, {}, name, index)
     try:
         for shard in sorted(set(weight_map.values())):
@@ -99,11 +103,11 @@ def open_base(path: str) -> Base:
             base.shards[shard] = SafeFile(spath)
         for tensor, shard in weight_map.items():
             if tensor not in base.shards[shard].tensors:
-                raise LoraError(f"{ipath}: names tensor {tensor!r} in {shard}, which does not hold it")
+                raise LoraError(f"{ipath}: names tensor {tensor!r} in {shard!r}, which does not hold it")
         for shard, sf in base.shards.items():
             for tensor in sf.keys():
                 if base.tensors.setdefault(tensor, shard) != shard:
-                    raise LoraError(f"{path}: tensor {tensor!r} is in both {base.tensors[tensor]} and {shard}")
+                    raise LoraError(f"{path}: tensor {tensor!r} is in both {base.tensors[tensor]!r} and {shard!r}")
     except BaseException:
         base.close()
         raise
@@ -249,7 +253,7 @@ class _Workspace:
             out[r0:r1].copy_(w)  # cast once
         data = self.out[k][:nbytes].cpu().numpy()
         if nonfinite(data, out_dtype):
-            raise LoraError(f"{sf.path}: merging gives non-finite values in {name} (as {out_dtype})")
+            raise LoraError(f"{sf.path}: merging gives non-finite values in {name!r} (as {out_dtype})")
         return data
 
 

@@ -10,6 +10,7 @@ read (offsets, sizes, dtypes), and nothing is ever unpickled. Files written here
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import math
 import mmap
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -45,7 +46,29 @@ _TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat1
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
           "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
-MAX_HEADER = 100 * 1024 * 1024
+# The safetensors library refuses a header over 100,000,000 bytes ("header too large"); so does this
+# reader, before reading it. About 70 bytes per tensor: ~1.4 million tensors.
+MAX_HEADER = 100_000_000
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON allows the escape; UTF-8 cannot hold it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} out of range")
+    return value
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -101,9 +124,8 @@ def representable(value: float, dtype: str) -> bool:
     return decode_scalar(encode_scalar(value, dtype), dtype) == value
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives in a safetensors file."""
+class TensorInfo(NamedTuple):
+    """Where one tensor lives in a safetensors file (a tuple: a header of a million tensors stays small)."""
 
     dtype: str  # safetensors name, e.g. "BF16"
     shape: tuple[int, ...]
@@ -113,6 +135,56 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+
+_U64 = 1 << 64  # safetensors reads offsets and sizes as usize (u64)
+_DIM = 1 << 63  # a dimension must fit torch's int64
+_DTYPE = {k: k for k in ITEMSIZE}  # one shared string per dtype name
+
+
+class _Obj(list):
+    """A JSON object as the header parser keeps it: its (key, value) pairs, in order."""
+
+    __slots__ = ()
+
+
+def _nbytes(shape: list, dtype: str) -> int | None:
+    """Bytes of a tensor, or None if the element count overflows u64 (as safetensors checks it)."""
+    n = 1
+    for s in shape:
+        n *= s
+        if n >= _U64:
+            return None
+    return n * ITEMSIZE[dtype]
+
+
+def _header_hook(base: int) -> Callable[[list], object]:
+    """json object_pairs_hook: a well-formed tensor entry becomes its TensorInfo as soon as it is parsed
+    (no dict per entry); anything else is kept as an _Obj, checked later with its name (`_entry`)."""
+    itemsize, intern, info, obj = ITEMSIZE, _DTYPE, TensorInfo, _Obj
+
+    def hook(pairs: list) -> object:
+        if len(pairs) != 3:
+            return obj(pairs)
+        (k0, dtype), (k1, shape), (k2, offsets) = pairs
+        if (k0 != "dtype" or k1 != "shape" or k2 != "data_offsets" or type(dtype) is not str
+                or dtype not in intern or type(shape) is not list or type(offsets) is not list or len(offsets) != 2):
+            return obj(pairs)
+        lo, hi = offsets
+        if type(lo) is not int or type(hi) is not int or not 0 <= lo <= hi < _U64:
+            return obj(pairs)
+        nbytes = itemsize[dtype]
+        for s in shape:  # at most 2**63 - 1 each, so the running product cannot pass 2**64 unchecked
+            if type(s) is not int or not 0 <= s < _DIM:
+                return obj(pairs)
+            nbytes *= s
+            if nbytes >= _U64 * itemsize[dtype]:
+                return obj(pairs)
+        if nbytes != hi - lo:
+            return obj(pairs)
+        return info(intern[dtype], tuple(shape), base + lo, base + hi)
+
+    return hook
 
 
 def sniff(path: str) -> str | None:
@@ -216,53 +288,122 @@ class SafeFile:
             raise LoraError(f"{self.path}: changed while being read ({how}); the output was not written")
 
     def _parse_header(self) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        """Parse and validate the header as the safetensors library does, in one pass of json.
+
+        Refused, naming the tensor: a header over MAX_HEADER bytes (the library's own cap), text that is
+        not UTF-8 or not strict JSON, nesting past the parser's limit, a name given twice (the library
+        silently keeps the last one), a non-object entry, a missing field, an unknown dtype, a shape that
+        is not a list of integers in [0, 2**63) or whose element count overflows 64 bits, offsets that
+        are not two integers 0 <= begin <= end < 2**64 (booleans and 1.0 are not integers), a byte count
+        that does not match the shape, and data that does not tile the rest of the file exactly.
+        Time and memory are linear in the header: no dict per entry, the garbage collector paused.
+        """
         (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
         if n == 0 or n > MAX_HEADER or n > self.size - 8:
             raise LoraError(f"{self.path}: not a safetensors file or truncated: header length {n} "
-                            f"does not fit a {self.size}-byte file")
+                            + (f"is over the {MAX_HEADER:,}-byte limit" if n > MAX_HEADER and n <= self.size - 8
+                               else f"does not fit a {self.size}-byte file"))
         raw = os.pread(self._fd, n, 8)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise LoraError(f"{self.path}: not a safetensors file: its header is not JSON") from None
-        if not isinstance(header, dict):
-            raise LoraError(f"{self.path}: corrupt safetensors header: not a JSON object")
+        if len(raw) != n:
+            raise LoraError(f"{self.path}: truncated while reading its header")
         base = 8 + n
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise LoraError(f"{self.path}: corrupt safetensors header: __metadata__ must map strings to strings")
-        infos: dict[str, TensorInfo] = {}
-        spans = []
-        for name, entry in header.items():
+        gc_was = gc.isenabled()
+        gc.disable()  # a million small containers would trigger collections over and over
+        try:
             try:
-                dtype_name, shape, (lo, hi) = entry["dtype"], entry["shape"], entry["data_offsets"]
-                shape = tuple(int(s) for s in shape)
-                lo, hi = int(lo), int(hi)
-            except (KeyError, TypeError, ValueError):
-                raise LoraError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}") from None
-            if dtype_name not in ITEMSIZE:
-                raise LoraError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
-            if any(s < 0 for s in shape) or lo < 0 or hi < lo:
-                raise LoraError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}")
-            if math.prod(shape) * ITEMSIZE[dtype_name] != hi - lo:
-                raise LoraError(f"{self.path}: tensor {name!r}: {hi - lo} bytes stored for shape "
-                                f"{list(shape)} {dtype_name} (corrupt header)")
-            if base + hi > self.size:
-                raise LoraError(f"{self.path}: truncated: tensor {name!r} ends at byte {base + hi} "
-                                f"but the file has {self.size}")
-            infos[name] = TensorInfo(dtype_name, shape, base + lo, base + hi)
-            spans.append((lo, hi, name))
-        spans.sort()
-        expected = 0  # like the safetensors library: data tiles the buffer exactly, in offset order
-        for lo, hi, name in spans:
-            if lo != expected:
-                what = "overlaps the previous tensor" if lo < expected else f"leaves a gap of {lo - expected} bytes"
+                header = json.loads(raw.decode("utf-8"), object_pairs_hook=_header_hook(base),
+                                    parse_constant=_no_constant, parse_float=_finite_float)
+            except UnicodeDecodeError:
+                raise LoraError(f"{self.path}: not a safetensors file: its header is not UTF-8") from None
+            except RecursionError:
+                raise LoraError(f"{self.path}: corrupt safetensors header: nested too deeply") from None
+            except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of over 4300 digits
+                what = e.msg if isinstance(e, json.JSONDecodeError) else str(e).splitlines()[0][:80]
+                raise LoraError(f"{self.path}: not a safetensors file: its header is not JSON ({what})") from None
+            if type(header) is not _Obj:
+                raise LoraError(f"{self.path}: corrupt safetensors header: not a JSON object")
+            infos: dict[str, object] = dict(header)
+            if len(infos) != len(header):
+                seen: set[str] = set()
+                dup = next(k for k, _ in header if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+                raise LoraError(f"{self.path}: corrupt safetensors header: {dup!r} appears twice")
+            del header
+            metadata = self._metadata(infos.pop("__metadata__", None))
+            for text in [k for k in infos if not k.isascii()] + [t for kv in metadata.items() for t in kv]:
+                if not _unicode(text):  # a lone surrogate (\ud800): safetensors refuses the header
+                    raise LoraError(f"{self.path}: corrupt safetensors header: {text[:80]!r} is not valid Unicode")
+            for name in [k for k, v in infos.items() if type(v) is not TensorInfo]:
+                infos[name] = self._entry(name, infos[name], base)
+        finally:
+            if gc_was:
+                gc.enable()
+        self._check_tiling(infos, base)  # type: ignore[arg-type]
+        return infos, metadata  # type: ignore[return-value]
+
+    def _metadata(self, raw: object) -> dict[str, str]:
+        if raw is None:
+            return {}
+        if type(raw) is not _Obj or not all(type(v) is str for _, v in raw):
+            raise LoraError(f"{self.path}: corrupt safetensors header: __metadata__ must map strings to strings")
+        metadata = dict(raw)
+        if len(metadata) != len(raw):
+            raise LoraError(f"{self.path}: corrupt safetensors header: a __metadata__ key appears twice")
+        return metadata
+
+    def _entry(self, name: str, entry: object, base: int) -> TensorInfo:
+        """Validate one header entry the fast path did not take, with a message naming what is wrong."""
+        def bad(why: str) -> LoraError:
+            return LoraError(f"{self.path}: corrupt safetensors header entry for tensor {name!r}: {why}")
+
+        if type(entry) is not _Obj:
+            raise bad("not an object")
+        fields = dict(entry)  # unknown fields are ignored, as safetensors ignores them
+        if len(fields) != len(entry):
+            raise bad("a field appears twice")
+        for f in ("dtype", "shape", "data_offsets"):
+            if f not in fields:
+                raise bad(f"no {f}")
+        dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+        if type(dtype) is not str or dtype not in ITEMSIZE:
+            raise LoraError(f"{self.path}: tensor {name!r} has unsupported dtype {str(dtype)[:40]!r}")
+        if type(shape) is not list or not all(type(s) is int and 0 <= s < _DIM for s in shape):
+            raise bad("shape must be a list of integers from 0 to 2**63 - 1")
+        if (type(offsets) is not list or len(offsets) != 2 or not all(type(x) is int for x in offsets)
+                or not 0 <= offsets[0] <= offsets[1] < _U64):
+            raise bad("data_offsets must be two integers 0 <= begin <= end < 2**64")
+        lo, hi = offsets
+        nbytes = _nbytes(shape, dtype)
+        if nbytes is None:
+            raise bad(f"its shape has more than 2**64 elements")
+        if nbytes != hi - lo:
+            raise LoraError(f"{self.path}: tensor {name!r}: {hi - lo} bytes stored for shape "
+                            f"{shape if len(shape) <= 8 else shape[:8] + ['...']} {dtype} (corrupt header)")
+        return TensorInfo(_DTYPE[dtype], tuple(shape), base + lo, base + hi)
+
+    def _check_tiling(self, infos: dict[str, TensorInfo], base: int) -> None:
+        """Like the safetensors library: the data tiles the rest of the file exactly, in offset order."""
+        end = base
+        for info in infos.values():  # files as written: already in offset order, one pass
+            if info.start != end:
+                break
+            end = info.end
+        else:
+            if end == self.size:
+                return
+        order = sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].end))
+        end = base
+        for name, info in order:
+            if info.start != end:
+                what = ("overlaps the previous tensor" if info.start < end
+                        else f"leaves a gap of {info.start - end} bytes")
                 raise LoraError(f"{self.path}: corrupt safetensors file: tensor {name!r} {what}")
-            expected = hi
-        if base + expected != self.size:
-            raise LoraError(f"{self.path}: corrupt safetensors file: {self.size - base - expected} bytes after "
+            if info.end > self.size:
+                raise LoraError(f"{self.path}: truncated: tensor {name!r} ends at byte {info.end} "
+                                f"but the file has {self.size}")
+            end = info.end
+        if end != self.size:
+            raise LoraError(f"{self.path}: corrupt safetensors file: {self.size - end} bytes after "
                             f"the last tensor")
-        return infos, metadata
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -12,6 +12,8 @@ from .. import naming
 from ..adapter import (FileSource, NonFinite, LoraAdapter, LoraModule, Source, parts_from_standard, standard_layer,
                        validate_module)
 from ..errors import LoraError, UnmappedModulesError
+from ..jsonsafe import field as json_field, is_int, is_number, type_name
+from ..patterns import PatternTable
 from ..st import FLOATS, INTS, Entry, SafeFile, decode_scalar, encode_scalar, representable
 
 
@@ -247,36 +249,43 @@ def _num(x: float) -> float | int:
 
 
 def peft_scales(config: dict, where: str) -> Callable[[str, int], float]:
-    """module, tensor rank -> scale, resolving rank/alpha patterns exactly as PEFT does."""
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise LoraError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
-    for flag in ("use_dora",):
-        if config.get(flag):
-            raise LoraError(f"{where}: {flag} adapters are not plain LoRAs and cannot be converted")
-    try:
-        r0 = int(config.get("r", 8))
-        a0 = float(config.get("lora_alpha", 8))
-        rank_pattern = dict(config.get("rank_pattern") or {})
-        alpha_pattern = dict(config.get("alpha_pattern") or {})
-    except (TypeError, ValueError):
-        raise LoraError(f"{where}: malformed LoRA config (r / lora_alpha / patterns)") from None
+    """module, tensor rank -> scale, resolving rank/alpha patterns exactly as PEFT does.
+
+    Every field used is type-checked (`r` a positive integer, `lora_alpha` a finite number, booleans
+    never numbers, patterns maps of such values), and patterns are matched in bounded time
+    (`patterns.PatternTable`): a malformed config is a LoraError naming the field, never a crash.
+    """
+    peft_type = json_field(config, "peft_type", lambda v: isinstance(v, str), "a string", where, "LORA")
+    if peft_type.upper() != "LORA":
+        raise LoraError(f"{where}: peft_type {peft_type!r} is not LORA")
+    for flag in ("use_dora", "use_rslora"):
+        json_field(config, flag, lambda v: isinstance(v, bool), "true or false", where)
+    if config.get("use_dora"):
+        raise LoraError(f"{where}: use_dora adapters are not plain LoRAs and cannot be converted")
+    json_field(config, "target_modules", lambda v: isinstance(v, str) or (isinstance(v, list) and all(
+        isinstance(x, str) for x in v)), "a string or a list of strings", where)
+    positive = (lambda v: is_int(v) and v > 0)
+    r0 = json_field(config, "r", positive, "a positive integer", where, 8)
+    a0 = json_field(config, "lora_alpha", is_number, "a finite number", where, 8)
+    tables = []
+    for name, check, expected in (("rank_pattern", positive, "positive integers"),
+                                  ("alpha_pattern", is_number, "finite numbers")):
+        pats = json_field(config, name, lambda v: isinstance(v, dict), "an object (module -> value)", where, {})
+        for k, v in pats.items():
+            if not check(v):
+                raise LoraError(f"{where}: {name}[{k[:80]!r}] must be one of {expected}, not {type_name(v)} "
+                                f"{str(v)[:40]}")
+        tables.append(PatternTable(pats, where, name))
+    rank_pattern, alpha_pattern = tables
     rslora = bool(config.get("use_rslora"))
 
-    def pattern(patterns: dict, module: str):
-        for key in patterns:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return patterns[key]
-        return None
-
     def scale(module: str, rank: int) -> float:
-        r = pattern(rank_pattern, module)
-        r = r0 if r is None else int(r)
-        a = pattern(alpha_pattern, module)
-        a = a0 if a is None else float(a)
+        r = rank_pattern.lookup(module)
+        r = r0 if r is None else r
+        a = alpha_pattern.lookup(module)
+        a = float(a0 if a is None else a)
         if r != rank:
-            raise LoraError(f"{where}: module {module} has rank {rank} but the config says r={r}")
-        if not math.isfinite(a):
-            raise LoraError(f"{where}: module {module} has non-finite lora_alpha {a}")
+            raise LoraError(f"{where}: module {module!r} has rank {rank} but the config says r={r}")
         return a / math.sqrt(r) if rslora else a / r
 
     return scale

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+from .. import jsonsafe
 from ..adapter import LoraAdapter
 from ..errors import LoraError
 from ..st import SafeFile, write_safetensors
@@ -34,10 +35,7 @@ def read(sf: SafeFile) -> LoraAdapter:
         config = {}
         adapter.notes.append(f"no {METADATA_KEY} metadata: scale 1 (alpha = rank), as diffusers assumes")
     else:
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError:
-            raise LoraError(f"{sf.path}: metadata {METADATA_KEY} is not JSON") from None
+        meta = jsonsafe.loads(raw, sf.path, f"metadata {METADATA_KEY}")
         if not isinstance(meta, dict):
             raise LoraError(f"{sf.path}: metadata {METADATA_KEY} is not a JSON object")
         config = {k[len(PREFIX):]: v for k, v in meta.items() if k.startswith(PREFIX)}

@@ -12,6 +12,7 @@ import json
 import os
 import re
 
+from .. import jsonsafe
 from ..adapter import LoraAdapter
 from ..errors import LoraError
 from ..st import SafeFile, dir_problem, write_safetensors
@@ -48,11 +49,8 @@ def detect(keys: list[str]) -> bool:
 
 
 def read_config(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraError(f"{path}: cannot read the adapter config: {e}") from None
+    """The adapter config as a dict, read through `jsonsafe` (bounded, strict, one-line errors)."""
+    config = jsonsafe.load_file(path, "the adapter config")
     if not isinstance(config, dict):
         raise LoraError(f"{path}: the adapter config is not a JSON object")
     return config
