@@ -411,6 +411,12 @@ def test_fifo_and_devices_as_input_are_not_regular_files(native, merge_setup, tm
     os.mkfifo(_shard(str(b), 2))
     line = one_error_line(cli("merge", b, tmp_path / "o", "--lora", lora, check=None))
     assert f"{_shard(str(b), 2)}: not a regular file (a FIFO)" in line
+    os.remove(_shard(str(b), 2))
+    shutil.copy(_shard(base, 2), _shard(str(b), 2))
+    os.mkfifo(b / "side_fifo")  # a FIFO among BASE's other files: refused, never copied (which would block)
+    line = one_error_line(cli("merge", b, tmp_path / "o", "--lora", lora, check=None))
+    assert f"{b / 'side_fifo'}: a FIFO in the base checkpoint; refusing to copy it" in line, line
+    assert temps(tmp_path) == []
     os.remove(b / INDEX)
     os.mkfifo(b / INDEX)
     p = subprocess.run([sys.executable, "-m", "longcat_lora", "merge", b, tmp_path / "o", "--lora", lora],
