@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import LoraError
+from .errors import LoraError, q
 from .st import ITEMSIZE, FileRange, SafeFile, dtype_name, nonfinite, torch_dtype
 
 if TYPE_CHECKING:
@@ -228,12 +228,12 @@ def validate_module(m: LoraModule, where: str) -> None:
     for p in m.parts:
         lo, hi = p.rows
         if not 0 <= lo < hi <= m.out_features:
-            raise LoraError(f"{where}: module {m.name}: rows {lo}:{hi} outside its {m.out_features} outputs")
+            raise LoraError(f"{where}: module {q(m.name)}: rows {lo}:{hi} outside its {m.out_features} outputs")
         if p.down.shape[1] != m.in_features:
-            raise LoraError(f"{where}: module {m.name}: down matrix has {p.down.shape[1]} inputs, "
+            raise LoraError(f"{where}: module {q(m.name)}: down matrix has {p.down.shape[1]} inputs, "
                             f"other parts have {m.in_features}")
         if p.up.shape != (hi - lo, p.down.shape[0]):
-            raise LoraError(f"{where}: module {m.name}: up matrix {list(p.up.shape)} does not fit down "
+            raise LoraError(f"{where}: module {q(m.name)}: up matrix {list(p.up.shape)} does not fit down "
                             f"{list(p.down.shape)} over {hi - lo} rows (inconsistent rank or shape)")
 
 

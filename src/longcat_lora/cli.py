@@ -36,16 +36,17 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .errors import q
     from .verify import compare
 
     with load_lora(args.a) as a, load_lora(args.b) as b:
         c = compare(a, b)
     for name in c.only_a:
-        print(f"only in {args.a}: {name}")
+        print(f"only in {args.a}: {q(name)}")
     for name in c.only_b:
-        print(f"only in {args.b}: {name}")
+        print(f"only in {args.b}: {q(name)}")
     ok = c.equivalent(args.rtol)
-    print(f"{len(c.errors)} modules compared; worst relative error {c.worst:.3e} at {c.worst_module} "
+    print(f"{len(c.errors)} modules compared; worst relative error {c.worst:.3e} at {q(c.worst_module or '-')} "
           f"(rtol {args.rtol:g}): {'equivalent' if ok else 'NOT equivalent'}")
     return 0 if ok else 1
 

@@ -4,6 +4,16 @@ The CLI turns it into a single line on stderr and exit code 2; the library raise
 catch bad input without catching programming errors.
 """
 
+import re
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.\-/:\[\]]+")
+
+
+def q(name: str) -> str:
+    """A name read from a file, for a message: as is when it is a plain module or tensor path, else
+    quoted with repr() so that no newline, control character or separator it holds reaches the log."""
+    return name if _PLAIN.fullmatch(name) else repr(name)
+
 
 class LoraError(Exception):
     """Bad input: a file, tensor or argument that cannot be used as asked. The message is one line."""
@@ -14,5 +24,5 @@ class UnmappedModulesError(LoraError):
 
     def __init__(self, what: str, modules: list[str]):
         self.modules = list(modules)
-        shown = ", ".join(self.modules[:8]) + (f", ... ({len(self.modules)} in all)" if len(self.modules) > 8 else "")
+        shown = ", ".join(q(m) for m in self.modules[:8]) + (f", ... ({len(self.modules)} in all)" if len(self.modules) > 8 else "")
         super().__init__(f"{what}: {shown}")

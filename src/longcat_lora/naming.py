@@ -115,7 +115,10 @@ OTHER_PARAMS: tuple[tuple[str, str], ...] = (
 
 
 def _regex(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+    # A block index as PyTorch spells it: ASCII digits, no leading zero, at most 9 of them. "blocks.01"
+    # or "blocks.\u0661" (an Arabic-Indic one) would otherwise alias block 1, and a 5000-digit index
+    # would be parsed into a huge block count.
+    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(0|[1-9][0-9]{0,8})") + "$")
 
 
 _LONGCAT = [(_regex(k.longcat), k) for k in TABLE]

@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 
 from . import naming
 from .adapter import LoraAdapter
+from .errors import q
 from .formats import load_lora
 from .st import FileRange
 
@@ -23,6 +24,16 @@ def _ranges(xs: list[int]) -> str:
         out.append(f"{start}" if start == prev else f"{start}-{prev}")
         if x is not None:
             start = prev = x
+    return ", ".join(out)
+
+
+def _missing(idx: list[int], depth: int) -> str:
+    """The indices in range(depth) not in sorted `idx`, as ranges ("3-5, 9"); time linear in idx."""
+    out, nxt = [], 0
+    for i in idx + [depth]:
+        if i > nxt:
+            out.append(f"{nxt}" if i - 1 == nxt else f"{nxt}-{i - 1}")
+        nxt = max(nxt, i + 1)
     return ", ".join(out)
 
 
@@ -110,7 +121,7 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
                 coverage[k.kind].append(i)
             expect = k.shape(dims)
             if (m.out_features, m.in_features) != expect:
-                bad_shapes.append(f"{m.name} [{m.out_features}, {m.in_features}] (expected {list(expect)})")
+                bad_shapes.append(f"{q(m.name)} [{m.out_features}, {m.in_features}] (expected {list(expect)})")
             for p in m.parts:
                 alphas[p.scale * p.rank] += 1
         kinds = set(blocks_per_kind)
@@ -121,9 +132,9 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
         findings = []
         for kind, idx in sorted(coverage.items()):
             idx = sorted(set(idx))
-            missing = sorted(set(range(dims.depth)) - set(idx))
+            missing = _missing(idx, dims.depth)  # from the gaps: a file may name block 999999999
             if missing:
-                findings.append(f"{kind}: blocks {_ranges(missing)} not covered (covers {_ranges(idx)})")
+                findings.append(f"{kind}: blocks {missing} not covered (covers {_ranges(idx)})")
         if coverage and not any("not covered" in f for f in findings):
             findings.append(f"blocks 0-{dims.depth - 1} all covered by every module type present")
         if dims.depth != naming.OFFICIAL.depth:
@@ -152,9 +163,9 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             findings.append("every module's shape is consistent with that DiT")
         if unknown:
             findings.append(f"{len(unknown)} modules are not Linear layers of the LongCat-Video DiT: "
-                            + ", ".join(sorted(unknown)[:5]))
+                            + ", ".join(q(n) for n in sorted(unknown)[:5]))
         if nonfinite:
-            findings.append(f"{len(nonfinite)} tensors hold NaN/Inf: " + ", ".join(nonfinite[:5]))
+            findings.append(f"{len(nonfinite)} tensors hold NaN/Inf: " + ", ".join(q(n) for n in nonfinite[:5]))
         return {
             "path": str(path),
             "format": a.format,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import naming
 from .adapter import LoraAdapter, LoraModule, Part
-from .errors import LoraError, UnmappedModulesError
+from .errors import LoraError, UnmappedModulesError, q
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +71,7 @@ def find_targets(adapter: LoraAdapter, layer_shape: Callable[[str], tuple[int, i
         h = m.out_features // len(layers)
         for j, (name, shape) in enumerate(zip(layers, shapes)):
             if shape != (h, m.in_features):
-                bad.append(f"{name} is {list(shape)}, the LoRA needs {[h, m.in_features]}")
+                bad.append(f"{q(name)} is {list(shape)}, the LoRA needs {[h, m.in_features]}")
             targets.append(Target(name, m, j * h, (j + 1) * h))
     if bad:
         raise LoraError(f"{len(bad)} LoRA modules do not fit {what}: " + "; ".join(bad[:5]))

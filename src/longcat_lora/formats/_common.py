@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .. import naming
 from ..adapter import (FileSource, NonFinite, LoraAdapter, LoraModule, Source, parts_from_standard, standard_layer,
                        validate_module)
-from ..errors import LoraError, UnmappedModulesError
+from ..errors import LoraError, UnmappedModulesError, q
 from ..jsonsafe import field as json_field, is_int, is_number, type_name
 from ..patterns import PatternTable
 from ..st import FLOATS, INTS, Entry, SafeFile, decode_scalar, encode_scalar, representable
@@ -73,7 +73,7 @@ def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
     """
 
     def refuse() -> None:
-        raise LoraError(f"module {module}: non-finite values (NaN/Inf) in its LoRA weights "
+        raise LoraError(f"module {q(module)}: non-finite values (NaN/Inf) in its LoRA weights "
                         f"(pass --allow-nonfinite to convert anyway)")
 
     def produce():
@@ -160,7 +160,7 @@ def group_keys(sf: SafeFile, patterns: list[tuple[re.Pattern[str], str]], what: 
                 if getattr(keys, role) is not None:
                     what = {"a": "the down/A matrix", "b": "the up/B matrix", "alpha": "the alpha"}[role]
                     raise LoraError(f"{sf.path}: tensors {getattr(keys, role)!r} and {key!r} both give "
-                                    f"{what} of layer {m.group('layer')}")
+                                    f"{what} of layer {q(m.group('layer'))}")
                 setattr(keys, role, key)
                 break
         else:
@@ -168,7 +168,7 @@ def group_keys(sf: SafeFile, patterns: list[tuple[re.Pattern[str], str]], what: 
     for layer, keys in layers.items():
         if keys.a is None or keys.b is None:
             missing = "down/A" if keys.a is None else "up/B"
-            raise LoraError(f"{sf.path}: layer {layer} has no {missing} matrix")
+            raise LoraError(f"{sf.path}: layer {q(layer)} has no {missing} matrix")
     return layers
 
 
@@ -180,7 +180,7 @@ def add_standard_layer(modules: dict[str, LoraModule], sf: SafeFile, layer: str,
     format's own naming (`naming_`: "longcat", or "fastvideo" for FastVideo files)."""
     a, b = weight(sf, keys.a), weight(sf, keys.b)
     if b.shape[1] != a.shape[0]:
-        raise LoraError(f"{sf.path}: layer {layer}: up/B {list(b.shape)} and down/A {list(a.shape)} "
+        raise LoraError(f"{sf.path}: layer {q(layer)}: up/B {list(b.shape)} and down/A {list(a.shape)} "
                         f"disagree on rank")
     scale = scale_of(a.shape[0])
     name, split, nsplit = layer, 0, 1
@@ -197,7 +197,7 @@ def add_standard_layer(modules: dict[str, LoraModule], sf: SafeFile, layer: str,
     if m is None:
         m = modules[name] = LoraModule(name, nsplit * h, a.shape[1], [], naming_)
     elif m.out_features != nsplit * h:
-        raise LoraError(f"{sf.path}: layer {layer} has {h} outputs but the other parts of {name} "
+        raise LoraError(f"{sf.path}: layer {q(layer)} has {h} outputs but the other parts of {q(name)} "
                         f"imply {m.out_features // nsplit}")
     m.parts.extend(parts_from_standard(a, b, scale, split * h, chunks))
 

@@ -18,7 +18,7 @@ import re
 
 from .. import naming
 from ..adapter import LoraAdapter, folded, standard_layer
-from ..errors import LoraError
+from ..errors import LoraError, q
 from ..st import Entry, SafeFile, write_safetensors
 from ._common import (WriteOptions, add_standard_layer, entry, finish, group_keys, in_file_order, metadata, scalar,
                       scalar_entry, unmapped)
@@ -48,7 +48,7 @@ def read(sf: SafeFile) -> LoraAdapter:
     for layer, keys in group_keys(sf, _PATTERNS, "FastVideo LoRA").items():
         alpha = scalar(sf, keys.alpha)[0] if keys.alpha else None
         if alpha is not None and alpha != int(alpha):
-            truncated.append(f"{layer} ({alpha:g} -> {int(alpha)})")
+            truncated.append(f"{q(layer)} ({alpha:g} -> {int(alpha)})")
         add_standard_layer(adapter.modules, sf, layer, keys,
                            lambda rank, alpha=alpha: loader_scale(alpha, rank), naming_="fastvideo")
     if truncated:
@@ -71,7 +71,7 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     unmapped(missing, opts, "FastVideo's naming")
     for m, layers in todo:
         if m.out_features % len(layers):
-            raise LoraError(f"module {m.name}: {m.out_features} outputs do not split into {len(layers)} "
+            raise LoraError(f"module {q(m.name)}: {m.out_features} outputs do not split into {len(layers)} "
                             f"FastVideo layers")
         h = m.out_features // len(layers)
         a_entries, b_entries = [], []

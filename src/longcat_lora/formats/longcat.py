@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from .. import naming
 from ..adapter import LoraAdapter, LoraModule, Part, native_blocks
-from ..errors import LoraError
+from ..errors import LoraError, q
 from ..st import Entry, SafeFile, write_safetensors
 from ._common import (WriteOptions, entry, exact_dtype, finish, in_file_order, metadata, scalar, scalar_entry,
                       unmapped, weight)
@@ -45,36 +45,39 @@ def read(sf: SafeFile) -> LoraAdapter:
     missing_alpha = []
     for module, tensors in groups.items():
         if "lora_down.weight" not in tensors:
-            raise LoraError(f"{sf.path}: module {module} has no lora_down.weight")
+            raise LoraError(f"{sf.path}: module {q(module)} has no lora_down.weight")
         down = weight(sf, tensors["lora_down.weight"])
         blocks: dict[int, str] = {}
         for t, k in tensors.items():
             if t.startswith("lora_up.blocks."):
-                i = int(_TENSOR.match(t).group(2))
+                digits = _TENSOR.match(t).group(2)
+                if len(digits) > 9 or not digits.isascii():
+                    raise LoraError(f"{sf.path}: tensor {k!r}: up block index {digits[:20]!r} is out of range")
+                i = int(digits)
                 if i in blocks:
-                    raise LoraError(f"{sf.path}: module {module}: tensors {blocks[i]!r} and {k!r} are both up block {i}")
+                    raise LoraError(f"{sf.path}: module {q(module)}: tensors {blocks[i]!r} and {k!r} are both up block {i}")
                 blocks[i] = k
         if "lora_up.weight" in tensors and blocks:
-            raise LoraError(f"{sf.path}: module {module} has both lora_up.weight and lora_up.blocks.*")
+            raise LoraError(f"{sf.path}: module {q(module)} has both lora_up.weight and lora_up.blocks.*")
         if "lora_up.weight" in tensors:
             ups = [weight(sf, tensors["lora_up.weight"])]
         elif blocks:
             n = len(blocks)
             if sorted(blocks) != list(range(n)):
-                gaps = sorted(set(range(max(blocks) + 1)) - set(blocks))
-                raise LoraError(f"{sf.path}: module {module} is missing up block(s) {gaps} "
+                gaps = [i for i in range(n) if i not in blocks]  # n blocks: some index is >= n
+                raise LoraError(f"{sf.path}: module {q(module)} is missing up block(s) {gaps} "
                                 f"(has {sorted(blocks)})")
             ups = [weight(sf, blocks[i]) for i in range(n)]
         else:
-            raise LoraError(f"{sf.path}: module {module} has no lora_up weight")
+            raise LoraError(f"{sf.path}: module {q(module)} has no lora_up weight")
         n = len(ups)
         h, r = ups[0].shape
         for i, u in enumerate(ups):
             if u.shape != (h, r):
-                raise LoraError(f"{sf.path}: module {module}: up block {i} is {list(u.shape)}, "
+                raise LoraError(f"{sf.path}: module {q(module)}: up block {i} is {list(u.shape)}, "
                                 f"block 0 is {[h, r]} (inconsistent shapes)")
         if down.shape[0] != n * r:
-            raise LoraError(f"{sf.path}: module {module}: lora_down has {down.shape[0]} rows but "
+            raise LoraError(f"{sf.path}: module {q(module)}: lora_down has {down.shape[0]} rows but "
                             f"{n} up block(s) of rank {r} need {n * r} (inconsistent rank)")
         if "alpha_scale" in tensors:
             scale, dt = scalar(sf, tensors["alpha_scale"])
@@ -86,7 +89,7 @@ def read(sf: SafeFile) -> LoraAdapter:
         adapter.modules[module] = LoraModule(module, n * h, down.shape[1], parts)
     if missing_alpha:
         adapter.notes.append(f"{len(missing_alpha)} modules have no alpha_scale: 1.0 assumed "
-                             f"(e.g. {missing_alpha[0]})")
+                             f"(e.g. {q(missing_alpha[0])})")
     if len(scale_dtypes) == 1:
         adapter.scale_dtype = scale_dtypes.pop()
     return finish(adapter, sf.path)
@@ -99,6 +102,8 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     for m in in_file_order(adapter):
         if m.naming != "longcat":
             continue
+        if SEP in m.name or not m.name:  # would read back as another module (or none)
+            raise LoraError(f"module {q(m.name)}: the native format cannot name it ({SEP!r} stands for '.')")
         found = naming.kind_of(m.name)
         down, ups, scale = native_blocks(m, found[0].chunks if found else 1)
         base = encode(m.name)
