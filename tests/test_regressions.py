@@ -467,3 +467,26 @@ def test_verify_when_the_two_sides_split_rows_differently(tmp_path, monkeypatch,
     assert want > 1e-3 and abs(c.errors["blocks.0.attn.qkv"] - want) <= 1e-9 * want
     assert c.worst_module == "blocks.0.attn.qkv"
     assert all(e == 0.0 for m, e in c.errors.items() if m != "blocks.0.attn.qkv")
+
+
+# --------------------------------------------------------------- every bad-input class, in process (fast)
+
+@pytest.mark.parametrize("to", ["fastvideo", "longcat", "peft"])
+def test_bad_input_classes_in_process(tmp_path, capsys, to):
+    """The bad-input corpus of test_bad_input.py through `cli.main` in this process (seconds, not a
+    subprocess per case, so mutation runs can afford it), into three writers: exit 2, one line naming
+    the file, no output, nothing left behind."""
+    from longcat_lora.cli import main
+    from test_bad_input import _cases
+
+    cases = _cases(tmp_path)
+    capsys.readouterr()
+    for name, path in cases.items():
+        out = tmp_path / f"out-{name}"
+        before = set(os.listdir(tmp_path))
+        code = main(["convert", path, str(out), "--to", to])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (name, code, err)
+        assert len(err.splitlines()) == 1 and err.startswith("longcat-lora: error: "), (name, err)
+        assert "internal error" not in err and os.path.basename(path) in err, (name, err)
+        assert not out.exists() and set(os.listdir(tmp_path)) == before, name

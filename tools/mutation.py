@@ -51,44 +51,38 @@ E = "tests/test_exactness.py::"
 F = "tests/test_formats.py::"
 _FORMATS = [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_reads_what_fastvideo_accepts",
             E + "test_up_blocks_ordered_by_integer_index", E + "test_alpha_scale_shapes_and_dtypes",
-            E + "test_missing_alpha_scale_means_one", E + "test_int_alpha_truncation_is_what_fastvideo_does",
-            E + "test_round_trip_non_integer_alpha_is_weight_change_exact",
-            E + "test_fastvideo_matches_official_under_fastvideo_loader[6-0.3-dtype0-refinement]",
-            E + "test_round_trip_native_fastvideo_native_bit_exact[None-dtype3]",
+            E + "test_missing_alpha_scale_means_one", R + "test_bad_input_classes_in_process",
             R + "test_fold_is_computed_in_float64_and_rounded_once", R + "test_fastvideo_alpha_below_one_means_scale_one",
-            R + "test_fastvideo_writer_folds_when_alpha_is_below_one", R + "test_peft_alpha_pattern_for_a_default_rank_module",
+            R + "test_fastvideo_writer_folds_when_alpha_is_below_one", E + "test_int_alpha_truncation_is_what_fastvideo_does",
+            E + "test_round_trip_native_fastvideo_native_bit_exact[None-dtype3]",
             F + "test_split_parts_with_different_ranks_and_alphas", F + "test_comfyui_file_semantics",
             F + "test_fastvideo_names_in_other_formats_map_to_longcat_modules",
-            F + "test_round_trip_bit_exact[dtype0-peft]", F + "test_round_trip_bit_exact[dtype1-diffusers]",
-            F + "test_round_trip_bit_exact[dtype2-comfyui]", F + "test_diffusers_file_loads_in_real_diffusers",
-            "tests/test_bad_input.py", "tests/test_properties.py"]
+            F + "test_round_trip_bit_exact[dtype0-peft]", R + "test_peft_alpha_pattern_for_a_default_rank_module",
+            F + "test_diffusers_file_loads_in_real_diffusers"]
 _RUNTIME = [R + "test_runtime_mixed_dtype_branch_applies_strength", R + "test_runtime_under_autocast_applies_strength",
             R + "test_merge_lora_twice_then_unmerge_restores_bit_for_bit",
             "tests/test_runtime.py::test_fastvideo_style_layers_returning_tuples",
             "tests/test_runtime.py::test_merge_is_fp32_cast_once_and_unmerge_bit_exact",
             "tests/test_runtime.py::test_missing_targets_raise_listing_them_and_touch_nothing",
-            "tests/test_runtime.py::test_remove_restores_outputs_and_state_dict_exactly",
-            "tests/test_runtime.py::test_two_adapters_at_once_and_strengths"]
+            "tests/test_runtime.py::test_remove_restores_outputs_and_state_dict_exactly"]
 _MERGE = ["tests/test_merge.py::test_parse_lora_arg", "tests/test_merge.py::test_single_file_base_and_exact_fp32_merge",
           "tests/test_merge.py::test_merge_math_fp32_cast_once_and_dtype_option",
           R + "test_merge_output_dtypes_and_values", "tests/test_merge.py::test_unmapped_lora_modules",
-          "tests/test_merge.py::test_merged_checkpoint_reproduces_apply_lora[longcat]",
-          "tests/test_merge.py::test_bad_bases_fail_cleanly"]
+          "tests/test_merge.py::test_merged_checkpoint_reproduces_apply_lora[longcat]"]
 SUBSETS = {
     "formats": _FORMATS,
     "adapter.py": _FORMATS,
     "naming.py": ["tests/test_fixtures_and_naming.py"] + _FORMATS[:9] + _RUNTIME[3:5],
     "st.py": [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_alpha_scale_shapes_and_dtypes",
-              R + "test_overlapping_data_offsets_are_refused", R + "test_failed_convert_leaves_existing_out_byte_identical",
-              R + "test_out_equal_to_input_is_refused_by_resolved_path", F + "test_round_trip_bit_exact[dtype0-longcat]",
-              F + "test_round_trip_bit_exact[dtype1-fastvideo]", "tests/test_bad_input.py", "tests/test_fuzz.py",
-              "tests/test_cli.py::test_convert_round_trip_cli_bit_exact"],
+              R + "test_bad_input_classes_in_process", R + "test_overlapping_data_offsets_are_refused",
+              "tests/test_fuzz.py", R + "test_failed_convert_leaves_existing_out_byte_identical",
+              R + "test_out_equal_to_input_is_refused_by_resolved_path", F + "test_round_trip_bit_exact[dtype0-longcat]"],
     "runtime.py": _RUNTIME,
-    "targets.py": _RUNTIME + _MERGE[:3],
+    "targets.py": _RUNTIME[:5] + _MERGE[:3],
     "merge.py": _MERGE,
-    "verify.py": [R + "test_verify_reports_the_reference_relative_error",
-                  "tests/test_cli.py::test_verify_exit_codes_and_worst_location",
-                  F + "test_verify_across_formats_detects_perturbation"],
+    "verify.py": [R + "test_verify_when_the_two_sides_split_rows_differently",
+                  R + "test_verify_reports_the_reference_relative_error",
+                  "tests/test_cli.py::test_verify_exit_codes_and_worst_location"],
 }
 
 
@@ -127,11 +121,12 @@ HAND = [  # (file, exact old text, new text, the bug it stands for)
     ("runtime.py", "dst += (hb @ b.up.T).to(y.dtype) * (b.scale * s)", "dst += (hb @ b.up.T).to(y.dtype) * b.scale",
      "runtime mixed-dtype branch ignores strength"),
     ("runtime.py", "if layer not in st.originals:", "if True:", "second merge_lora overwrites the saved originals"),
-    ("st.py", "os.chmod(tmp, 0o666 & ~umask)", "os.chmod(tmp, 0o666 & ~umask); os.remove(tmp); tmp = out",
+    ("st.py", "tmp = _create_temp(parent, base, directory)", "tmp = out if not directory else _create_temp(parent, base, directory)",
      "file output written straight to OUT"),
     ("st.py", "real_out = os.path.realpath(out)", "real_out = out", "OUT == input compared as strings (out)"),
     ("st.py", "real_in = os.path.realpath(p)", "real_in = p", "OUT == input compared as strings (input)"),
-    ("st.py", "if lo != expected:", "if lo > expected:", "header parser accepts overlapping data_offsets"),
+    ("st.py", "if info.start != end:\n                what = (", "if info.start > end:\n                what = (",
+     "header parser accepts overlapping data_offsets"),
     ("formats/_common.py", "for i in infos if i.alpha != alpha}", "for i in infos if i.alpha != alpha and i.rank != r}",
      "PEFT alpha_pattern omitted at the default rank"),
 ]
@@ -364,6 +359,7 @@ def run_tests(tree: str, tests: list[str], timeout: float) -> tuple[str, float, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hand", action="store_true", help="only the hand-made mutants")
+    ap.add_argument("--no-hand", action="store_true", help="only generated mutants")
     ap.add_argument("--sample", type=int, default=120, help="generated mutants to run (0: all); default 120")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", help="only mutants of this core file (e.g. st.py, formats/peft.py)")
@@ -377,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     tree = copy_tree(args.rev)
     try:
         mutants, stale = hand_mutants(tree)
+        if args.no_hand:
+            mutants = []
         for s in stale:
             print(f"hand mutant skipped: {s}")
         generated: list[Mutant] = []
