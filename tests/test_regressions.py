@@ -490,3 +490,22 @@ def test_bad_input_classes_in_process(tmp_path, capsys, to):
         assert len(err.splitlines()) == 1 and err.startswith("longcat-lora: error: "), (name, err)
         assert "internal error" not in err and os.path.basename(path) in err, (name, err)
         assert not out.exists() and set(os.listdir(tmp_path)) == before, name
+
+
+def test_runtime_default_strength_is_one(tmp_path):
+    """apply_lora and merge_lora without a strength apply the LoRA at multiplier 1 (the official
+    default): W x + dW x, and W + dW."""
+    layer = nn.Linear(12, 20, bias=False)
+    model = _one_layer_model(layer)
+    dW = _w1_lora(str(tmp_path / "l.safetensors"), 12, 20)
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(9))
+    W = layer.weight.detach().double().clone()
+    name = L.apply_lora(model, str(tmp_path / "l.safetensors"))
+    assert L.active_loras(model) == {name: 1.0}
+    with torch.no_grad():
+        assert rel_err(x.double() @ (W + dW).T, layer(x).double()) < 1e-6
+    L.remove_lora(model)
+    L.merge_lora(model, str(tmp_path / "l.safetensors"))
+    assert rel_err(W + dW, layer.weight.detach().double()) < 1e-6
+    L.unmerge_lora(model)
+    assert torch.equal(layer.weight.detach().double(), W)

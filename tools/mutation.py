@@ -51,7 +51,7 @@ E = "tests/test_exactness.py::"
 F = "tests/test_formats.py::"
 _FORMATS = [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_reads_what_fastvideo_accepts",
             E + "test_up_blocks_ordered_by_integer_index", E + "test_alpha_scale_shapes_and_dtypes",
-            E + "test_missing_alpha_scale_means_one", R + "test_bad_input_classes_in_process",
+            E + "test_missing_alpha_scale_means_one", R + "test_bad_input_classes_in_process", "tests/test_golden.py",
             R + "test_fold_is_computed_in_float64_and_rounded_once", R + "test_fastvideo_alpha_below_one_means_scale_one",
             R + "test_fastvideo_writer_folds_when_alpha_is_below_one", E + "test_int_alpha_truncation_is_what_fastvideo_does",
             E + "test_round_trip_native_fastvideo_native_bit_exact[None-dtype3]",
@@ -64,8 +64,13 @@ _RUNTIME = [R + "test_runtime_mixed_dtype_branch_applies_strength", R + "test_ru
             "tests/test_runtime.py::test_fastvideo_style_layers_returning_tuples",
             "tests/test_runtime.py::test_merge_is_fp32_cast_once_and_unmerge_bit_exact",
             "tests/test_runtime.py::test_missing_targets_raise_listing_them_and_touch_nothing",
-            "tests/test_runtime.py::test_remove_restores_outputs_and_state_dict_exactly"]
+            R + "test_runtime_default_strength_is_one",
+            "tests/test_runtime.py::test_remove_restores_outputs_and_state_dict_exactly",
+            "tests/test_int8_runtime.py::test_is_int8_layer_by_what_it_holds",
+            "tests/test_int8_runtime.py::test_merge_into_int8_requantizes_reports_and_unmerges_bit_exact",
+            "tests/test_int8_runtime.py::test_unadaptable_layer_is_named_with_the_reason"]
 _MERGE = ["tests/test_merge.py::test_parse_lora_arg", "tests/test_merge.py::test_single_file_base_and_exact_fp32_merge",
+          "tests/test_golden.py",
           "tests/test_merge.py::test_merge_math_fp32_cast_once_and_dtype_option",
           R + "test_merge_output_dtypes_and_values", "tests/test_merge.py::test_unmapped_lora_modules",
           "tests/test_merge.py::test_merged_checkpoint_reproduces_apply_lora[longcat]"]
@@ -74,7 +79,7 @@ SUBSETS = {
     "adapter.py": _FORMATS,
     "naming.py": ["tests/test_fixtures_and_naming.py"] + _FORMATS[:9] + _RUNTIME[3:5],
     "st.py": [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_alpha_scale_shapes_and_dtypes",
-              R + "test_bad_input_classes_in_process", R + "test_overlapping_data_offsets_are_refused",
+              R + "test_bad_input_classes_in_process", R + "test_overlapping_data_offsets_are_refused", "tests/test_golden.py",
               "tests/test_fuzz.py", R + "test_failed_convert_leaves_existing_out_byte_identical",
               R + "test_out_equal_to_input_is_refused_by_resolved_path", F + "test_round_trip_bit_exact[dtype0-longcat]"],
     "runtime.py": _RUNTIME,
