@@ -391,8 +391,16 @@ def main(argv: list[str] | None = None) -> int:
             generated = [m for m in generated if m.path.endswith(args.only)]
         total_generated = len(generated)
         if args.sample and len(generated) > args.sample:
-            generated = random.Random(args.seed).sample(generated, args.sample)
-            generated.sort(key=lambda m: (CORE.index(m.path.removeprefix(PKG + "/")), m.where))
+            # stratified by file: each file its share of the sample, at least one mutant
+            rng = random.Random(args.seed)
+            by_file: dict[str, list[Mutant]] = {}
+            for m in generated:
+                by_file.setdefault(m.path, []).append(m)
+            picked = []
+            for path, ms in by_file.items():
+                k = max(1, round(args.sample * len(ms) / len(generated)))
+                picked += rng.sample(ms, min(k, len(ms)))
+            generated = picked
         mutants += generated
         print(f"{len(mutants)} mutants ({len(mutants) - len(generated)} hand-made, {len(generated)} of "
               f"{total_generated} generated{', a seeded sample' if len(generated) < total_generated else ''})")
