@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with open(target, "w") as f:
                     f.write(m.source)
-                status, dt, info = run_tests(tree, list(tests), timeout=3 * baseline[tests] + 30)
+                status, dt, info = run_tests(tree, list(tests), timeout=4 * baseline[tests] + 60)
             finally:
                 with open(target, "w") as f:
                     f.write(original)
@@ -441,9 +441,10 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"\n      killed by {info}" if status == "killed" and m.hand else ""), flush=True)
         n = len(results)
         killed = sum(1 for _, s, _, _ in results if s in ("killed", "timeout"))
+        timeouts = sum(1 for _, s, _, _ in results if s == "timeout")
         eqv = sum(1 for _, s, _, _ in results if s == "equivalent")
         survivors = [m for m, s, _, _ in results if s == "survived"]
-        print(f"\n{n} mutants run in {time.monotonic() - start:.0f} s: {killed} killed, {eqv} equivalent, "
+        print(f"\n{n} mutants run in {time.monotonic() - start:.0f} s: {killed} killed ({timeouts} by timeout), {eqv} equivalent, "
               f"{len(survivors)} survived")
         if n - eqv:
             print(f"score: {killed}/{n - eqv} = {100 * killed / (n - eqv):.1f}% of non-equivalent mutants killed")
