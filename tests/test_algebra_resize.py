@@ -348,3 +348,72 @@ def test_combine_bad_options_exit_2(native, tmp_path):
     p = cli("combine", out, "--lora", src, "--lora", str(tmp_path / "missing.safetensors"), check=2)
     assert "missing.safetensors" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == ["in.safetensors"]
+
+
+# ---------------------------------------------------------------- the shared core
+
+
+def test_factored_svd_is_the_svd_of_the_product_for_any_shape():
+    from longcat_lora.algebra import factored_svd
+
+    g = torch.Generator().manual_seed(0)
+    for m, r, n in ((50, 6, 40), (5, 8, 40), (50, 8, 3), (30, 10, 30)):
+        up, down = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(r, n, generator=g, dtype=torch.float64)
+        up[:, -1] = up[:, 0]  # rank-deficient factor: the QR path
+        u, s, vh = factored_svd(up, down)
+        want = torch.linalg.svdvals(up @ down)
+        q = min(m, r, n)
+        assert u.shape == (m, q) and s.shape == (q,) and vh.shape == (q, n)
+        assert torch.allclose(s, want[:q], rtol=0, atol=1e-12 * float(want[0]))
+        assert rel_err((u * s) @ vh, up @ down) < 1e-13
+        assert torch.allclose(u.T @ u, torch.eye(q, dtype=torch.float64), atol=1e-12)
+
+
+def test_dense_svd_randomized_recovers_a_planted_low_rank_matrix():
+    from longcat_lora.algebra import dense_svd
+
+    g = torch.Generator().manual_seed(1)
+    m, n, k = 1500, 1300, 24
+    x = torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g)
+    noise = 1e-4 * torch.randn(m, n, generator=g)
+    u, s, vh = dense_svd(x + noise, k, exact_below=256, generator=g)  # the randomized branch
+    want = torch.linalg.svdvals((x + noise).double())[:k]
+    assert u.shape == (m, k) and vh.shape == (k, n)
+    assert float(((s - want).abs() / want).max()) < 1e-4
+    assert rel_err((u * s) @ vh, x.double()) < 1e-4
+
+
+def test_rank_rules_on_known_singular_values():
+    from longcat_lora.algebra import RankRule
+    from longcat_lora.errors import LoraError
+
+    s = torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=torch.float64)  # s^2: 9, 4, 1, 0.25 (total 14.25)
+    assert [RankRule(rank=r).choose(s) for r in (1, 3, 9)] == [1, 3, 4]
+    assert [RankRule(energy=f).choose(s) for f in (0.5, 0.63, 0.64, 0.9, 0.95, 1.0)] == [1, 1, 2, 2, 3, 4]
+    assert [RankRule(max_error=e).choose(s) for e in (0.99, 0.5, 0.3, 0.1, 0.0)] == [1, 2, 2, 4, 4]
+    assert RankRule(energy=0.5).choose(torch.zeros(3, dtype=torch.float64)) == 0
+    for kw, name in ((dict(), "rank"), (dict(rank=0), "rank"), (dict(energy=0.0), "energy"),
+                     (dict(energy=1.01), "energy"), (dict(max_error=-0.1), "max_error"),
+                     (dict(max_error=1.0), "max_error"), (dict(rank=2, energy=0.5), "energy")):
+        with pytest.raises(LoraError, match=name):
+            RankRule.parse(**kw)
+
+
+def test_wide_and_rank_deficient_blocks_take_the_qr_path(native, tmp_path):
+    """Rank 20 > final_layer.linear's 16 rows, and a rank-deficient qkv up block: same guarantees."""
+    src0 = native("refinement", rank=20, dtype=torch.float32, alpha_scale=0.3, name="wide0.safetensors")
+    sd = load_file(src0)
+    k = f"lora{SEP}blocks{SEP}3{SEP}attn{SEP}qkv.lora_up.blocks.1.weight"
+    sd[k][:, 5:] = sd[k][:, :1]  # this block's change has rank 5
+    src = str(tmp_path / "wide.safetensors")
+    save_file(sd, src)
+    ref, nblocks = official_delta(src), up_blocks(src)
+    for rank in (20, 4):
+        out = str(tmp_path / f"w{rank}.safetensors")
+        report = resize_lora(src, out, rank=rank)
+        errs, rep = true_errors(ref, out), report_errors(report)
+        for m in ("final_layer.linear", "blocks.3.attn.qkv", "blocks.3.attn.proj"):
+            assert errs[m] == pytest.approx(optimum(ref[m], [rank] * nblocks[m]), rel=1e-4, abs=1e-6), (m, rank)
+            assert rep[m] == pytest.approx(errs[m], rel=1e-4, abs=1e-7), (m, rank)
+        if rank == 20:
+            assert max(errs.values()) <= 1e-6

@@ -17,7 +17,7 @@ from ..adapter import LoraAdapter, LoraModule, Part, cat_rows, folded, placed
 from ..errors import LoraError
 from ..formats import load_lora, save_lora
 from ..formats._common import in_file_order
-from .engine import Cell, ModulePlan, Term, _Realised, build_adapter, output_dtype, plan_modules, write_report
+from .engine import Cell, ModulePlan, Term, Realised, build_adapter, output_dtype, plan_modules, write_report
 from .lowrank import RankRule, Report
 from .resize import check_target
 
@@ -95,7 +95,7 @@ def combine_loras(out: str, loras: Iterable[tuple[str, float]], *, rank: int | N
             dt = output_dtype(dtype, [s.dtype for ad in adapters for m in ad.modules.values() for p in m.parts
                                       for s in (p.up, p.down)])
             plan_modules(mps, rule, progress, "combine: SVD")
-            realised = _Realised(dt)
+            realised = Realised(dt)
         result = build_adapter(mps, realised, _exact_module)
         result.path = out
         skipped = save_lora(result, out, format, overwrite=overwrite, skip_unmapped=skip_unmapped, inputs=paths,

@@ -249,7 +249,7 @@ def single_threaded():
 # ---------------------------------------------------------------- lazy output modules
 
 
-class _Realised:
+class Realised:
     """Each module's output factors, computed on first use, kept for the last two modules (the writer
     produces the next tensor on a second thread while it writes this one)."""
 
@@ -287,11 +287,11 @@ def _raw(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.uint8).numpy().reshape(t.shape[0], -1)
 
 
-def _lazy(realised: _Realised, mp: ModulePlan, i: int, which: int, shape: tuple[int, int]) -> Source:
+def _lazy(realised: Realised, mp: ModulePlan, i: int, which: int, shape: tuple[int, int]) -> Source:
     return Computed(shape, realised.dtype, lambda check: _raw(realised.get(mp)[i][which]))
 
 
-def lowrank_module(mp: ModulePlan, realised: _Realised) -> LoraModule:
+def lowrank_module(mp: ModulePlan, realised: Realised) -> LoraModule:
     """The output module of a planned (truncated) module: one part per cell, factors computed on demand."""
     assert mp.plans is not None
     parts = []
@@ -360,8 +360,7 @@ def stored_size(path: str) -> tuple[int, int]:
     return params, os.path.getsize(path)
 
 
-def module_reports(mps: list[ModulePlan], realised: _Realised | None, dw_sq: Callable[[ModulePlan], float] | None
-                   ) -> list[ModuleReport]:
+def module_reports(mps: list[ModulePlan], realised: Realised | None) -> list[ModuleReport]:
     """Per-module report rows. Truncated modules: the true error from `realised` (computing any module
     a writer did not ask for). Exact modules: error 0, everything retained."""
     rows = []
@@ -382,18 +381,25 @@ def module_reports(mps: list[ModulePlan], realised: _Realised | None, dw_sq: Cal
     return rows
 
 
-def write_report(operation: str, rule: str, mps: list[ModulePlan], realised: _Realised | None,
+def write_report(operation: str, rule: str, mps: list[ModulePlan], realised: Realised | None,
                  inputs: list[str], out: str, fmt: str) -> Report:
     before = [stored_size(p) for p in inputs]
     after = stored_size(out)
-    return Report(operation, rule, module_reports(mps, realised, None),
+    return Report(operation, rule, module_reports(mps, realised),
                   params_before=sum(p for p, _ in before), params_after=after[0],
                   bytes_before=sum(b for _, b in before), bytes_after=after[1], output=out, format_out=fmt)
 
 
-def build_adapter(mps: list[ModulePlan], realised: _Realised | None,
-                  exact_module: Callable[[ModulePlan], LoraModule]) -> LoraAdapter:
+def build_adapter(mps: list[ModulePlan], realised: Realised | None,
+                  exact_module: Callable[[ModulePlan], LoraModule] | None = None) -> LoraAdapter:
+    """The output adapter: truncated modules computed on demand through `realised`, exact ones by
+    `exact_module`."""
     modules = {}
     for mp in mps:
-        modules[mp.name] = lowrank_module(mp, realised) if mp.plans is not None else exact_module(mp)  # type: ignore[arg-type]
+        if mp.plans is not None:
+            assert realised is not None
+            modules[mp.name] = lowrank_module(mp, realised)
+        else:
+            assert exact_module is not None
+            modules[mp.name] = exact_module(mp)
     return LoraAdapter(modules, format="memory")

@@ -13,7 +13,7 @@ import os
 from ..errors import LoraError
 from ..formats import FORMATS, load_lora, save_lora
 from ..formats._common import in_file_order
-from .engine import Cell, ModulePlan, Term, _Realised, build_adapter, output_dtype, plan_modules, write_report
+from .engine import Cell, ModulePlan, Term, Realised, build_adapter, output_dtype, plan_modules, write_report
 from .lowrank import RankRule, Report
 
 
@@ -51,8 +51,8 @@ def resize_lora(src: str, out: str, *, rank: int | None = None, energy: float | 
                                   max(p.rank for p in parts)))
         dt = output_dtype(dtype, [s.dtype for m in adapter.modules.values() for p in m.parts for s in (p.up, p.down)])
         plan_modules(mps, rule, progress, "resize: SVD")
-        realised = _Realised(dt)
-        result = build_adapter(mps, realised, lambda mp: None)  # type: ignore[arg-type,return-value]
+        realised = Realised(dt)
+        result = build_adapter(mps, realised)
         result.path = src
         result.scale_dtype = None
         skipped = save_lora(result, out, format, overwrite=overwrite, skip_unmapped=skip_unmapped, inputs=[src],
