@@ -130,7 +130,8 @@ def main() -> None:
                 shutil.rmtree(p, ignore_errors=True)
             subprocess.run([sys.executable, "-c", GEN.format(base=base, tuned=tuned, **fmt)], check=True)
         size = sum(os.path.getsize(os.path.join(tuned, f)) for f in os.listdir(tuned))
-        settle([base, tuned], (["cp", "--version"], [sys.executable, "-c", "import torch, longcat_lora.algebra.extract"]))
+        warm = (["cp", "--version"], [sys.executable, "-c", "import torch, longcat_lora.algebra.extract"])
+        settle([base, tuned], warm)
         t_cp, _ = run(["cp", "-r", tuned, os.path.join(tmp, "cp")])
         shutil.rmtree(os.path.join(tmp, "cp"))
         settle([base, tuned])
@@ -142,9 +143,10 @@ def main() -> None:
               f"(largest weight, ffn.w1 in fp32: {11008 * 4096 * 4 / 2**20:.0f} MiB)")
         subprocess.run([sys.executable, "-c", CHECK.format(out=out, **fmt)], check=True)
     finally:
-        if keep:
-            for p in (os.path.join(tmp, "out.safetensors"), os.path.join(tmp, "cp")):
-                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+        if keep:  # the checkpoints stay; the outputs go
+            shutil.rmtree(os.path.join(tmp, "cp"), ignore_errors=True)
+            if os.path.exists(os.path.join(tmp, "out.safetensors")):
+                os.remove(os.path.join(tmp, "out.safetensors"))
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
