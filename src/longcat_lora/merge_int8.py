@@ -164,7 +164,8 @@ class Int8Merge:
         return plain_name(shard) if self.out_dtype is not None else shard
 
     def entries(self, shard: str, sf: SafeFile, plain: Callable[[str], Entry]) -> list[Entry]:
-        """This shard's entries in input order; `plain(name)` makes the entry of any other tensor."""
+        """This shard's entries in input order, except that an adapted layer's weight_scale follows its
+        weight_int8 when both are in this shard; `plain(name)` makes the entry of any other tensor."""
         out: list[Entry] = []
         for name in sorted(sf.keys(), key=lambda k: sf.info(k).start):
             layer, kind = _split(name)
