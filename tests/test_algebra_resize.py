@@ -417,3 +417,24 @@ def test_wide_and_rank_deficient_blocks_take_the_qr_path(native, tmp_path):
             assert rep[m] == pytest.approx(errs[m], rel=1e-4, abs=1e-7), (m, rank)
         if rank == 20:
             assert max(errs.values()) <= 1e-6
+
+
+def test_nonfinite_input_and_fp16_overflow_exit_2_naming_the_module(native, tmp_path):
+    src0 = native("cfg_step", rank=2, dtype=torch.float32, name="in.safetensors")
+    sd = load_file(src0)
+    k = f"lora{SEP}blocks{SEP}7{SEP}attn{SEP}proj.lora_up.weight"
+    bad = dict(sd)
+    bad[k] = sd[k].clone()
+    bad[k][3, 1] = float("nan")
+    nan_path = str(tmp_path / "nan.safetensors")
+    save_file(bad, nan_path)
+    huge = dict(sd)
+    huge[k] = sd[k] * 1e12
+    huge_path = str(tmp_path / "huge.safetensors")
+    save_file(huge, huge_path)
+    for path, args, what in ((nan_path, [], "non-finite"), (huge_path, ["--dtype", "fp16"], "overflow")):
+        out = tmp_path / "out.safetensors"
+        p = cli("resize", path, out, "--rank", "1", *args, check=2)
+        assert len(p.stderr.strip().splitlines()) == 1 and "blocks.7.attn.proj" in p.stderr and what in p.stderr
+        assert not out.exists()
+    cli("resize", huge_path, tmp_path / "ok.safetensors", "--rank", "1")  # fits in its own fp32

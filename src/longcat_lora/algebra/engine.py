@@ -115,10 +115,12 @@ class Workspace:
         return buf[:rows * cols].view(rows, cols)
 
 
-def stacked(cell: Cell, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+def stacked(cell: Cell, ws: Workspace, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(up_stack [rows, R], down_stack [R, in]) in float64 with each term's factor folded into its up.
 
-    The results live in `ws` and are valid until its next use."""
+    The results live in `ws` and are valid until its next use. Inf/NaN in the inputs is refused."""
+    import torch
+
     h = cell.rows[1] - cell.rows[0]
     n = cell.terms[0].down.shape[1]
     a = ws.take("up", h, cell.rank)
@@ -131,6 +133,8 @@ def stacked(cell: Cell, ws: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
             a[:, c:c + r].mul_(t.factor)
         b[c:c + r].copy_(t.down.load())
         c += r
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise LoraError(f"{where}: non-finite values (NaN/Inf) in its LoRA weights (or strength x scale)")
     return a, b
 
 
@@ -142,13 +146,13 @@ def fixed_stored(cell: Cell, rule: RankRule) -> int | None:
     return min(rule.rank, cell.rows[1] - cell.rows[0], cell.rank, n)
 
 
-def plan_cell(cell: Cell, rule: RankRule, ws: Workspace, stored: int | None = None,
+def plan_cell(cell: Cell, rule: RankRule, ws: Workspace, where: str, stored: int | None = None,
               loaded: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellPlan:
     """The exact singular values of a cell's change, the rank the rule picks, and the transforms to the
     leading singular vectors (`stored` of them: max(k, 1) unless given)."""
     import torch
 
-    a, b = loaded if loaded is not None else stacked(cell, ws)
+    a, b = loaded if loaded is not None else stacked(cell, ws, where)
     m, r = a.shape
     n = b.shape[1]
     if r <= min(m, n):
@@ -193,9 +197,9 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
     """
     import torch
 
-    a, b = stacked(cell, ws)
+    a, b = stacked(cell, ws, where)
     if plan.rule is not None:  # deferred (fixed rank): plan now, from the factors already loaded
-        done = plan_cell(cell, plan.rule, ws, plan.stored, (a, b))
+        done = plan_cell(cell, plan.rule, ws, where, plan.stored, (a, b))
         plan.s, plan.k, plan.x, plan.y, plan.rule = done.s, done.k, done.x, done.y, None
     assert plan.s is not None
     k = plan.stored
@@ -210,23 +214,21 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
     up64 = u * root
     down64 = (v * root).T
     td = torch_dtype(dtype)
+    # the factors' entries are at most sqrt(s_max) in size (U and V have unit columns): they can only
+    # overflow the output dtype if sqrt(s_max) does, so one comparison replaces a scan of every value
+    if not float(root[0]) < torch.finfo(td).max / 2:
+        raise LoraError(f"{where}: the new factors overflow {dtype} (choose a wider --dtype)")
     up = up64.to(td)
     down = down64.to(td).contiguous()
-    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
-        raise LoraError(f"{where}: the new factors overflow {dtype} (choose a wider --dtype)")
     err2 = _tail_sq(plan.s, k)
     if td != torch.float64:
         da = up.to(torch.float64) - up64  # [m, k]
         down_st = down.to(torch.float64)
         db = down_st - down64  # [k, n]
-        left = torch.cat([da, u], 1)
-        gl = left.T @ left  # [da u]^T [da u]
-        gda, gdu, guu = gl[:k, :k], gl[:k, k:], gl[k:, k:]
-        right = torch.cat([down_st, db], 0)
-        gr = right @ right.T
-        gbb, gbd, gdd = gr[:k, :k], gr[:k, k:], gr[k:, k:]
-        rs = root[:, None] * gdd * root[None, :]  # (sqrt(S) dB)(sqrt(S) dB)^T
-        r2 = _dot(gda, gbb) + _dot(guu, rs) + 2.0 * _dot(gdu * root[None, :], gbd)
+        gdu = da.T @ u
+        gbd = down_st @ db.T
+        rs = root[:, None] * (db @ db.T) * root[None, :]  # (sqrt(S) dB)(sqrt(S) dB)^T
+        r2 = _dot(da.T @ da, down_st @ down_st.T) + _dot(u.T @ u, rs) + 2.0 * _dot(gdu * root[None, :], gbd)
         cross = _dot(a.T @ da, b @ db.T) - _dot(s[:, None] * gdu.T, v.T @ db.T)  # <dW - U S Vh, dA dB>
         err2 = err2 + r2 - 2.0 * cross
     return up.contiguous(), down, max(err2, 0.0)
@@ -317,7 +319,7 @@ def plan_modules(mps: list[ModulePlan], rule: RankRule, progress: bool, desc: st
                 for c in mp.cells:
                     stored = fixed_stored(c, rule)
                     # a fixed rank needs no pass before writing: the SVD is done once, as the module is written
-                    mp.plans.append(plan_cell(c, rule, ws) if stored is None
+                    mp.plans.append(plan_cell(c, rule, ws, f"module {mp.name}") if stored is None
                                     else CellPlan(None, -1, stored, None, None, rule))
                 if bar is not None:
                     bar.update(1)
