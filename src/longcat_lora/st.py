@@ -162,6 +162,7 @@ def _header_hook(base: int) -> Callable[[list], object]:
     """json object_pairs_hook: a well-formed tensor entry becomes its TensorInfo as soon as it is parsed
     (no dict per entry); anything else is kept as an _Obj, checked later with its name (`_entry`)."""
     itemsize, intern, info, obj = ITEMSIZE, _DTYPE, TensorInfo, _Obj
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}  # one tuple per distinct shape
 
     def hook(pairs: list) -> object:
         if len(pairs) != 3:
@@ -182,7 +183,8 @@ def _header_hook(base: int) -> Callable[[list], object]:
                 return obj(pairs)
         if nbytes != hi - lo:
             return obj(pairs)
-        return info(intern[dtype], tuple(shape), base + lo, base + hi)
+        t = tuple(shape)
+        return info(intern[dtype], shapes.setdefault(t, t), base + lo, base + hi)
 
     return hook
 
@@ -311,7 +313,9 @@ class SafeFile:
         gc.disable()  # a million small containers would trigger collections over and over
         try:
             try:
-                header = json.loads(raw.decode("utf-8"), object_pairs_hook=_header_hook(base),
+                text = raw.decode("utf-8")
+                del raw  # the bytes are not needed while the text is parsed
+                header = json.loads(text, object_pairs_hook=_header_hook(base),
                                     parse_constant=_no_constant, parse_float=_finite_float)
             except UnicodeDecodeError:
                 raise LoraError(f"{self.path}: not a safetensors file: its header is not UTF-8") from None
@@ -320,6 +324,7 @@ class SafeFile:
             except ValueError as e:  # JSONDecodeError, NaN/Infinity, an integer of over 4300 digits
                 what = e.msg if isinstance(e, json.JSONDecodeError) else str(e).splitlines()[0][:80]
                 raise LoraError(f"{self.path}: not a safetensors file: its header is not JSON ({what})") from None
+            del text
             if type(header) is not _Obj:
                 raise LoraError(f"{self.path}: corrupt safetensors header: not a JSON object")
             infos: dict[str, object] = dict(header)
