@@ -509,3 +509,40 @@ def test_runtime_default_strength_is_one(tmp_path):
     assert rel_err(W + dW, layer.weight.detach().double()) < 1e-6
     L.unmerge_lora(model)
     assert torch.equal(layer.weight.detach().double(), W)
+
+
+# --------------------------------------------------------------- PEFT: the weights file itself; r = 0
+
+def _peft_dir(tmp_path):
+    src = write_native_lora(str(tmp_path / "n.safetensors"), "cfg_step", dims=DIMS, rank=2, dtype=torch.float32,
+                            alpha_scale=0.75, seed=7)
+    L.convert(src, str(tmp_path / "adapter"), "peft")
+    return src, tmp_path / "adapter"
+
+
+def test_peft_weights_file_reads_like_its_directory(tmp_path):
+    """README: "a PEFT directory or the weights file inside it". The weights file given directly reads
+    with the config beside it (scale 0.75, not 1); alone, it is refused (exit 2, one line)."""
+    src, d = _peft_dir(tmp_path)
+    native = str(tmp_path / "back.safetensors")
+    L.convert(str(d / "adapter_model.safetensors"), native, "longcat")
+    assert worst(official_delta(src), official_delta(native)) < 1e-15
+    (tmp_path / "lone").mkdir()
+    os.replace(d / "adapter_model.safetensors", tmp_path / "lone" / "adapter_model.safetensors")
+    p = cli("inspect", tmp_path / "lone" / "adapter_model.safetensors", check=2)
+    assert "adapter_config.json" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("field", ["r", "rank_pattern"])
+def test_peft_rank_zero_is_refused_as_not_positive(tmp_path, field):
+    """The boundary of "r must be a positive integer": 0 (r, or a rank_pattern value) is refused and
+    the message says why, whether or not a module uses it."""
+    src, d = _peft_dir(tmp_path)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    if field == "r":
+        cfg["r"] = 0
+    else:
+        cfg["rank_pattern"] = {"blocks.7.ffn.w1": 0}  # a module the file does not have
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    p = cli("inspect", d, check=2)
+    assert "positive integer" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -58,6 +58,7 @@ _FORMATS = [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_reads_
             F + "test_split_parts_with_different_ranks_and_alphas", F + "test_comfyui_file_semantics",
             F + "test_fastvideo_names_in_other_formats_map_to_longcat_modules",
             F + "test_round_trip_bit_exact[dtype0-peft]", R + "test_peft_alpha_pattern_for_a_default_rank_module",
+            R + "test_peft_weights_file_reads_like_its_directory", R + "test_peft_rank_zero_is_refused_as_not_positive",
             F + "test_diffusers_file_loads_in_real_diffusers"]
 _RUNTIME = [R + "test_runtime_mixed_dtype_branch_applies_strength", R + "test_runtime_under_autocast_applies_strength",
             R + "test_merge_lora_twice_then_unmerge_restores_bit_for_bit",
@@ -372,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tests", nargs="+", help="run these tests for every mutant instead of the module's subset")
     ap.add_argument("--budget", type=float, default=1800, help="stop starting mutants after this many seconds")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--match", nargs="+", help="only mutants whose id contains one of these strings (e.g. to "
+                    "rerun the survivors of a run after adding tests)")
     args = ap.parse_args(argv)
     _load_equivalent()
 
@@ -386,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.hand:
             for rel in CORE:
                 generated += generated_mutants(tree, rel)
+        if args.match:
+            keep = lambda m: any(x in m.id for x in args.match)  # noqa: E731
+            mutants = [m for m in mutants if keep(m)]
+            generated = [m for m in generated if keep(m)]
         if args.only:
             mutants = [m for m in mutants if m.path.endswith(args.only)]
             generated = [m for m in generated if m.path.endswith(args.only)]
