@@ -186,7 +186,7 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
                                sorted(sf.keys(), key=lambda k: sf.info(k).start)]
                 write_safetensors(target, entries, sf.metadata or None, bar.update if bar else None, pipelined=PIPELINED)
             if b.directory and q8 is not None and out_dtype is not None:
-                q8.copy_rest(tmp)
+                q8.copy_rest(tmp, lambda src, dst: _copy_side_file(src, dst, b.path))
             elif b.directory:
                 _copy_rest(b, tmp, out_dtype)
             for sf in [*b.shards.values(), *(f for a, _ in loras if isinstance(a, LoraAdapter) for f in a.files),
