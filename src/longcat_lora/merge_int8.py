@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -291,11 +290,9 @@ class Int8Merge:
 
     # ------------------------------------------------------------------ side files and summary
 
-    def copy_rest(self, tmp: str, copy_entry: Callable[[str, str], None] | None = None) -> None:
+    def copy_rest(self, tmp: str, copy_entry: Callable[[str, str], None]) -> None:
         """A dequantized directory's other files: the index rewritten and renamed, quantization_config.json
-        left out, every other entry copied with `copy_entry(src, dst)` (merge's side-file copy; by default
-        directories recursively and links as links)."""
-        copy_entry = copy_entry or _copy_entry
+        left out, every other entry copied with `copy_entry(src, dst)` (merge's side-file copy)."""
         b = self.b
         for entry in os.listdir(b.path):
             if entry in b.shards or entry == QUANT_CONFIG:
@@ -342,13 +339,6 @@ class Int8Merge:
         far = max(self.report, key=lambda k: (self.report[k].steps, k))
         return (f"requantized {len(self.report)} INT8 weights; worst relative error {self.report[worst].rel:.1e} "
                 f"at {worst} (worst element {self.report[far].steps:.2f} steps, at {far})")
-
-
-def _copy_entry(src: str, dst: str) -> None:
-    if os.path.isdir(src) and not os.path.islink(src):
-        shutil.copytree(src, dst, symlinks=True)
-    else:
-        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def _split(name: str) -> tuple[str, str]:
