@@ -51,7 +51,8 @@ E = "tests/test_exactness.py::"
 F = "tests/test_formats.py::"
 _FORMATS = [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_reads_what_fastvideo_accepts",
             E + "test_up_blocks_ordered_by_integer_index", E + "test_alpha_scale_shapes_and_dtypes",
-            E + "test_missing_alpha_scale_means_one", R + "test_bad_input_classes_in_process", "tests/test_golden.py",
+            E + "test_missing_alpha_scale_means_one", R + "test_bad_input_classes_in_process",
+            R + "test_every_format_reads_back_bit_exact", "tests/test_golden.py",
             R + "test_fold_is_computed_in_float64_and_rounded_once", R + "test_fastvideo_alpha_below_one_means_scale_one",
             R + "test_fastvideo_writer_folds_when_alpha_is_below_one", E + "test_int_alpha_truncation_is_what_fastvideo_does",
             E + "test_round_trip_native_fastvideo_native_bit_exact[None-dtype3]",
