@@ -306,8 +306,12 @@ def test_stale_temps_of_dead_writers_are_reclaimed_and_nothing_else(native, tmp_
     stale_file.write_bytes(b"partial")
     stale_dir = work / f".peft_out.longcat-lora-{dead}.3.tmp"
     (stale_dir / "x").mkdir(parents=True)
-    stale_old = work / f".merged.longcat-lora-{dead}.old"
+    stale_old = work / f".merged.longcat-lora-{dead}.old"  # its OUT was put in place: removed
     stale_old.mkdir()
+    (work / "merged").mkdir()
+    orphan_old = work / f".only.longcat-lora-{dead}.2.old"  # killed between the renames: OUT missing
+    (orphan_old / "shard.safetensors").parent.mkdir()
+    (orphan_old / "shard.safetensors").write_bytes(b"previous output")
     keep = [work / f".b.safetensors.longcat-lora-{live}.tmp",  # a live writer's
             work / ".hidden", work / f".c.longcat-lora-{dead}.tmpx", work / f"c.longcat-lora-{dead}.tmp",
             work / f".d.longcat-lora-{dead}.tmp.bak", work / f".e.longcat-lora-x{dead}.tmp"]
@@ -319,9 +323,11 @@ def test_stale_temps_of_dead_writers_are_reclaimed_and_nothing_else(native, tmp_
     link.symlink_to(outside)
     cli("convert", src, work / "out.safetensors", "--to", "fastvideo")
     assert not stale_file.exists() and not stale_dir.exists() and not stale_old.exists()
+    assert (work / "only" / "shard.safetensors").read_bytes() == b"previous output"  # restored, not deleted
     assert all(k.read_bytes() == b"keep" for k in keep)
     assert os.path.islink(link) and outside.read_bytes() == b"not ours"
-    assert sorted(os.listdir(work)) == sorted([k.name for k in keep] + [link.name, "out.safetensors"])
+    assert sorted(os.listdir(work)) == sorted([k.name for k in keep] + [link.name, "out.safetensors", "merged",
+                                                                        "only"])
 
 
 # ---- 4. merge never follows a link out of BASE; index paths stay inside BASE ------------------------
@@ -474,3 +480,15 @@ def test_output_modes_follow_the_umask(native, merge_setup, tmp_path, umask):
     assert mode(outs["peft"]) == 0o777 & ~umask and mode(outs["merge"]) == 0o777 & ~umask
     assert mode(outs["peft"] / "adapter_model.safetensors") == 0o666 & ~umask
 
+
+
+def test_paths_with_control_characters_stay_on_one_line(native, tmp_path):
+    """A user's path holding a newline or an escape sequence is shown escaped: the error is one line."""
+    p = cli("inspect", tmp_path / "no\nsuch\x1b[31m.safetensors", check=2)
+    assert p.stderr.count("\n") == 1 and "\x1b" not in p.stderr
+    assert "no\\nsuch\\x1b[31m.safetensors: no such file" in p.stderr
+    src = native("cfg_step")
+    out = tmp_path / "o\nut.safetensors"
+    cli("convert", src, out, "--to", "longcat")
+    p = cli("convert", src, out, "--to", "longcat", check=2)
+    assert p.stderr.count("\n") == 1 and "o\\nut.safetensors" in p.stderr and "--overwrite" in p.stderr

@@ -13,7 +13,7 @@ import json
 import sys
 
 from . import __version__
-from .errors import LoraError
+from .errors import LoraError, q
 from .formats import FORMATS, convert, load_lora
 from .interrupts import Terminated, handle_signals
 
@@ -30,13 +30,12 @@ def _convert(args: argparse.Namespace) -> int:
     skipped = convert(args.input, args.output, args.to, overwrite=args.overwrite,
                       skip_unmapped=args.skip_unmapped, allow_nonfinite=args.allow_nonfinite, progress=True)
     for m in skipped:
-        print(f"skipped (no name in {args.to}): {m}", file=sys.stderr)
-    print(f"wrote {args.output} ({args.to})" + (f", {len(skipped)} modules skipped" if skipped else ""))
+        print(f"skipped (no name in {args.to}): {q(m)}", file=sys.stderr)
+    print(_line(f"wrote {args.output} ({args.to})" + (f", {len(skipped)} modules skipped" if skipped else "")))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .errors import q
     from .verify import compare
 
     with load_lora(args.a) as a, load_lora(args.b) as b:
@@ -58,7 +57,7 @@ def _merge(args: argparse.Namespace) -> int:
                               overwrite=args.overwrite, skip_unmapped=args.skip_unmapped, device=args.device,
                               progress=True)
     for m in report.skipped:
-        print(f"skipped (no base weight): {m}", file=sys.stderr)
+        print(f"skipped (no base weight): {q(m)}", file=sys.stderr)
     print(f"wrote {args.output}: {len(report.merged)} weights changed"
           + (f", {len(report.skipped)} LoRA modules skipped" if report.skipped else "")
           + (f"; {report.summary}" if report.summary else ""))
@@ -248,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _line(text: object) -> str:
+    """A message as exactly one line: control characters (a newline in a user's path, an escape
+    sequence) are shown escaped, never written to the log."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _error(text: object) -> None:
+    print(_line(f"longcat-lora: {text}"), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -255,26 +264,25 @@ def main(argv: list[str] | None = None) -> int:
         with handle_signals():  # SIGTERM unwinds like Ctrl-C, so temp outputs are removed
             return args.fn(args)
     except Terminated:
-        print("longcat-lora: terminated", file=sys.stderr)
+        _error("terminated")
         return 143
     except LoraError as e:
         if args.debug:
             raise
-        print(f"longcat-lora: error: {e}", file=sys.stderr)
+        _error(f"error: {e}")
         return 2
     except OSError as e:
         if args.debug:
             raise
-        print(f"longcat-lora: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        _error(f"error: {e.filename or ''}: {e.strerror or e}")
         return 2
     except KeyboardInterrupt:
-        print("longcat-lora: interrupted", file=sys.stderr)
+        _error("interrupted")
         return 130
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if args.debug:
             raise
-        print(f"longcat-lora: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)",
-              file=sys.stderr)
+        _error(f"internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)")
         return 3
 
 
