@@ -792,7 +792,9 @@ def remove_stale_temps(folder: str) -> list[str]:
     """Remove temp files and directories that killed runs of this package left in `folder`.
 
     Only names of our exact pattern whose writer pid is no longer alive, and only regular files or
-    directories by those names; anything else is never touched. Returns the paths removed.
+    directories by those names; anything else is never touched. A set-aside previous output (`.old`)
+    whose OUT is missing (the writer died between the two renames) is renamed back to OUT instead.
+    Returns the paths reclaimed.
     """
     removed = []
     try:
@@ -804,6 +806,21 @@ def remove_stale_temps(folder: str) -> list[str]:
         if m is None or _pid_alive(int(m["pid"])):
             continue
         path = os.path.join(folder, name)
+        if name.endswith(".old"):
+            # A previous OUT set aside by _put_in_place. If the writer died before the new OUT took its
+            # place, this is the only copy: put it back rather than delete it (a name cut short in the
+            # temp's name cannot be told: keep it).
+            out_name = name[1:name.rindex(TEMP_MARK)]
+            if len(out_name) >= 180:
+                continue
+            out = os.path.join(folder, out_name)
+            if not os.path.lexists(out):
+                try:
+                    os.rename(path, out)
+                except OSError:
+                    continue
+                removed.append(path)
+                continue
         try:
             mode = os.lstat(path).st_mode
             if stat.S_ISDIR(mode):
