@@ -492,3 +492,17 @@ def test_paths_with_control_characters_stay_on_one_line(native, tmp_path):
     cli("convert", src, out, "--to", "longcat")
     p = cli("convert", src, out, "--to", "longcat", check=2)
     assert p.stderr.count("\n") == 1 and "o\\nut.safetensors" in p.stderr and "--overwrite" in p.stderr
+
+
+def test_scalar_too_large_for_a_dtype_is_not_representable_and_warns_nothing():
+    """An alpha too large for F32/BF16/F16 is stored wider (exact_dtype asks `representable`); numpy's
+    overflow warning must not leak onto a successful run's stderr."""
+    import warnings
+
+    from longcat_lora.st import decode_scalar, encode_scalar, representable
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [representable(5e299, dt) for dt in ("F16", "BF16", "F32", "F64")] == [False, False, False, True]
+        assert decode_scalar(encode_scalar(5e299, "F32"), "F32") == float("inf")
+        assert representable(0.5, "BF16") and not representable(0.3, "BF16")

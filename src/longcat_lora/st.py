@@ -109,15 +109,17 @@ def decode_scalar(raw: bytes, dtype: str) -> float:
 
 
 def encode_scalar(value: float, dtype: str) -> bytes:
-    """Little-endian bytes of one value in a float dtype (round to nearest even)."""
-    if dtype == "BF16":
-        u = int(np.array(value, dtype=np.float32).view(np.uint32))
-        if math.isnan(value):
-            bits = 0x7FC0
-        else:
-            bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
-        return struct.pack("<H", bits)
-    return np.array(value, dtype={"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]).tobytes()
+    """Little-endian bytes of one value in a float dtype (round to nearest even; a value too large for
+    the dtype becomes inf, silently: `representable` is how callers ask)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dtype == "BF16":
+            u = int(np.array(value, dtype=np.float32).view(np.uint32))
+            if math.isnan(value):
+                bits = 0x7FC0
+            else:
+                bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+            return struct.pack("<H", bits)
+        return np.array(value, dtype={"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]).tobytes()
 
 
 def representable(value: float, dtype: str) -> bool:
