@@ -506,3 +506,45 @@ def test_scalar_too_large_for_a_dtype_is_not_representable_and_warns_nothing():
         assert [representable(5e299, dt) for dt in ("F16", "BF16", "F32", "F64")] == [False, False, False, True]
         assert decode_scalar(encode_scalar(5e299, "F32"), "F32") == float("inf")
         assert representable(0.5, "BF16") and not representable(0.3, "BF16")
+
+
+# ---- the algebra commands check every output first, like convert and merge -------------------------
+
+def test_resize_plot_output_refused_before_anything_is_written(native, tmp_path):
+    src = native("cfg_step")
+    folder = tmp_path / "d1"
+    folder.mkdir()
+    (folder / "x").write_text("keep")
+    out = tmp_path / "r.safetensors"
+    p = cli("resize", src, out, "--rank", "2", "--plot", folder, "--overwrite", check=2)
+    assert "d1" in p.stderr and "directory" in p.stderr and len(p.stderr.splitlines()) == 1
+    assert not out.exists() and (folder / "x").read_text() == "keep"
+    out.write_bytes(b"an earlier output")  # with --overwrite it is not replaced when the command fails
+    fifo = tmp_path / "plot.png"
+    os.mkfifo(fifo)
+    cli("resize", src, out, "--rank", "2", "--plot", fifo, "--overwrite", check=2)
+    assert out.read_bytes() == b"an earlier output" and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_resize_output_errors_name_the_output_not_the_input(native, tmp_path):
+    src = native("cfg_step")
+    folder = tmp_path / "d1"
+    folder.mkdir()
+    (folder / "x").write_text("keep")
+    p = cli("resize", src, folder, "--rank", "2", "--overwrite", check=2)
+    assert p.stderr.startswith(f"longcat-lora: error: {folder}: ") and (folder / "x").read_text() == "keep"
+
+
+def test_extract_checks_its_output_before_reading_the_checkpoints(merge_setup, tmp_path):
+    """BASE and TUNED are the same checkpoint: had the output check come late, the message would be
+    that there is no change to extract."""
+    d, base, lora = merge_setup
+    fifo = tmp_path / "ff"
+    os.mkfifo(fifo)
+    folder = tmp_path / "d1"
+    folder.mkdir()
+    (folder / "x").write_text("keep")
+    for out, says in ((fifo, "a FIFO"), (folder, "directory"), (base, "same path as input")):
+        p = cli("extract", base, base, out, "--rank", "2", "--overwrite", check=2)
+        assert says in p.stderr and "no change" not in p.stderr, p.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and (folder / "x").read_text() == "keep"

@@ -39,7 +39,7 @@ import numpy as np
 from .. import naming
 from ..adapter import LoraAdapter, LoraModule, Part, Source
 from ..errors import LoraError
-from ..formats import FORMATS, save_lora
+from ..formats import FORMATS, check_lora_output, save_lora
 from ..merge import Base, open_base
 from ..st import FLOATS, SafeFile, dtype_name, torch_dtype
 from .lowrank import ModuleReport, RankRule, Report, dense_svd
@@ -441,7 +441,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise LoraError("device cuda: no CUDA device is available")
     base, tuned, out = str(base), str(tuned), str(out)
-    _precheck(out, overwrite)
+    check_lora_output(out, format, overwrite=overwrite, inputs=[base, tuned])
     b = open_base(base)
     try:
         t = open_base(tuned)
@@ -505,15 +505,6 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
             spool.close()
         b.close()
         t.close()
-
-
-def _precheck(out: str, overwrite: bool) -> None:
-    """The output problems worth finding before the long part (save_lora checks everything again)."""
-    if os.path.lexists(out) and not overwrite:
-        raise LoraError(f"{out}: already exists (pass --overwrite to replace it)")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise LoraError(f"{out}: parent directory {parent} does not exist")
 
 
 def _size(path: str) -> int:

@@ -12,7 +12,6 @@ it is imported only here, through its Agg canvas (no GUI backend, no global pypl
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -21,7 +20,7 @@ from .. import naming
 from ..adapter import LoraAdapter, LoraModule
 from ..errors import LoraError
 from ..formats import load_lora
-from ..st import atomic_output
+from ..st import atomic_output, check_output
 from .lowrank import Report, factored_svd
 
 if TYPE_CHECKING:
@@ -176,16 +175,8 @@ def _save(fig, canvas_cls, out_png: str, overwrite: bool, inputs: list[str]) -> 
 
 
 def _precheck(out_png: str, overwrite: bool, inputs: Iterable[str] = ()) -> None:
-    """Refuse an existing output before drawing (atomic_output checks everything again when saving)."""
-    real = os.path.realpath(out_png)
-    for p in inputs:
-        if os.path.realpath(p) == real:
-            raise LoraError(f"{out_png}: the plot would overwrite {p}")
-    if os.path.lexists(out_png) and not overwrite:
-        raise LoraError(f"{out_png}: already exists (pass --overwrite to replace it)")
-    parent = os.path.dirname(os.path.abspath(out_png))
-    if not os.path.isdir(parent):
-        raise LoraError(f"{out_png}: parent directory {parent} does not exist")
+    """Refuse an output that cannot be written before drawing (atomic_output checks again when saving)."""
+    check_output(out_png, overwrite=overwrite, inputs=list(inputs))
 
 
 def check_plot_output(out_png: str, overwrite: bool = False, inputs: Iterable[str] = ()) -> None:

@@ -8,25 +8,15 @@ zero-padded where the rule picked different ranks for different blocks.
 
 from __future__ import annotations
 
-import os
-
-from ..errors import LoraError
-from ..formats import FORMATS, load_lora, save_lora
+from ..formats import check_lora_output, load_lora, save_lora
 from ..formats._common import in_file_order
 from .engine import Cell, ModulePlan, Term, Realised, build_adapter, output_dtype, plan_modules, write_report
 from .lowrank import RankRule, Report
 
 
 def check_target(out: str, format: str, overwrite: bool, inputs: list[str]) -> None:
-    """Refuse an unknown format or an output that exists (without overwrite) before any work is done."""
-    if format not in FORMATS:
-        raise LoraError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
-    real = os.path.realpath(out)
-    for p in inputs:
-        if os.path.realpath(p) == real:
-            raise LoraError(f"{out}: output is the same path as input {p}; refusing to overwrite the input")
-    if os.path.lexists(out) and not overwrite:
-        raise LoraError(f"{out}: already exists (pass --overwrite to replace it)")
+    """Refuse an unknown format or an output that cannot be written, before any work is done."""
+    check_lora_output(out, format, overwrite=overwrite, inputs=inputs)
 
 
 def resize_lora(src: str, out: str, *, rank: int | None = None, energy: float | None = None,

@@ -118,12 +118,13 @@ def save_lora(adapter: LoraAdapter, path: str, format: str, *, overwrite: bool =
         opts.progress = bar.update
     try:
         with atomic_output(path, overwrite=overwrite, inputs=inputs, **_output_kind(format)) as tmp:
-            mod.write(adapter, tmp, opts)
-            for f in adapter.files:
-                f.check_unchanged()  # an input rewritten meanwhile: what was read may mix two versions
-    except LoraError as e:
-        where = adapter.path or "adapter"
-        raise LoraError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+            try:
+                mod.write(adapter, tmp, opts)
+                for f in adapter.files:
+                    f.check_unchanged()  # an input rewritten meanwhile: what was read may mix two versions
+            except LoraError as e:  # about the adapter's content: name where it came from (not OUT's errors)
+                where = adapter.path or "adapter"
+                raise LoraError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     finally:
         if bar is not None:
             bar.close()
@@ -137,12 +138,23 @@ def _output_kind(format: str) -> dict:
     return {"directory": getattr(mod, "DIRECTORY", False), "replaceable": getattr(mod, "replaceable", None)}
 
 
+def check_lora_output(path: str, format: str, *, overwrite: bool = False, inputs: Iterable[str] = ()) -> None:
+    """Refuse, before any input is read, an output that `save_lora(..., format)` could not write: an
+    unknown format, OUT equal to / inside / containing an input, an existing OUT without `overwrite`, or
+    one that is not an earlier output of this kind (see `st.check_output`).
+
+    >>> check_lora_output("out_peft", "peft", inputs=["cfg_step_lora.safetensors"])
+    """
+    if format not in FORMATS:
+        raise LoraError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
+    check_output(str(path), overwrite=overwrite, inputs=[str(p) for p in inputs], **_output_kind(format))
+
+
 def convert(src: str, dst: str, to: str, **kwargs) -> list[str]:
     """Convert a LoRA file (any format) to `to`; returns the modules skipped."""
-    if to in FORMATS:  # refuse the output before reading anything
-        check_output(dst, overwrite=kwargs.get("overwrite", False), inputs=[src], **_output_kind(to))
+    check_lora_output(dst, to, overwrite=kwargs.get("overwrite", False), inputs=[src])
     with load_lora(src) as adapter:
         return save_lora(adapter, dst, to, inputs=[src], **kwargs)
 
 
-__all__ = ["FORMATS", "WriteOptions", "convert", "detect_format", "load_lora", "save_lora"]
+__all__ = ["FORMATS", "WriteOptions", "check_lora_output", "convert", "detect_format", "load_lora", "save_lora"]
