@@ -100,7 +100,11 @@ def test_fastvideo_alpha_below_one_means_scale_one(tmp_path, alpha, scale):
     # and through the other formats too (a second reader of the same semantics)
     L.convert(path, str(tmp_path / "k.safetensors"), "comfyui")
     from reference import kohya_delta
-    assert rel_err(kohya_delta(str(tmp_path / "k.safetensors"))["blocks.0.ffn.w2"], scale * (B2 @ A2)) < 1e-15
+    kd = kohya_delta(str(tmp_path / "k.safetensors"))
+    assert rel_err(kd["blocks.0.ffn.w2"], scale * (B2 @ A2)) < 1e-15
+    # qkv has only its to_k rows: written as one LoRA whose up matrix starts at row 16, not 0
+    assert rel_err(kd["blocks.0.attn.qkv"][16:32], scale * (B @ A)) < 1e-15
+    assert kd["blocks.0.attn.qkv"][:16].abs().max() == 0 == kd["blocks.0.attn.qkv"][32:].abs().max()
 
 
 @pytest.mark.parametrize("alpha_scale,rank", [(0.25, 2), (0.1, 3), (0.0, 4)])
@@ -564,3 +568,23 @@ def test_every_format_reads_back_bit_exact(tmp_path, fmt):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_short_reads_are_resumed_at_the_right_offset(tmp_path, monkeypatch):
+    """os.preadv may return fewer bytes than asked (signals, network filesystems): the read loop must
+    continue where it stopped. With reads cut to 7 bytes a conversion gives the same bytes."""
+    src = write_native_lora(str(tmp_path / "n.safetensors"), "cfg_step", dims=DIMS, rank=2, dtype=torch.float32,
+                            alpha_scale=0.3, seed=12)
+    L.convert(src, str(tmp_path / "a.safetensors"), "fastvideo")
+    real = os.preadv
+
+    def short(fd, buffers, offset, *a):
+        return real(fd, [memoryview(buffers[0])[:7]], offset, *a)
+
+    monkeypatch.setattr(os, "preadv", short)
+    L.convert(src, str(tmp_path / "b.safetensors"), "fastvideo")
+    L.convert(src, str(tmp_path / "c.safetensors"), "comfyui")
+    monkeypatch.undo()
+    assert open(tmp_path / "a.safetensors", "rb").read() == open(tmp_path / "b.safetensors", "rb").read()
+    from reference import kohya_delta
+    assert worst(official_delta(src), kohya_delta(str(tmp_path / "c.safetensors"))) < 1e-15
