@@ -26,7 +26,7 @@ from longcat_lora.naming import DitDims
 
 from conftest import cli
 from linear_bag import LinearBag
-from reference import half_ulp, load, official_delta, fastvideo_delta, rel_err, worst
+from reference import fastvideo_delta, half_ulp, load, lora_delta, official_delta, rel_err, worst
 
 SEP = "___lorahyphen___"
 DIMS = DitDims(hidden=16, ffn=48, adaln=8, final_out=8, depth=2)
@@ -588,3 +588,74 @@ def test_short_reads_are_resumed_at_the_right_offset(tmp_path, monkeypatch):
     assert open(tmp_path / "a.safetensors", "rb").read() == open(tmp_path / "b.safetensors", "rb").read()
     from reference import kohya_delta
     assert worst(official_delta(src), kohya_delta(str(tmp_path / "c.safetensors"))) < 1e-15
+
+
+# --------------------------------------------------------------- mutation survivors (second round)
+
+def test_layer_whose_first_rows_have_no_part_writes_the_zero_band(tmp_path):
+    """A FastVideo LoRA on `to_v` alone lands on rows 2h:3h of attn.qkv; the standard formats write one
+    [3h, r] up matrix whose first band (rows 0:2h) is zeros. Kills `placed()` starting its band cuts at 1."""
+    g = torch.Generator().manual_seed(4)
+    h = 8
+    A, B = torch.randn(3, h, generator=g), torch.randn(h, 3, generator=g)
+    src = str(tmp_path / "v.safetensors")
+    save_file({"blocks.0.self_attn.to_v.lora_A": A, "blocks.0.self_attn.to_v.lora_B": B,
+               "blocks.0.self_attn.to_v.lora_alpha": torch.tensor(3.0)}, src)
+    want = torch.zeros(3 * h, h, dtype=torch.float64)
+    want[2 * h:] = B.double() @ A.double()
+    for fmt in ("peft", "comfyui", "diffusers"):
+        out = str(tmp_path / f"v.{fmt}")
+        L.convert(src, out, fmt)
+        got = lora_delta(out)
+        assert list(got) == ["blocks.0.attn.qkv"] and torch.equal(got["blocks.0.attn.qkv"], want), fmt
+
+
+def test_zero_size_dimension_in_a_header_entry_the_fast_path_leaves(tmp_path):
+    """A [0, 4] tensor is valid safetensors; an unknown field sends the entry down the slow validating
+    path (`_entry`). Kills its shape bound `0 <= s` turned into `0 < s` or `1 <= s`."""
+    from longcat_lora.st import SafeFile
+
+    header = {"empty": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0], "note": "x"},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "z.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + struct.pack("<2f", 1.0, 2.0))
+    with safe_open(str(path), "pt") as f:  # the library accepts it
+        assert list(f.get_tensor("empty").shape) == [0, 4]
+    with SafeFile(str(path)) as sf:
+        assert sf.info("empty").shape == (0, 4) and sf.info("empty").nbytes == 0
+        assert sf.info("b").shape == (2,)
+
+
+def test_input_swapped_for_a_fifo_after_the_type_check_never_hangs(tmp_path, monkeypatch):
+    """The type is checked before opening; a path swapped for a FIFO between that check and the open
+    must not block (the open is non-blocking, then the descriptor is checked). Kills O_NONBLOCK lost
+    (`|` -> `&` in open_regular's flags)."""
+    import threading
+
+    from longcat_lora import st
+    from longcat_lora.errors import LoraError
+
+    fifo = str(tmp_path / "swapped")
+    os.mkfifo(fifo)
+    regular = os.stat(__file__)
+    real_stat = os.stat
+    monkeypatch.setattr(st.os, "stat", lambda p, *a, **k: regular if str(p) == fifo else real_stat(p, *a, **k))
+    result: list[object] = []
+
+    def attempt() -> None:
+        try:
+            st.open_regular(fifo)
+            result.append("opened")
+        except LoraError as e:
+            result.append(str(e))
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # blocked in open(): release it with a writer, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("open_regular blocked on a FIFO")
+    assert result and "not a regular file (a FIFO)" in str(result[0]), result
