@@ -205,11 +205,13 @@ class _Attn(nn.Module):
 
 
 class _Cross(nn.Module):
-    def __init__(self, c: DiTConfig):
+    """Cross-attention projections; `kv_in` is the context width (text: hidden; audio: audio_dim)."""
+
+    def __init__(self, c: DiTConfig, kv_in: int | None = None):
         super().__init__()
         hd = c.hidden_size // c.num_heads
         self.q_linear = nn.Linear(c.hidden_size, c.hidden_size)
-        self.kv_linear = nn.Linear(c.hidden_size, 2 * c.hidden_size)
+        self.kv_linear = nn.Linear(kv_in or c.hidden_size, 2 * c.hidden_size)
         self.proj = nn.Linear(c.hidden_size, c.hidden_size)
         self.q_norm, self.k_norm = RMSNormFP32(hd), RMSNormFP32(hd)
 
@@ -482,16 +484,6 @@ TINY_AVATAR = AvatarConfig(**{f: getattr(TINY, f) for f in DiTConfig.__dataclass
                            audio_intermediate=16, audio_context_tokens=4)
 
 
-class _AudioCross(nn.Module):
-    def __init__(self, c: AvatarConfig):
-        super().__init__()
-        hd = c.hidden_size // c.num_heads
-        self.q_linear = nn.Linear(c.hidden_size, c.hidden_size)
-        self.kv_linear = nn.Linear(c.audio_dim, 2 * c.hidden_size)
-        self.proj = nn.Linear(c.hidden_size, c.hidden_size)
-        self.q_norm, self.k_norm = RMSNormFP32(hd), RMSNormFP32(hd)
-
-
 class AvatarBlock(Block):
     """The official block plus audio cross-attention, gated and modulated by audio_adaLN_modulation.
 
@@ -505,7 +497,7 @@ class AvatarBlock(Block):
         C = c.hidden_size
         self.audio_adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(c.adaln_tembed_dim, 3 * C))
         self.audio_norm = LayerNormFP32(C, eps=1e-6, elementwise_affine=False)
-        self.audio_cross_attn = _AudioCross(c)
+        self.audio_cross_attn = _Cross(c, kv_in=c.audio_dim)
         self.audio_tokens: torch.Tensor | None = None
 
     def forward(self, x, y, t, y_seqlens, grid, freqs):
