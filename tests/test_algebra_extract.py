@@ -20,7 +20,6 @@ from longcat_lora.fixtures import write_base_checkpoint
 from longcat_lora.naming import TABLE
 
 from conftest import cli
-from linear_bag import LinearBag
 from reference import SEP, load, official_delta, rel_err
 
 # module -> singular values of each up block's planted change ([] = that block unchanged)
@@ -348,30 +347,14 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(ckpts, tmp_path
 def test_extract_to_peft_loads_in_real_peft(ckpts, tmp_path):
     """extract --to peft: real PEFT loads it without key warnings, and each adapted layer computes
     W x + dW x with dW the change between the checkpoints (<= 1e-5 relative)."""
-    import logging
-    import warnings
-
-    from peft import PeftModel
-
-    from test_formats import _check_layers, _no_key_warnings, _Records
+    from test_formats import _check_layers, load_in_real_peft
 
     d, base, tuned, _, true = ckpts
     out = tmp_path / "adapter"
     cli("extract", base, tuned, out, "--rank", RANK, "--to", "peft")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(PLANT)
-    torch.manual_seed(0)
-    model = LinearBag(TINY.dims)
-    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    handler = _Records()
-    logging.getLogger().addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            pm = PeftModel.from_pretrained(model, str(out))
-    finally:
-        logging.getLogger().removeHandler(handler)
-    _no_key_warnings(w, handler)
+    pm, base_sd = load_in_real_peft(out, TINY.dims)
     _check_layers(pm.base_model.model, true, base_sd)
 
 

@@ -19,7 +19,6 @@ from longcat_lora.algebra import combine_loras, resize_lora
 from longcat_lora.naming import DitDims
 
 from conftest import DIMS, cli
-from linear_bag import LinearBag
 from reference import SEP, official_delta, rel_err
 
 RANK = 6
@@ -166,57 +165,16 @@ def test_energy_and_max_error_pick_the_smallest_qualifying_rank_per_up_block(nat
 
 
 def _real_peft(out_dir: str, ref: dict[str, torch.Tensor]) -> None:
-    import logging
-    import warnings
+    from test_formats import _check_layers, load_in_real_peft
 
-    from peft import PeftModel
-    from test_formats import _check_layers, _no_key_warnings, _Records
-
-    torch.manual_seed(0)
-    model = LinearBag(DIMS)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    handler = _Records()
-    logging.getLogger().addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            pm = PeftModel.from_pretrained(model, out_dir)
-    finally:
-        logging.getLogger().removeHandler(handler)
-    _no_key_warnings(w, handler)
+    pm, base = load_in_real_peft(out_dir, DIMS)
     _check_layers(pm.base_model.model, ref, base)
 
 
 def _real_diffusers(path: str, ref: dict[str, torch.Tensor]) -> None:
-    import logging
-    import warnings
+    from test_formats import _check_layers, load_in_real_diffusers
 
-    from diffusers import ConfigMixin, ModelMixin
-    from diffusers.configuration_utils import register_to_config
-    from diffusers.loaders import PeftAdapterMixin
-    from test_formats import _check_layers, _no_key_warnings, _Records
-
-    class TinyTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
-        @register_to_config
-        def __init__(self, depth: int = 48):
-            super().__init__()
-            bag = LinearBag(DIMS)
-            self.blocks, self.final_layer = bag.blocks, bag.final_layer
-
-    torch.manual_seed(0)
-    model = TinyTransformer()
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    handler = _Records()
-    for name in ("diffusers", "peft", ""):
-        logging.getLogger(name).addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            model.load_lora_adapter(path, prefix="transformer", use_safetensors=True)
-    finally:
-        for name in ("diffusers", "peft", ""):
-            logging.getLogger(name).removeHandler(handler)
-    _no_key_warnings(w, handler)
+    model, base = load_in_real_diffusers(path, DIMS)
     _check_layers(model, ref, base)
 
 

@@ -34,6 +34,58 @@ def _no_key_warnings(w, handler):
     assert not bad, bad
 
 
+def load_in_real_peft(adapter_dir, dims):
+    """A LinearBag(dims) (seed 0) with the PEFT adapter directory loaded by real PEFT; any warning about
+    missing or unexpected keys fails the test. Returns (the PeftModel, the base state dict)."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = LinearBag(dims)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    handler = _Records()
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            pm = PeftModel.from_pretrained(model, str(adapter_dir))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    _no_key_warnings(w, handler)
+    return pm, base
+
+
+def load_in_real_diffusers(path, dims):
+    """A diffusers PeftAdapterMixin model holding a LinearBag(dims) (seed 0) with the LoRA file loaded by
+    real diffusers (`load_lora_adapter(prefix="transformer")`); key warnings fail the test.
+    Returns (the model, the base state dict)."""
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.loaders import PeftAdapterMixin
+
+    class TinyTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+        @register_to_config
+        def __init__(self, depth: int = 48):
+            super().__init__()
+            bag = LinearBag(dims)
+            self.blocks, self.final_layer = bag.blocks, bag.final_layer
+
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    handler = _Records()
+    for name in ("diffusers", "peft", ""):
+        logging.getLogger(name).addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            model.load_lora_adapter(str(path), prefix="transformer", use_safetensors=True)
+    finally:
+        for name in ("diffusers", "peft", ""):
+            logging.getLogger(name).removeHandler(handler)
+    _no_key_warnings(w, handler)
+    return model, base
+
+
 def _check_layers(model, ref: dict[str, torch.Tensor], base: dict[str, torch.Tensor], prefix=""):
     """Each adapted layer's output == base(x) + x @ dW_ref^T, <= 1e-5 relative in fp32."""
     g = torch.Generator().manual_seed(0)
@@ -68,8 +120,6 @@ def mixed_rank_native(native, tmp_path):
 
 
 def test_peft_directory_loads_in_real_peft(mixed_rank_native, tmp_path):
-    from peft import PeftModel
-
     out = tmp_path / "adapter"
     cli("convert", mixed_rank_native, out, "--to", "peft")
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -81,18 +131,7 @@ def test_peft_directory_loads_in_real_peft(mixed_rank_native, tmp_path):
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert all(re.match(r"^base_model\.model\..+\.lora_[AB]\.weight$", k) for k in keys) and len(keys) == 772
-    torch.manual_seed(0)
-    model = LinearBag(DIMS)
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    handler = _Records()
-    logging.getLogger().addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            pm = PeftModel.from_pretrained(model, str(out))
-    finally:
-        logging.getLogger().removeHandler(handler)
-    _no_key_warnings(w, handler)
+    pm, base = load_in_real_peft(out, DIMS)
     # PEFT resolved the patterns as intended: the 6-way adaLN of a block is not confused with the final one
     assert pm.base_model.model.blocks[0].adaLN_modulation[1].r["default"] == 24
     assert pm.base_model.model.final_layer.adaLN_modulation[1].r["default"] == 8
@@ -100,17 +139,6 @@ def test_peft_directory_loads_in_real_peft(mixed_rank_native, tmp_path):
 
 
 def test_diffusers_file_loads_in_real_diffusers(mixed_rank_native, tmp_path):
-    from diffusers import ConfigMixin, ModelMixin
-    from diffusers.configuration_utils import register_to_config
-    from diffusers.loaders import PeftAdapterMixin
-
-    class TinyTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
-        @register_to_config
-        def __init__(self, depth: int = 48):
-            super().__init__()
-            bag = LinearBag(DIMS)
-            self.blocks, self.final_layer = bag.blocks, bag.final_layer
-
     out = tmp_path / "lora.safetensors"
     cli("convert", mixed_rank_native, out, "--to", "diffusers")
     with safe_open(str(out), "pt") as f:
@@ -119,20 +147,7 @@ def test_diffusers_file_loads_in_real_diffusers(mixed_rank_native, tmp_path):
     assert meta["transformer.r"] == 4 and meta["transformer.rank_pattern"]["blocks.2.ffn.w2"] == 7
     assert all(k.startswith("transformer.") for k in meta)
     assert all(re.match(r"^transformer\..+\.lora_[AB]\.weight$", k) for k in keys)
-    torch.manual_seed(0)
-    model = TinyTransformer()
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    handler = _Records()
-    for name in ("diffusers", "peft", ""):
-        logging.getLogger(name).addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            model.load_lora_adapter(str(out), prefix="transformer", use_safetensors=True)
-    finally:
-        for name in ("diffusers", "peft", ""):
-            logging.getLogger(name).removeHandler(handler)
-    _no_key_warnings(w, handler)
+    model, base = load_in_real_diffusers(out, DIMS)
     _check_layers(model, official_delta(mixed_rank_native), base)
 
 
