@@ -659,3 +659,16 @@ def test_input_swapped_for_a_fifo_after_the_type_check_never_hangs(tmp_path, mon
         t.join(5)
         pytest.fail("open_regular blocked on a FIFO")
     assert result and "not a regular file (a FIFO)" in str(result[0]), result
+
+
+def test_two_formats_in_one_file_are_named_as_such(tmp_path):
+    """Native and FastVideo keys in one file: refused as mixed formats, naming one key of each (not as a
+    stray tensor of whichever reader came first). Kills `len(kinds) > 1` turned into `> 2`."""
+    P = enc("blocks.0.ffn.w1")
+    path = str(tmp_path / "mixed.safetensors")
+    save_file({f"{P}.lora_down.weight": torch.randn(2, 8), f"{P}.lora_up.weight": torch.randn(4, 2),
+               "blocks.0.self_attn.to_q.lora_A": torch.zeros(2, 8),
+               "blocks.0.self_attn.to_q.lora_B": torch.zeros(4, 2)}, path)
+    with pytest.raises(L.LoraError, match=r"mixed formats in one file: (longcat|fastvideo) .* and "
+                                          r"(longcat|fastvideo) "):
+        L.load_lora(path)
