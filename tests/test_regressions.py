@@ -672,3 +672,45 @@ def test_two_formats_in_one_file_are_named_as_such(tmp_path):
     with pytest.raises(L.LoraError, match=r"mixed formats in one file: (longcat|fastvideo) .* and "
                                           r"(longcat|fastvideo) "):
         L.load_lora(path)
+
+
+def test_zero_size_dimension_on_the_header_fast_path(tmp_path):
+    """A plain [0, 4] tensor, written by the safetensors library itself, takes the parser's fast path.
+    Kills that path's shape bound `0 <= s` turned into `0 < s`."""
+    from longcat_lora.st import SafeFile
+
+    path = str(tmp_path / "z.safetensors")
+    save_file({"empty": torch.zeros(0, 4), "b": torch.ones(2)}, path)
+    with SafeFile(path) as sf:
+        assert sf.info("empty").shape == (0, 4) and sf.info("empty").nbytes == 0 and sf.info("b").shape == (2,)
+
+
+def test_a_two_byte_pickle_is_named_a_pickle(tmp_path):
+    """The smallest pickle header (protocol byte after 0x80) is recognised, never unpickled. Kills the
+    length guard `len(head) > 1` turned into `> 2`."""
+    path = tmp_path / "p.safetensors"
+    path.write_bytes(b"\x80\x04")
+    with pytest.raises(L.LoraError, match="a Python pickle"):
+        L.load_lora(str(path))
+
+
+def test_nonfinite_scan_of_an_empty_tensor_at_the_end_of_a_page_aligned_file(tmp_path):
+    """A zero-size float tensor whose offset is the file's page-aligned end: nothing to scan (no map of
+    zero bytes past the end). Kills `dtype not in _NONFINITE or nbytes == 0` turned into `and`."""
+    import mmap as _mmap
+
+    from longcat_lora.st import FileRange, SafeFile
+
+    gran = _mmap.ALLOCATIONGRANULARITY
+    data = gran - 8 - 256  # header length (8) + a 256-byte header + data = one page
+    header = {"a": {"dtype": "U8", "shape": [data], "data_offsets": [0, data]},
+              "e": {"dtype": "F32", "shape": [0], "data_offsets": [data, data]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (256 - len(raw))
+    path = tmp_path / "aligned.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data)
+    assert path.stat().st_size == gran
+    with SafeFile(str(path)) as sf:
+        info = sf.info("e")
+        assert info.start == gran and info.nbytes == 0
+        assert sf.scan_nonfinite(FileRange(sf.fd, info.start, 0), "F32") is False
