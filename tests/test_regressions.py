@@ -714,3 +714,19 @@ def test_nonfinite_scan_of_an_empty_tensor_at_the_end_of_a_page_aligned_file(tmp
         info = sf.info("e")
         assert info.start == gran and info.nbytes == 0
         assert sf.scan_nonfinite(FileRange(sf.fd, info.start, 0), "F32") is False
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path):
+    """A header of 0x380 bytes makes the file start with b"\\x80\\x03", a pickle's first two bytes; the file
+    is plausibly safetensors (its 9th byte opens the JSON header), so it is read, not refused as a pickle.
+    Kills the plausibility check reading byte 9 instead of byte 8."""
+    P = enc("blocks.0.ffn.w1")
+    header = {f"{P}.lora_down.weight": {"dtype": "F32", "shape": [1, 2], "data_offsets": [0, 8]},
+              f"{P}.lora_up.weight": {"dtype": "F32", "shape": [2, 1], "data_offsets": [8, 16]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (0x380 - len(raw))
+    path = tmp_path / "p.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + struct.pack("<4f", 1.0, 2.0, 3.0, 4.0))
+    assert path.read_bytes()[:2] == b"\x80\x03"
+    with L.load_lora(str(path)) as a:
+        assert a.modules["blocks.0.ffn.w1"].in_features == 2
