@@ -70,7 +70,8 @@ _RUNTIME = [R + "test_runtime_mixed_dtype_branch_applies_strength", R + "test_ru
             "tests/test_runtime.py::test_remove_restores_outputs_and_state_dict_exactly",
             "tests/test_int8_runtime.py::test_is_int8_layer_by_what_it_holds",
             "tests/test_int8_runtime.py::test_merge_into_int8_requantizes_reports_and_unmerges_bit_exact",
-            "tests/test_int8_runtime.py::test_unadaptable_layer_is_named_with_the_reason"]
+            "tests/test_int8_runtime.py::test_unadaptable_layer_is_named_with_the_reason",
+            "tests/test_runtime.py::test_two_adapters_at_once_and_strengths"]
 _MERGE = ["tests/test_merge.py::test_parse_lora_arg", "tests/test_merge.py::test_single_file_base_and_exact_fp32_merge",
           "tests/test_golden.py",
           "tests/test_merge.py::test_merge_math_fp32_cast_once_and_dtype_option",
@@ -79,7 +80,8 @@ _MERGE = ["tests/test_merge.py::test_parse_lora_arg", "tests/test_merge.py::test
 SUBSETS = {
     "formats": _FORMATS,
     "adapter.py": _FORMATS + [R + "test_layer_whose_first_rows_have_no_part_writes_the_zero_band"],
-    "naming.py": ["tests/test_fixtures_and_naming.py"] + _FORMATS[:9] + _RUNTIME[3:5],
+    "naming.py": ["tests/test_fixtures_and_naming.py", "tests/test_runtime.py::test_split_and_fused_models_agree_and_convert"]
+    + _FORMATS[:9] + _RUNTIME[3:5],
     "st.py": [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_alpha_scale_shapes_and_dtypes",
               R + "test_bad_input_classes_in_process", R + "test_overlapping_data_offsets_are_refused", "tests/test_golden.py",
               "tests/test_fuzz.py", R + "test_failed_convert_leaves_existing_out_byte_identical",
