@@ -381,7 +381,7 @@ class SafeFile:
         lo, hi = offsets
         nbytes = _nbytes(shape, dtype)
         if nbytes is None:
-            raise bad(f"its shape has more than 2**64 elements")
+            raise bad("its shape has more than 2**64 elements")
         if nbytes != hi - lo:
             raise LoraError(f"{self.path}: tensor {name!r}: {hi - lo} bytes stored for shape "
                             f"{shape if len(shape) <= 8 else shape[:8] + ['...']} {dtype} (corrupt header)")
@@ -737,11 +737,6 @@ def check_output(out: str, *, overwrite: bool = False, inputs: Iterable[str] = (
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise LoraError(f"{out}: parent directory {parent} does not exist")
-
-
-def _check_out(out: str, overwrite: bool, inputs: Iterable[str]) -> None:
-    """The old spelling (positional) of check_output for a file output, kept for its callers."""
-    check_output(out, overwrite=overwrite, inputs=inputs)
 
 
 def dir_problem(path: str, allowed: dict[str, str], required: set[str]) -> str | None:
