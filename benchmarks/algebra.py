@@ -50,7 +50,7 @@ class Ctx:
         key = (layout, seed)
         if key not in self.made:
             path = os.path.join(self.tmp, f"{layout}-{seed}.safetensors")
-            code = ("from longcat_lora.fixtures import write_native_lora; "
+            code = ("from longcat_lora.testing.fixtures import write_native_lora; "
                     f"write_native_lora({path!r}, {layout!r}, seed={seed})")
             subprocess.run([self.py, "-c", code], check=True)
             os.sync()

@@ -25,7 +25,7 @@ RSS_TARGET = 300
 def generate(path: str, layout: str) -> None:
     """Write the input in a child process, so this (measuring) process never imports torch: a child
     forked from a large parent would report the parent's resident memory as its own peak."""
-    code = f"from longcat_lora.fixtures import write_native_lora; write_native_lora({path!r}, {layout!r})"
+    code = f"from longcat_lora.testing.fixtures import write_native_lora; write_native_lora({path!r}, {layout!r})"
     subprocess.run([sys.executable, "-c", code], check=True)
     os.sync()
 

@@ -44,9 +44,10 @@ def blocks(name):
 GEN = COMMON + """
 import json, os, shutil
 from dataclasses import replace
-from longcat_lora.dit import DiTConfig
-from longcat_lora.fixtures import write_base_checkpoint
-from longcat_lora.st import Entry, SafeFile, write_safetensors
+from longcat_lora.testing.dit import DiTConfig
+from longcat_lora.testing.fixtures import write_base_checkpoint
+from longcat_lora.io.reader import SafeFile
+from longcat_lora.io.writer import Entry, write_safetensors
 c = replace(DiTConfig(), depth=4)
 base, tuned = {base!r}, {tuned!r}
 write_base_checkpoint(base, c, "longcat", shards=2, dtype=torch.bfloat16)

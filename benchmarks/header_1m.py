@@ -36,7 +36,7 @@ def main() -> None:
         path = os.path.join(d, "many.safetensors")
         size = write(path, n, lora)
         print(f"{n:,} entries, header {size / 1e6:.1f} MB, names {'LoRA-like' if lora else 't<i>'}")
-        probe = ("import resource,sys,time;from longcat_lora.st import SafeFile;t=time.perf_counter();"
+        probe = ("import resource,sys,time;from longcat_lora.io.reader import SafeFile;t=time.perf_counter();"
                  "f=SafeFile(sys.argv[1]);print(f'{time.perf_counter()-t:.2f} s', len(f.tensors), "
                  "f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024:.0f} MiB')")
         r = subprocess.run([sys.executable, "-c", probe, path], capture_output=True, text=True)

@@ -7,7 +7,7 @@ torch, so the children's peak RSS is their own).
 
 Printed, from one run (medians of interleaved repeats, each command after a `sync` and including the
 `sync` of its own output):
-- interpreter + `import torch, longcat_lora.merge` (a fixed cost of every merge);
+- interpreter + `import torch, longcat_lora.apply.merge` (a fixed cost of every merge);
 - `cp -r` of the base (the disk floor);
 - GEMM-only: the same weight-change products on the same device with no I/O (the arithmetic floor);
 - the merge, and its ratio to max(cp -r, GEMM-only) with and without the fixed start-up cost;
@@ -31,8 +31,8 @@ from _util import interleaved, median, run, settle  # noqa: E402
 GEN = """
 import torch
 from dataclasses import replace
-from longcat_lora.dit import DiTConfig
-from longcat_lora.fixtures import write_base_checkpoint, write_native_lora
+from longcat_lora.testing.dit import DiTConfig
+from longcat_lora.testing.fixtures import write_base_checkpoint, write_native_lora
 c = replace(DiTConfig(), depth={blocks})
 write_base_checkpoint({base!r}, c, "longcat", shards={shards}, dtype=torch.bfloat16)
 write_native_lora({lora!r}, "refinement", dims=c.dims, rank=128, dtype=torch.bfloat16)
@@ -43,8 +43,8 @@ write_native_lora({lora!r}, "refinement", dims=c.dims, rank=128, dtype=torch.bfl
 GEMM = """
 import time, torch
 from longcat_lora.formats import load_lora
-from longcat_lora.merge import open_base
-from longcat_lora.targets import find_targets
+from longcat_lora.apply.merge import open_base
+from longcat_lora.apply.targets import find_targets
 dev = {device!r}
 b = open_base({base!r})
 with load_lora({lora!r}) as a:
@@ -89,7 +89,7 @@ def main() -> None:
         sizes = [os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors")]
         cp_out, m_out = os.path.join(tmp, "cp"), os.path.join(tmp, "merged")
         merge_cmd = [py, "-m", "longcat_lora", "merge", base, m_out, "--lora", lora, "--device", args.device]
-        import_cmd = [py, "-c", "import torch, longcat_lora.merge"]
+        import_cmd = [py, "-c", "import torch, longcat_lora.apply.merge"]
 
         def clean() -> None:
             for p in (cp_out, m_out):

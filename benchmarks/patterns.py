@@ -11,7 +11,7 @@ import re
 import sys
 import time
 
-from longcat_lora.patterns import PatternTable
+from longcat_lora.formats.patterns import PatternTable
 
 KINDS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "ffn.w1", "ffn.w2", "ffn.w3",
          "adaLN_modulation.1", "cross_attn.proj", "final")

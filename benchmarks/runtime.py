@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import longcat_lora as L
-from longcat_lora.adapter import LoraAdapter, LoraModule, Part, TensorSource
+from longcat_lora.model.adapter import LoraAdapter, LoraModule, Part, TensorSource
 
 
 def official_forward(base: nn.Linear, down: torch.Tensor, ups: list[torch.Tensor], scale: float, x: torch.Tensor):
@@ -83,7 +83,7 @@ def main() -> None:
 def int8_section(layer: nn.Linear, down: torch.Tensor, ups: list[torch.Tensor], x: torch.Tensor,
                  repeats: int) -> None:
     """apply_lora's overhead on an INT8 layer against the official LoRA form on the same layer."""
-    from longcat_lora.dit import QuantizedLinear
+    from longcat_lora.testing.dit import QuantizedLinear
 
     n, d, r = len(ups), layer.in_features, ups[0].shape[1]
     q = QuantizedLinear.from_linear(layer)

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from longcat_lora.fixtures import write_native_lora
-from longcat_lora.naming import DitDims
+from longcat_lora.testing.fixtures import write_native_lora
+from longcat_lora.model.naming import DitDims
 
 # Full structure (48 blocks, every module type), small widths so the suite stays fast.
 DIMS = DitDims(hidden=64, ffn=176, adaln=32, final_out=16, depth=48)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from longcat_lora.naming import DitDims
+from longcat_lora.model.naming import DitDims
 
 
 def _linear(i: int, o: int, bias: bool = True) -> nn.Linear:

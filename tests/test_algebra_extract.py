@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from longcat_lora import LoraError
 from longcat_lora.algebra.extract import extract_lora
-from longcat_lora.dit import TINY, convert_state_dict
-from longcat_lora.fixtures import write_base_checkpoint
-from longcat_lora.naming import TABLE
+from longcat_lora.testing.dit import TINY, convert_state_dict
+from longcat_lora.testing.fixtures import write_base_checkpoint
+from longcat_lora.model.naming import TABLE
 
 from conftest import cli
 from reference import SEP, load, official_delta, rel_err

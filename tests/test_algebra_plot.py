@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from longcat_lora import LoraError, convert, load_lora
-from longcat_lora.adapter import LoraAdapter, LoraModule, Part, TensorSource
+from longcat_lora.model.adapter import LoraAdapter, LoraModule, Part, TensorSource
 from longcat_lora.algebra.lowrank import ModuleReport, Report
 from longcat_lora.algebra.plot import module_norm2, module_spectrum, plot_lora, plot_resize
 
@@ -125,7 +125,7 @@ class _Block:
             raise ImportError("blocked for the test: " + name)
         return None
 sys.meta_path.insert(0, _Block())
-from longcat_lora.cli import main
+from longcat_lora.commands.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

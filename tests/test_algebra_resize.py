@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from longcat_lora import convert
 from longcat_lora.algebra import combine_loras, resize_lora
-from longcat_lora.naming import DitDims
+from longcat_lora.model.naming import DitDims
 
 from conftest import DIMS, cli
 from reference import SEP, official_delta, rel_err

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import longcat_lora as L
-from longcat_lora import naming
-from longcat_lora.dit import TINY_AVATAR, LongCatAvatarDiT
-from longcat_lora.fixtures import write_native_lora
-from longcat_lora.official import disable_official_loras, enable_official_loras
+from longcat_lora.model import naming
+from longcat_lora.testing.dit import TINY_AVATAR, LongCatAvatarDiT
+from longcat_lora.testing.fixtures import write_native_lora
+from longcat_lora.testing.official import disable_official_loras, enable_official_loras
 
 from conftest import cli
 from int8_reference import ref_quantize_model

@@ -181,7 +181,7 @@ def test_reads_what_fastvideo_accepts(tmp_path):
 
 def test_cli_other_dims_rank_dtype_alpha(native, tmp_path):
     """Through the real CLI: another DiT size, an odd rank, fp16, alpha_scale 0.7 (0.7*5 not integral)."""
-    from longcat_lora.naming import DitDims
+    from longcat_lora.model.naming import DitDims
 
     from conftest import cli
 

@@ -23,16 +23,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import longcat_lora.st as st
-from longcat_lora.dit import TINY
+import longcat_lora.io.writer as st
+from longcat_lora.testing.dit import TINY
 from longcat_lora.errors import LoraError
-from longcat_lora.fixtures import write_base_checkpoint, write_native_lora
+from longcat_lora.testing.fixtures import write_base_checkpoint, write_native_lora
 
 from conftest import cli
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
-MAIN = "\nfrom longcat_lora.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+MAIN = "\nfrom longcat_lora.commands.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 TEMP = re.compile(r"\.longcat-lora-\d+(\.\d+)?\.(tmp|old)$")
 
 # Cut file $VICTIM short in the middle of the first tensor about to be read from it, just before it is
@@ -41,7 +41,8 @@ TEMP = re.compile(r"\.longcat-lora-\d+(\.\d+)?\.(tmp|old)$")
 # thread), so the first read to fail is that one.
 SHRINK = r"""
 import os, sys
-import longcat_lora.st as st
+import longcat_lora.io.writer as st
+import longcat_lora.io.reader as rd
 victim, mode = os.path.realpath(os.environ["VICTIM"]), os.environ["MODE"]
 done = []
 
@@ -64,11 +65,11 @@ if mode == "copy":
         return orig_run(parts, fd)
     st._copy_run = copy_run
 else:
-    orig_pread = st.SafeFile._pread
+    orig_pread = rd.SafeFile._pread
     def pread(self, name, start, buf):
         cut(self.path, name, start, buf.nbytes)
         return orig_pread(self, name, start, buf)
-    st.SafeFile._pread = pread
+    rd.SafeFile._pread = pread
 """
 
 
@@ -140,7 +141,8 @@ def test_input_rewritten_same_size_is_caught_by_the_fstat_check(native, tmp_path
     out = tmp_path / "out.safetensors"
     prelude = r"""
 import os
-import longcat_lora.st as st
+import longcat_lora.io.writer as st
+import longcat_lora.io.reader as rd
 orig = st._copy_range
 done = []
 def copy_range(r, fd):
@@ -261,7 +263,8 @@ def test_merge_overwrite_only_over_an_earlier_merge(merge_setup, tmp_path):
 # Print a marker once the output's header is written, then stall (a long write), so the test can signal.
 SLOW = r"""
 import os, time
-import longcat_lora.st as st
+import longcat_lora.io.writer as st
+import longcat_lora.io.reader as rd
 orig = st._write_all
 def write_all(fd, data):
     orig(fd, data)
@@ -452,12 +455,13 @@ def test_out_checks_come_before_reading_the_input(native, merge_setup, tmp_path)
     assert "already exists" in line
     # and nothing is opened at all: count SafeFile opens in the child
     prelude = r"""
-import longcat_lora.st as st
-orig = st.SafeFile.__init__
+import longcat_lora.io.writer as st
+import longcat_lora.io.reader as rd
+orig = rd.SafeFile.__init__
 def init(self, path):
     print("OPENED", path, flush=True)
     orig(self, path)
-st.SafeFile.__init__ = init
+rd.SafeFile.__init__ = init
 """
     p = child(prelude, "merge", base, outdir, "--lora", lora)
     assert "already exists" in one_error_line(p) and "OPENED" not in p.stdout
@@ -499,7 +503,7 @@ def test_scalar_too_large_for_a_dtype_is_not_representable_and_warns_nothing():
     overflow warning must not leak onto a successful run's stderr."""
     import warnings
 
-    from longcat_lora.st import decode_scalar, encode_scalar, representable
+    from longcat_lora.io.dtypes import decode_scalar, encode_scalar, representable
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

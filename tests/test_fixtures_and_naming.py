@@ -1,8 +1,8 @@
 import pytest
 
-from longcat_lora import naming
-from longcat_lora.fixtures import native_entries
-from longcat_lora.st import SafeFile
+from longcat_lora.model import naming
+from longcat_lora.testing.fixtures import native_entries
+from longcat_lora.io.reader import SafeFile
 
 from conftest import DIMS
 

@@ -242,7 +242,7 @@ def test_verify_across_formats_detects_perturbation(native, tmp_path):
 
 def _dit_inputs():
     g = torch.Generator().manual_seed(5)
-    from longcat_lora.dit import TINY
+    from longcat_lora.testing.dit import TINY
 
     return (torch.randn(1, TINY.in_channels, 2, 4, 4, generator=g), torch.tensor([300.0]),
             torch.randn(1, 1, 6, TINY.caption_channels, generator=g))
@@ -256,9 +256,9 @@ def test_end_to_end_real_peft_and_diffusers_on_reference_dit(tmp_path):
     from diffusers.loaders import PeftAdapterMixin
     from peft import PeftModel
 
-    from longcat_lora.dit import TINY, LongCatDiT
-    from longcat_lora.fixtures import write_native_lora
-    from longcat_lora.official import disable_official_loras, enable_official_loras
+    from longcat_lora.testing.dit import TINY, LongCatDiT
+    from longcat_lora.testing.fixtures import write_native_lora
+    from longcat_lora.testing.official import disable_official_loras, enable_official_loras
 
     src = write_native_lora(str(tmp_path / "n.safetensors"), "refinement", dims=TINY.dims, rank=4,
                             dtype=torch.float32, alpha_scale=0.3, seed=9)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from longcat_lora.cli import main
+from longcat_lora.commands.cli import main
 
 from reference import fastvideo_delta, load, official_delta, worst
 

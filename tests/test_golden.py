@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import longcat_lora as L
-from longcat_lora.dit import TINY
-from longcat_lora.fixtures import write_base_checkpoint, write_native_lora
+from longcat_lora.testing.dit import TINY
+from longcat_lora.testing.fixtures import write_base_checkpoint, write_native_lora
 
 FORMATS = ("longcat", "fastvideo", "peft", "diffusers", "comfyui")
 # (layout, dtype, rank, alpha_scale): both layouts, bf16 and fp32, integral and non-integral alpha

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import cli
-from longcat_lora.cli import main
+from longcat_lora.commands.cli import main
 from longcat_lora.errors import LoraError
-from longcat_lora.patterns import PatternTable
+from longcat_lora.formats.patterns import PatternTable
 
 SEP = "___lorahyphen___"
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -450,7 +450,7 @@ def test_header_accepts_what_safetensors_accepts(tmp_path):
     import numpy as np
     from safetensors import safe_open
 
-    from longcat_lora.st import SafeFile
+    from longcat_lora.io.reader import SafeFile
 
     data = np.arange(8, dtype=np.float32).tobytes()
     header = ('{"__metadata__":null,"":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16],"extra":{"x":[[1]]}},'

@@ -11,11 +11,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 import longcat_lora as L
-from longcat_lora import int8
-from longcat_lora.dit import TINY, LongCatDiT, LongCatDiTSplit, QuantizedLinear, convert_state_dict, quantize_dit
+from longcat_lora.apply import int8
+from longcat_lora.testing.dit import (TINY, LongCatDiT, LongCatDiTSplit, QuantizedLinear, convert_state_dict,
+    quantize_dit)
 from longcat_lora.errors import LoraError
-from longcat_lora.fixtures import write_native_lora
-from longcat_lora.official import disable_official_loras, enable_official_loras
+from longcat_lora.testing.fixtures import write_native_lora
+from longcat_lora.testing.official import disable_official_loras, enable_official_loras
 
 from int8_reference import RefQuantizedLinear, ref_dequant64, ref_quantize, ref_quantize_model
 from reference import official_delta, rel_err

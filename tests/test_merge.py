@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import longcat_lora as L
-from longcat_lora.dit import TINY, LongCatDiT, LongCatDiTSplit
-from longcat_lora.fixtures import write_base_checkpoint, write_native_lora
-from longcat_lora.merge import parse_lora_arg
+from longcat_lora.testing.dit import TINY, LongCatDiT, LongCatDiTSplit
+from longcat_lora.testing.fixtures import write_base_checkpoint, write_native_lora
+from longcat_lora.apply.merge import parse_lora_arg
 
 from conftest import cli
 from reference import fastvideo_delta, half_ulp, official_delta, rel_err

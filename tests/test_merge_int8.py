@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import longcat_lora as L
-from longcat_lora.dit import TINY, LongCatDiT
+from longcat_lora.testing.dit import TINY, LongCatDiT
 from longcat_lora.errors import LoraError
-from longcat_lora.fixtures import write_native_lora
-from longcat_lora.merge_int8 import Int8Merge
+from longcat_lora.testing.fixtures import write_native_lora
+from longcat_lora.apply.merge_int8 import Int8Merge
 
 from conftest import cli
 from reference import official_delta

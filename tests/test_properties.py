@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from longcat_lora import convert
-from longcat_lora.naming import TABLE, DitDims
+from longcat_lora.model.naming import TABLE, DitDims
 
 from reference import official_delta, worst
 

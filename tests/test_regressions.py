@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import longcat_lora as L
-from longcat_lora.dit import DiTConfig
-from longcat_lora.fixtures import write_base_checkpoint, write_native_lora
-from longcat_lora.naming import DitDims
+from longcat_lora.testing.dit import DiTConfig
+from longcat_lora.testing.fixtures import write_base_checkpoint, write_native_lora
+from longcat_lora.model.naming import DitDims
 
 from conftest import cli
 from linear_bag import LinearBag
@@ -251,7 +251,7 @@ def test_merge_lora_twice_then_unmerge_restores_bit_for_bit(tmp_path):
     """Mutant: a second merge_lora overwriting the saved originals, so unmerge_lora restores the
     once-merged weights. Two merges (same layers, bf16 and fp32 weights), then unmerge: every parameter
     equal to the original, bit for bit."""
-    from longcat_lora.dit import LongCatDiT
+    from longcat_lora.testing.dit import LongCatDiT
 
     torch.manual_seed(0)
     model = LongCatDiT(CFG).cast(torch.bfloat16)
@@ -410,7 +410,7 @@ def test_peft_alpha_pattern_for_a_default_rank_module(tmp_path):
 def test_verify_reports_the_reference_relative_error(tmp_path, monkeypatch, dense_limit):
     """`verify.compare` against the float64 reference: per-module relative Frobenius errors, the worst
     module, one-sided modules, through both its dense and its low-rank-factor paths (DENSE_LIMIT 0)."""
-    from longcat_lora import verify
+    from longcat_lora.commands import verify
 
     monkeypatch.setattr(verify, "DENSE_LIMIT", dense_limit)
     src = write_native_lora(str(tmp_path / "a.safetensors"), "refinement", dims=DIMS, rank=3, dtype=torch.float32,
@@ -449,7 +449,7 @@ def test_verify_when_the_two_sides_split_rows_differently(tmp_path, monkeypatch,
     """One side keeps qkv as 3 up blocks, the other as one standard LoRA whose up matrix is no longer
     block-diagonal (one off-diagonal entry): compare() must slice each side's parts per row segment
     correctly; its error equals the reference's."""
-    from longcat_lora import verify
+    from longcat_lora.commands import verify
     from reference import kohya_delta
 
     monkeypatch.setattr(verify, "DENSE_LIMIT", dense_limit)
@@ -480,7 +480,7 @@ def test_bad_input_classes_in_process(tmp_path, capsys, to):
     """The bad-input corpus of test_bad_input.py through `cli.main` in this process (seconds, not a
     subprocess per case, so mutation runs can afford it), into three writers: exit 2, one line naming
     the file, no output, nothing left behind."""
-    from longcat_lora.cli import main
+    from longcat_lora.commands.cli import main
     from test_bad_input import _cases
 
     cases = _cases(tmp_path)
@@ -613,7 +613,7 @@ def test_layer_whose_first_rows_have_no_part_writes_the_zero_band(tmp_path):
 def test_zero_size_dimension_in_a_header_entry_the_fast_path_leaves(tmp_path):
     """A [0, 4] tensor is valid safetensors; an unknown field sends the entry down the slow validating
     path (`_entry`). Kills its shape bound `0 <= s` turned into `0 < s` or `1 <= s`."""
-    from longcat_lora.st import SafeFile
+    from longcat_lora.io.reader import SafeFile
 
     header = {"empty": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0], "note": "x"},
               "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
@@ -634,7 +634,7 @@ def test_input_swapped_for_a_fifo_after_the_type_check_never_hangs(tmp_path, mon
     (`|` -> `&` in open_regular's flags)."""
     import threading
 
-    from longcat_lora import st
+    from longcat_lora.io import reader as st
     from longcat_lora.errors import LoraError
 
     fifo = str(tmp_path / "swapped")
@@ -677,7 +677,7 @@ def test_two_formats_in_one_file_are_named_as_such(tmp_path):
 def test_zero_size_dimension_on_the_header_fast_path(tmp_path):
     """A plain [0, 4] tensor, written by the safetensors library itself, takes the parser's fast path.
     Kills that path's shape bound `0 <= s` turned into `0 < s`."""
-    from longcat_lora.st import SafeFile
+    from longcat_lora.io.reader import SafeFile
 
     path = str(tmp_path / "z.safetensors")
     save_file({"empty": torch.zeros(0, 4), "b": torch.ones(2)}, path)
@@ -699,7 +699,7 @@ def test_nonfinite_scan_of_an_empty_tensor_at_the_end_of_a_page_aligned_file(tmp
     zero bytes past the end). Kills `dtype not in _NONFINITE or nbytes == 0` turned into `and`."""
     import mmap as _mmap
 
-    from longcat_lora.st import FileRange, SafeFile
+    from longcat_lora.io.reader import FileRange, SafeFile
 
     gran = _mmap.ALLOCATIONGRANULARITY
     data = gran - 8 - 256  # header length (8) + a 256-byte header + data = one page

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import longcat_lora as L
-from longcat_lora import naming
-from longcat_lora.dit import TINY, LongCatDiT, LongCatDiTSplit, convert_state_dict
-from longcat_lora.fixtures import write_native_lora
-from longcat_lora.official import disable_official_loras, enable_official_loras
+from longcat_lora.model import naming
+from longcat_lora.testing.dit import TINY, LongCatDiT, LongCatDiTSplit, convert_state_dict
+from longcat_lora.testing.fixtures import write_native_lora
+from longcat_lora.testing.official import disable_official_loras, enable_official_loras
 
 from reference import half_ulp, official_delta, rel_err
 

@@ -11,8 +11,8 @@ Each mutant runs only a FAST relevant subset of the tests (`SUBSETS`, per core m
 failure ends the run) against that copy (PYTHONPATH points at the copy's src, so CLI subprocesses see
 the mutant too). A mutant is killed when the subset fails or runs past its timeout.
 
-Mutants are generated from the AST of each core module (formats/, adapter.py, st.py, runtime.py,
-merge.py, verify.py, naming.py, targets.py): comparison and arithmetic operators, and/or, `not`,
+Mutants are generated from the AST of each core module (formats/, model/, io/, apply/runtime.py,
+apply/merge.py, apply/targets.py, commands/verify.py): comparison and arithmetic operators, and/or, `not`,
 small integer and float constants, True/False, dtype names ("F64" <-> "F32", "F16" <-> "BF16",
 torch.float64 <-> torch.float32). Lines that only build messages, docstrings and type hints are left
 alone. `EQUIVALENT` lists mutants that cannot change behaviour, each with the reason; the score is
@@ -41,8 +41,9 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = "src/longcat_lora"
 CORE = ["formats/__init__.py", "formats/_common.py", "formats/longcat.py", "formats/fastvideo.py",
-        "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "adapter.py", "st.py", "runtime.py",
-        "merge.py", "verify.py", "naming.py", "targets.py"]
+        "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "model/adapter.py", "io/dtypes.py",
+        "io/reader.py", "io/writer.py", "io/outputs.py", "apply/runtime.py", "apply/merge.py", "commands/verify.py",
+        "model/naming.py", "apply/targets.py"]
 
 # Fast subsets (pytest node ids), per core module, the quickest and most telling first (`-x` stops a
 # killed mutant at its first failure; a survivor runs the whole subset: 30-90 s each on 2 shared cores).
@@ -79,10 +80,10 @@ _MERGE = ["tests/test_merge.py::test_parse_lora_arg", "tests/test_merge.py::test
           "tests/test_merge.py::test_merged_checkpoint_reproduces_apply_lora[longcat]"]
 SUBSETS = {
     "formats": _FORMATS,
-    "adapter.py": _FORMATS + [R + "test_layer_whose_first_rows_have_no_part_writes_the_zero_band"],
-    "naming.py": ["tests/test_fixtures_and_naming.py", "tests/test_runtime.py::test_split_and_fused_models_agree_and_convert"]
+    "model/adapter.py": _FORMATS + [R + "test_layer_whose_first_rows_have_no_part_writes_the_zero_band"],
+    "model/naming.py": ["tests/test_fixtures_and_naming.py", "tests/test_runtime.py::test_split_and_fused_models_agree_and_convert"]
     + _FORMATS[:9] + _RUNTIME[3:5],
-    "st.py": [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_alpha_scale_shapes_and_dtypes",
+    "io": [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_alpha_scale_shapes_and_dtypes",
               R + "test_bad_input_classes_in_process", R + "test_overlapping_data_offsets_are_refused", "tests/test_golden.py",
               "tests/test_fuzz.py", R + "test_failed_convert_leaves_existing_out_byte_identical",
               R + "test_out_equal_to_input_is_refused_by_resolved_path", F + "test_round_trip_bit_exact[dtype0-longcat]",
@@ -95,10 +96,10 @@ SUBSETS = {
               R + "test_nonfinite_scan_of_an_empty_tensor_at_the_end_of_a_page_aligned_file",
               R + "test_input_swapped_for_a_fifo_after_the_type_check_never_hangs",
               R + "test_a_header_length_that_starts_like_a_pickle_is_still_safetensors"],
-    "runtime.py": _RUNTIME,
-    "targets.py": _RUNTIME[:5] + _MERGE[:3],
-    "merge.py": _MERGE,
-    "verify.py": [R + "test_verify_when_the_two_sides_split_rows_differently",
+    "apply/runtime.py": _RUNTIME,
+    "apply/targets.py": _RUNTIME[:5] + _MERGE[:3],
+    "apply/merge.py": _MERGE,
+    "commands/verify.py": [R + "test_verify_when_the_two_sides_split_rows_differently",
                   R + "test_verify_reports_the_reference_relative_error",
                   "tests/test_cli.py::test_verify_exit_codes_and_worst_location"],
 }
@@ -106,7 +107,7 @@ SUBSETS = {
 
 def subset(path: str) -> list[str]:
     rel = path.removeprefix(PKG + "/")
-    return SUBSETS["formats"] if rel.startswith("formats/") else SUBSETS[rel]
+    return SUBSETS["formats"] if rel.startswith("formats/") else SUBSETS["io"] if rel.startswith("io/") else SUBSETS[rel]
 
 
 @dataclass
@@ -126,24 +127,24 @@ class Mutant:
 # ------------------------------------------------------------------ hand-made mutants (issue 8)
 
 HAND = [  # (file, exact old text, new text, the bug it stands for)
-    ("adapter.py", "t = (_torch(src, check).to(torch.float64) * factor)",
+    ("model/adapter.py", "t = (_torch(src, check).to(torch.float64) * factor)",
      "t = (_torch(src, check).to(torch.float32) * factor)", "fold a scale into lora_B in fp32, not fp64"),
     ("formats/fastvideo.py", "return a / rank if a else 1.0", "return a / rank if a else 0.0",
      "FastVideo lora_alpha < 1 read as scale 0"),
     ("formats/fastvideo.py", "    a = int(alpha)\n", "    a = alpha\n", "FastVideo lora_alpha not truncated"),
     ("formats/fastvideo.py", "and int(alpha) != 0\n", "\n", "FastVideo writer keeps lora_alpha < 1"),
-    ("merge.py", "return Entry(name, dt, info.shape, lambda: ws.merged(sf, name, adds, dt))",
+    ("apply/merge.py", "return Entry(name, dt, info.shape, lambda: ws.merged(sf, name, adds, dt))",
      "return Entry(name, 'F32', info.shape, lambda: ws.merged(sf, name, adds, 'F32'))",
      "merge writes touched weights as F32"),
-    ("merge.py", '"fp16": "F16"', '"fp16": "BF16"', "merge --dtype fp16 mapped to bf16"),
-    ("runtime.py", "dst += (hb @ b.up.T).to(y.dtype) * (b.scale * s)", "dst += (hb @ b.up.T).to(y.dtype) * b.scale",
+    ("apply/merge.py", '"fp16": "F16"', '"fp16": "BF16"', "merge --dtype fp16 mapped to bf16"),
+    ("apply/runtime.py", "dst += (hb @ b.up.T).to(y.dtype) * (b.scale * s)", "dst += (hb @ b.up.T).to(y.dtype) * b.scale",
      "runtime mixed-dtype branch ignores strength"),
-    ("runtime.py", "if layer not in st.originals:", "if True:", "second merge_lora overwrites the saved originals"),
-    ("st.py", "tmp = _create_temp(parent, base, directory)", "tmp = out if not directory else _create_temp(parent, base, directory)",
+    ("apply/runtime.py", "if layer not in st.originals:", "if True:", "second merge_lora overwrites the saved originals"),
+    ("io/outputs.py", "tmp = _create_temp(parent, base, directory)", "tmp = out if not directory else _create_temp(parent, base, directory)",
      "file output written straight to OUT"),
-    ("st.py", "real_out = os.path.realpath(out)", "real_out = out", "OUT == input compared as strings (out)"),
-    ("st.py", "real_in = os.path.realpath(p)", "real_in = p", "OUT == input compared as strings (input)"),
-    ("st.py", "if info.start != end:\n                what = (", "if info.start > end:\n                what = (",
+    ("io/outputs.py", "real_out = os.path.realpath(out)", "real_out = out", "OUT == input compared as strings (out)"),
+    ("io/outputs.py", "real_in = os.path.realpath(p)", "real_in = p", "OUT == input compared as strings (input)"),
+    ("io/reader.py", "if info.start != end:\n                what = (", "if info.start > end:\n                what = (",
      "header parser accepts overlapping data_offsets"),
     ("formats/_common.py", "for i in infos if i.alpha != alpha}", "for i in infos if i.alpha != alpha and i.rank != r}",
      "PEFT alpha_pattern omitted at the default rank"),
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-hand", action="store_true", help="only generated mutants")
     ap.add_argument("--sample", type=int, default=120, help="generated mutants to run (0: all); default 120")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", help="only mutants of this core file (e.g. st.py, formats/peft.py)")
+    ap.add_argument("--only", help="only mutants of this core file (e.g. io/reader.py, formats/peft.py)")
     ap.add_argument("--rev", help="mutate src/ of this git revision instead of the working tree's (tests: the working tree's)")
     ap.add_argument("--tests", nargs="+", help="run these tests for every mutant instead of the module's subset")
     ap.add_argument("--budget", type=float, default=1800, help="stop starting mutants after this many seconds")

@@ -6,13 +6,14 @@ runtime and merge functions import it when first used.
 
 __version__ = "0.1.0"
 
-from .adapter import LoraAdapter, LoraModule, Part  # noqa: E402
+from .model.adapter import LoraAdapter, LoraModule, Part  # noqa: E402
 from .errors import LoraError  # noqa: E402
 from .formats import FORMATS, convert, detect_format, load_lora, save_lora  # noqa: E402
 
 _LAZY = {
-    "apply_lora": "runtime", "set_lora_strength": "runtime", "remove_lora": "runtime", "merge_lora": "runtime",
-    "unmerge_lora": "runtime", "active_loras": "runtime", "merge_checkpoint": "merge",
+    "apply_lora": "apply.runtime", "set_lora_strength": "apply.runtime", "remove_lora": "apply.runtime",
+    "merge_lora": "apply.runtime", "unmerge_lora": "apply.runtime", "active_loras": "apply.runtime",
+    "merge_checkpoint": "apply.merge",
     "resize_lora": "algebra.resize", "combine_loras": "algebra.combine", "extract_lora": "algebra.extract",
     "plot_lora": "algebra.plot",
 }

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable
 from contextlib import ExitStack
 
-from ..adapter import LoraAdapter, LoraModule, Part, cat_rows, folded, placed
+from ..model.adapter import LoraAdapter, LoraModule, Part, cat_rows, folded, placed
 from ..errors import LoraError
 from ..formats import load_lora, save_lora
 from ..formats._common import in_file_order

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..adapter import Computed, LoraAdapter, LoraModule, Part, Source
+from ..model.adapter import Computed, LoraAdapter, LoraModule, Part, Source
 from ..errors import LoraError
-from ..st import FLOATS, SafeFile, torch_dtype
+from ..io.dtypes import FLOATS, torch_dtype
+from ..io.reader import SafeFile
 from .lowrank import ModuleReport, RankRule, Report, _orth, factored_svd
 
 if TYPE_CHECKING:  # torch is imported when the arithmetic starts
@@ -330,7 +331,7 @@ def plan_modules(mps: list[ModulePlan], rule: RankRule, progress: bool, desc: st
 
 def output_dtype(requested: str, inputs: Iterable[str]) -> str:
     """The dtype name for the output factors: `keep` = the widest input dtype, else as named."""
-    from ..adapter import promote
+    from ..model.adapter import promote
 
     if requested not in DTYPES:
         raise LoraError(f"dtype must be one of {', '.join(DTYPES)}, got {requested!r}")

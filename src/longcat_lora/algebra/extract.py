@@ -36,12 +36,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import naming
-from ..adapter import LoraAdapter, LoraModule, Part, Source
+from ..model import naming
+from ..model.adapter import LoraAdapter, LoraModule, Part, Source
 from ..errors import LoraError
 from ..formats import FORMATS, check_lora_output, save_lora
-from ..merge import Base, open_base
-from ..st import FLOATS, SafeFile, dtype_name, torch_dtype
+from ..apply.merge import Base, open_base
+from ..io.dtypes import FLOATS, dtype_name, torch_dtype
+from ..io.reader import SafeFile
 from .lowrank import ModuleReport, RankRule, Report, dense_svd
 
 if TYPE_CHECKING:
@@ -294,7 +295,7 @@ class _SpoolSource(Source):
                 raise LoraError(f"extract: spool file truncated at byte {self.offset + got}")
             got += n
         a = np.frombuffer(buf, dtype=np.uint8).reshape(self.shape[0], -1)
-        from ..adapter import _checked
+        from ..model.adapter import _checked
 
         return _checked(a, self.dtype, check)
 

@@ -16,11 +16,11 @@ import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from .. import naming
-from ..adapter import LoraAdapter, LoraModule
+from ..model import naming
+from ..model.adapter import LoraAdapter, LoraModule
 from ..errors import LoraError
 from ..formats import load_lora
-from ..st import atomic_output, check_output
+from ..io.outputs import atomic_output, check_output
 from .lowrank import Report, factored_svd
 
 if TYPE_CHECKING:

@@ -10,10 +10,11 @@ import re
 import sys
 from collections.abc import Iterable
 
-from .. import naming
-from ..adapter import LoraAdapter
+from ..model import naming
+from ..model.adapter import LoraAdapter
 from ..errors import LoraError
-from ..st import SafeFile, atomic_output, check_output
+from ..io.reader import SafeFile
+from ..io.outputs import atomic_output, check_output
 from . import comfyui, diffusers, fastvideo, longcat, peft
 from ._common import WriteOptions
 

@@ -8,13 +8,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import naming
-from ..adapter import (FileSource, NonFinite, LoraAdapter, LoraModule, Source, parts_from_standard, standard_layer,
-                       validate_module)
+from ..model import naming
+from ..model.adapter import (FileSource, NonFinite, LoraAdapter, LoraModule, Source, parts_from_standard,
+    standard_layer, validate_module)
 from ..errors import LoraError, UnmappedModulesError, q
-from ..jsonsafe import field as json_field, is_int, is_number, type_name
-from ..patterns import PatternTable
-from ..st import FLOATS, INTS, Entry, SafeFile, decode_scalar, encode_scalar, representable
+from ..io.jsonsafe import field as json_field, is_int, is_number, type_name
+from .patterns import PatternTable
+from ..io.dtypes import FLOATS, INTS, decode_scalar, encode_scalar, representable
+from ..io.writer import Entry
+from ..io.reader import SafeFile
 
 
 @dataclass

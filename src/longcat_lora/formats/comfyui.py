@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 
-from ..adapter import LoraAdapter
-from ..st import SafeFile, write_safetensors
+from ..model.adapter import LoraAdapter
+from ..io.reader import SafeFile
+from ..io.writer import write_safetensors
 from ._common import (WriteOptions, add_standard_layer, exact_dtype, finish, group_keys, metadata, scalar,
                       scalar_entry, standard_entries)
 

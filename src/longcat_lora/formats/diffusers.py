@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 
-from .. import jsonsafe
-from ..adapter import LoraAdapter
+from ..io import jsonsafe
+from ..model.adapter import LoraAdapter
 from ..errors import LoraError
-from ..st import SafeFile, write_safetensors
+from ..io.reader import SafeFile
+from ..io.writer import write_safetensors
 from ._common import (WriteOptions, add_standard_layer, finish, group_keys, metadata, peft_config, peft_scales,
                       standard_entries)
 

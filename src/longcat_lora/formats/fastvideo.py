@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 import re
 
-from .. import naming
-from ..adapter import LoraAdapter, folded, standard_layer
+from ..model import naming
+from ..model.adapter import LoraAdapter, folded, standard_layer
 from ..errors import LoraError, q
-from ..st import Entry, SafeFile, write_safetensors
+from ..io.writer import Entry, write_safetensors
+from ..io.reader import SafeFile
 from ._common import (WriteOptions, add_standard_layer, entry, finish, group_keys, in_file_order, metadata, scalar,
                       scalar_entry, unmapped)
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from .. import naming
-from ..adapter import LoraAdapter, LoraModule, Part, native_blocks
+from ..model import naming
+from ..model.adapter import LoraAdapter, LoraModule, Part, native_blocks
 from ..errors import LoraError, q
-from ..st import Entry, SafeFile, write_safetensors
+from ..io.writer import Entry, write_safetensors
+from ..io.reader import SafeFile
 from ._common import (WriteOptions, entry, exact_dtype, finish, in_file_order, metadata, scalar, scalar_entry,
                       unmapped, weight)
 

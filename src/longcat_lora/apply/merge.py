@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import jsonsafe
-from .adapter import LoraAdapter
-from .errors import LoraError
-from .formats import load_lora
+from ..io import jsonsafe
+from ..model.adapter import LoraAdapter
+from ..errors import LoraError
+from ..formats import load_lora
 from .merge_int8 import Int8Merge, Requant, check_fit, scan
-from .st import (FLOATS, ITEMSIZE, Entry, FileRange, SafeFile, atomic_output, check_output, dir_problem,
-                 file_kind, nonfinite, torch_dtype, write_safetensors)
+from ..io.dtypes import FLOATS, ITEMSIZE, nonfinite, torch_dtype
+from ..io.writer import Entry, write_safetensors
+from ..io.reader import FileRange, SafeFile, file_kind
+from ..io.outputs import atomic_output, check_output, dir_problem
 from .targets import Target, find_targets
 
 INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import LoraError, q
-from .st import ITEMSIZE, FileRange, SafeFile, dtype_name, nonfinite, torch_dtype
+from ..errors import LoraError, q
+from ..io.dtypes import ITEMSIZE, dtype_name, nonfinite, torch_dtype
+from ..io.reader import FileRange, SafeFile
 
 if TYPE_CHECKING:
     import torch

@@ -12,14 +12,14 @@ import argparse
 import json
 import sys
 
-from . import __version__
-from .errors import LoraError, q
-from .formats import FORMATS, convert, load_lora
-from .interrupts import Terminated, handle_signals
+from .. import __version__
+from ..errors import LoraError, q
+from ..formats import FORMATS, convert, load_lora
+from ..io.interrupts import Terminated, handle_signals
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .summary import format_report, inspect_lora
+    from .inspect import format_report, inspect_lora
 
     report = inspect_lora(args.file)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -51,7 +51,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .merge import merge_checkpoint, parse_lora_arg
+    from ..apply.merge import merge_checkpoint, parse_lora_arg
 
     report = merge_checkpoint(args.base, args.output, [parse_lora_arg(x) for x in args.lora], dtype=args.dtype,
                               overwrite=args.overwrite, skip_unmapped=args.skip_unmapped, device=args.device,
@@ -67,7 +67,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _rank_flags(args: argparse.Namespace, required: bool):
     """The RankRule of --rank / --energy / --max-error (None when none is given and none is required);
     errors name the flags."""
-    from .algebra.lowrank import RankRule
+    from ..algebra.lowrank import RankRule
 
     given = [f for f, v in (("--rank", args.rank), ("--energy", args.energy), ("--max-error", args.max_error))
              if v is not None]
@@ -91,11 +91,11 @@ def _print_report(args: argparse.Namespace, report) -> None:
 
 
 def _resize(args: argparse.Namespace) -> int:
-    from .algebra.resize import resize_lora
+    from ..algebra.resize import resize_lora
 
     rule = _rank_flags(args, required=True)
     if args.plot:  # before the work: matplotlib present, PNG writable
-        from .algebra.plot import check_plot_output, plot_resize
+        from ..algebra.plot import check_plot_output, plot_resize
 
         check_plot_output(args.plot, args.overwrite, inputs=[args.input, args.output])
     report = resize_lora(args.input, args.output, rank=rule.rank, energy=rule.energy, max_error=rule.max_error,
@@ -108,8 +108,8 @@ def _resize(args: argparse.Namespace) -> int:
 
 
 def _combine(args: argparse.Namespace) -> int:
-    from .algebra.combine import combine_loras
-    from .merge import parse_lora_arg
+    from ..algebra.combine import combine_loras
+    from ..apply.merge import parse_lora_arg
 
     rule = _rank_flags(args, required=False)
     if rule is None and args.dtype != "keep":
@@ -126,7 +126,7 @@ def _combine(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     import torch
 
-    from .algebra.extract import extract_lora
+    from ..algebra.extract import extract_lora
 
     rule = _rank_flags(args, required=True)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -139,7 +139,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .algebra.plot import plot_lora
+    from ..algebra.plot import plot_lora
 
     kinds = [k.strip() for k in args.modules.split(",") if k.strip()] if args.modules is not None else None
     if kinds == []:
@@ -150,7 +150,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ..testing.demo import run_demo
 
     return run_demo(keep=args.keep)
 

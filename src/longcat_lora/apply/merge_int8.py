@@ -37,10 +37,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .adapter import LoraAdapter
-from .errors import LoraError
+from ..model.adapter import LoraAdapter
+from ..errors import LoraError
 from .int8 import quantize_rows
-from .st import ITEMSIZE, Entry, SafeFile, nonfinite, torch_dtype
+from ..io.dtypes import ITEMSIZE, nonfinite, torch_dtype
+from ..io.writer import Entry
+from ..io.reader import SafeFile
 
 if TYPE_CHECKING:  # merge imports this module
     from .merge import Base

@@ -13,9 +13,9 @@ import os
 import tempfile
 
 from .fixtures import write_native_lora
-from .formats import FORMATS, convert, load_lora
-from .summary import format_report, inspect_lora
-from .verify import compare
+from ..formats import FORMATS, convert, load_lora
+from ..commands.inspect import format_report, inspect_lora
+from ..commands.verify import compare
 
 TOLERANCE = 1e-6  # conversions
 PARITY_TOLERANCE = 1e-5  # fp32 forward passes
@@ -29,7 +29,7 @@ def inference_parity(native: str, fastvideo: str, multiplier: float = 0.8) -> li
     LoRANetwork semantics on the original-layout model."""
     import torch
 
-    from . import runtime
+    from ..apply import runtime
     from .dit import TINY, LongCatDiT, LongCatDiTSplit, convert_state_dict
     from .official import disable_official_loras, enable_official_loras
 
@@ -74,7 +74,7 @@ def int8_parity(native: str, fastvideo: str, multiplier: float = 0.8) -> dict:
     LoRA on the INT8 model). `unmerged_exact`: unmerge restored the model's outputs bit for bit."""
     import torch
 
-    from . import runtime
+    from ..apply import runtime
     from .dit import TINY, LongCatDiT, quantize_dit
     from .official import disable_official_loras, enable_official_loras
 

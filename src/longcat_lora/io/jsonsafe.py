@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .errors import LoraError
+from ..errors import LoraError
 
 MAX_DEPTH = 32
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # adapter_config.json, metadata strings: a few KB in practice

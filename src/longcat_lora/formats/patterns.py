@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .errors import LoraError
+from ..errors import LoraError
 
 try:  # Python >= 3.11
     from re import _constants as C  # type: ignore[attr-defined]

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import naming
-from .adapter import LoraAdapter, LoraModule, Part
-from .errors import LoraError, UnmappedModulesError, q
+from ..model import naming
+from ..model.adapter import LoraAdapter, LoraModule, Part
+from ..errors import LoraError, UnmappedModulesError, q
 
 if TYPE_CHECKING:
     import torch

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import LoraAdapter
-from . import naming
-from .errors import LoraError
-from .formats import load_lora
+from ..model.adapter import LoraAdapter
+from ..model import naming
+from ..errors import LoraError
+from ..formats import load_lora
 from .int8 import dequantize, is_int8_layer, quantize_rows, requant_error
 from .targets import Target, find_targets
 
@@ -149,7 +149,7 @@ def _lora_placement(model: nn.Module, module: nn.Module) -> tuple[torch.device, 
 
 
 def _materialised(t: Target):
-    from .adapter import LoraModule, Part, TensorSource
+    from ..model.adapter import LoraModule, Part, TensorSource
 
     parts = [Part(p.rows, TensorSource(p.down.load().clone()), TensorSource(p.up.load().clone()), p.scale)
              for p in t.module.parts]

@@ -10,10 +10,11 @@ import zlib
 
 import torch
 
-from . import naming
-from .naming import DitDims
-from .formats.longcat import encode
-from .st import Entry, dtype_name, write_safetensors
+from ..model import naming
+from ..model.naming import DitDims
+from ..formats.longcat import encode
+from ..io.writer import Entry, write_safetensors
+from ..io.dtypes import dtype_name
 
 LAYOUTS = {"cfg_step": naming.CFG_STEP_KINDS, "refinement": naming.REFINEMENT_KINDS,
            "avatar": naming.CFG_STEP_KINDS | naming.AVATAR_KINDS}  # avatar: base + audio modules

@@ -6,11 +6,11 @@ import math
 import os
 from collections import Counter, defaultdict
 
-from . import naming
-from .adapter import LoraAdapter
-from .errors import q
-from .formats import load_lora
-from .st import FileRange
+from ..model import naming
+from ..model.adapter import LoraAdapter
+from ..errors import q
+from ..formats import load_lora
+from ..io.reader import FileRange
 
 
 def _ranges(xs: list[int]) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapter import LoraAdapter, LoraModule
+from ..model.adapter import LoraAdapter, LoraModule
 
 DENSE_LIMIT = 1 << 22  # elements of a row segment formed densely
 

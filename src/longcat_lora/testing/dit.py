@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import naming
+from ..model import naming
 
 
 @dataclass(frozen=True)
@@ -591,7 +591,7 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
         """Quantize a Linear with the official per-channel symmetric scheme (`int8.quantize_rows`)."""
-        from .int8 import quantize_rows
+        from ..apply.int8 import quantize_rows
 
         q = cls(linear.in_features, linear.out_features, linear.bias is not None).to(linear.weight.device)
         with torch.no_grad():

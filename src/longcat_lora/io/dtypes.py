@@ -1,0 +1,81 @@
+"""Safetensors dtype names: item sizes, the torch dtypes they stand for, NaN/Inf bit tests, scalars."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+
+if TYPE_CHECKING:
+    import torch
+
+# dtype name (safetensors spelling) -> item size in bytes. Torch is not needed to read or write files,
+# and importing it costs more than copying a gigabyte, so it is only imported for arithmetic.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+FLOATS = ("F16", "BF16", "F32", "F64")  # float dtypes a LoRA weight may have
+INTS = ("I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64")
+_BITS = {2: (np.uint16, np.int16), 4: (np.uint32, np.int32), 8: (np.uint64, np.int64)}
+# |bits| at or above which a float is Inf or NaN
+_NONFINITE = {"F16": 0x7C00, "BF16": 0x7F80, "F32": 0x7F800000, "F64": 0x7FF0000000000000}
+_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+          "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
+          "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _TORCH[name])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    s = str(dtype).removeprefix("torch.")
+    for k, v in _TORCH.items():
+        if v == s:
+            return k
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+def nonfinite(raw: np.ndarray, dtype: str) -> bool:
+    """True if raw little-endian float data holds an Inf or NaN (bit test, no conversion)."""
+    if dtype not in _NONFINITE or raw.size == 0:
+        return False
+    u_t, s_t = _BITS[ITEMSIZE[dtype]]
+    flat = raw.reshape(-1)
+    t = _NONFINITE[dtype]
+    sign = 1 << (8 * ITEMSIZE[dtype] - 1)
+    # positive Inf/NaN: largest as signed ints; negative ones: largest as unsigned ints
+    return int(flat.view(s_t).max()) >= t or int(flat.view(u_t).max()) >= (sign | t)
+
+
+def decode_scalar(raw: bytes, dtype: str) -> float:
+    a = np.frombuffer(raw, dtype=np.uint8)
+    if dtype == "BF16":
+        return float((a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)[0])
+    table = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32,
+             "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
+    if dtype not in table:
+        raise ValueError(dtype)
+    return float(a.view(table[dtype])[0])
+
+
+def encode_scalar(value: float, dtype: str) -> bytes:
+    """Little-endian bytes of one value in a float dtype (round to nearest even; a value too large for
+    the dtype becomes inf, silently: `representable` is how callers ask)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if dtype == "BF16":
+            u = int(np.array(value, dtype=np.float32).view(np.uint32))
+            if math.isnan(value):
+                bits = 0x7FC0
+            else:
+                bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+            return struct.pack("<H", bits)
+        return np.array(value, dtype={"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]).tobytes()
+
+
+def representable(value: float, dtype: str) -> bool:
+    return decode_scalar(encode_scalar(value, dtype), dtype) == value

@@ -1,0 +1,177 @@
+"""Streaming safetensors writing: the header first, then each tensor as it is produced, byte counts checked."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+
+import numpy as np
+
+from .dtypes import ITEMSIZE
+from .reader import FileRange, short_read
+
+
+@dataclass
+class Entry:
+    """One tensor to write: its header facts up front, its bytes produced on demand (streamed)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    produce: Callable[[], np.ndarray | bytes | FileRange | Iterator[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, str] | None = None,
+                      progress: Callable[[int], None] | None = None, pipelined: bool = True) -> None:
+    """Write header first, then each tensor as it is produced; peak memory is one tensor.
+
+    Each produced buffer must have the declared size: a mismatch is a bug, not bad input.
+    """
+    entries = list(entries)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for e in entries:
+        if e.name in header:
+            raise ValueError(f"duplicate tensor name {e.name!r}")
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    # No O_TRUNC: ext4 flushes a file truncated to zero when it is closed (auto_da_alloc), which would
+    # make every conversion wait for the disk. Outputs are always fresh temp files anyway.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+    pending = None
+    if os.fstat(fd).st_size:
+        os.ftruncate(fd, 0)
+    try:
+        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
+        # Produce tensor i+1 (read, scan, assemble) on a second thread while tensor i is written:
+        # numpy, pread, write and copy_file_range all release the GIL. At most two tensors in memory.
+        # (Compute-heavy producers, like merging, run better alone: pipelined=False.)
+        # Unchanged byte ranges that follow each other in the input are copied in one call.
+        run: list[FileRange] = []  # contiguous ranges of one input, copied in one go
+        with ThreadPoolExecutor(1) as pool:
+            submit = pool.submit if pipelined else _Done
+            pending = submit(entries[0].produce) if entries else None
+            for i, e in enumerate(entries):
+                data = pending.result()
+                pending = submit(entries[i + 1].produce) if i + 1 < len(entries) else None
+                if isinstance(data, FileRange):
+                    if data.nbytes != e.nbytes:
+                        raise AssertionError(f"{e.name}: {data.nbytes} bytes produced, {e.nbytes} declared")
+                    if run and not (run[-1].fd == data.fd and run[-1].offset + run[-1].nbytes == data.offset):
+                        _copy_run(run, fd)
+                        run = []
+                    run.append(data)
+                else:
+                    if run:
+                        _copy_run(run, fd)
+                        run = []
+                    _write_entry(fd, e, data)
+                if progress is not None:
+                    progress(e.nbytes)
+            if run:
+                _copy_run(run, fd)
+        written = os.fstat(fd).st_size
+        if written != 8 + len(raw) + offset:  # the file must be exactly what its header promises
+            raise AssertionError(f"{path}: {written} bytes written, the header promises {8 + len(raw) + offset}")
+    except BaseException:
+        if pending is not None:
+            pending.cancel()
+        raise
+    finally:
+        os.close(fd)
+
+
+class _Done:
+    """A future that runs its function when asked for the result (no second thread)."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn = fn
+
+    def result(self) -> object:
+        return self.fn()
+
+    def cancel(self) -> None:
+        pass
+
+
+def _write_entry(fd: int, e: Entry, data) -> None:
+    pieces = [data] if isinstance(data, (np.ndarray, bytes, bytearray, memoryview)) else data
+    total = 0
+    for piece in pieces:  # a buffer, or an iterator of buffers each valid until the next
+        mv = memoryview(np.ascontiguousarray(piece) if isinstance(piece, np.ndarray) else piece).cast("B")
+        total += mv.nbytes
+        _write_all(fd, mv)
+    if total != e.nbytes:
+        raise AssertionError(f"{e.name}: {total} bytes produced, {e.nbytes} declared")
+
+
+def _write_all(fd: int, data) -> None:
+    """Write every byte of `data` (a write that makes no progress is an error, never an endless loop)."""
+    mv = memoryview(data).cast("B")
+    while mv.nbytes:
+        n = os.write(fd, mv)
+        if n <= 0:
+            raise OSError(errno.EIO, "a write made no progress")
+        mv = mv[n:]
+
+
+class _ShortRead(Exception):
+    """The input ended after `copied` bytes of a range (internal: turned into a LoraError naming it)."""
+
+    def __init__(self, copied: int):
+        super().__init__(copied)
+        self.copied = copied
+
+
+def _copy_range(r: FileRange, fd: int) -> None:
+    """Append r's bytes to `fd`, counting every byte: copy_file_range, or pread + write where it cannot.
+
+    copy_file_range returns 0 at the end of the input (or where it is not supported): the plain read
+    decides which, and an empty read before `r.nbytes` raises _ShortRead. A failing read names the input.
+    """
+    off, left = r.offset, r.nbytes
+    while left:
+        try:
+            n = os.copy_file_range(r.fd, fd, left, off)
+        except OSError:
+            n = 0  # not supported between these files (or failing): the plain path names the failing side
+        if n <= 0:
+            try:
+                data = os.pread(r.fd, min(left, 1 << 24), off)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, r.path or None) from e
+            if not data:
+                raise _ShortRead(r.nbytes - left)
+            _write_all(fd, data)
+            n = len(data)
+        off += n
+        left -= n
+
+
+def _copy_run(parts: list[FileRange], fd: int) -> None:
+    """Copy contiguous ranges of one input in one go; a short input names the tensor where it ended."""
+    first = parts[0]
+    try:
+        _copy_range(FileRange(first.fd, first.offset, sum(p.nbytes for p in parts)), fd)
+    except _ShortRead as e:
+        done = e.copied
+        for p in parts:
+            if done < p.nbytes:
+                break
+            done -= p.nbytes
+        raise short_read(p.path, p.name, p.nbytes, done) from None
