@@ -8,6 +8,10 @@ with FastVideo's split names (to_q/to_k/to_v, adaln_linear_1, ...). `convert_sta
 between the two through the one naming table. Attention runs through torch SDPA (CPU friendly).
 
 Not covered: context parallelism, block-sparse attention, KV caches and conditioning latents.
+
+One module on purpose (about 600 lines): it is one network. The Avatar variant (audio blocks) and the INT8
+variant (`QuantizedLinear`, `quantize_dit`) subclass or wrap its blocks, and a parity test reads best when
+the whole reference forward is in one place beside the official code it mirrors.
 """
 
 from __future__ import annotations
