@@ -3,6 +3,13 @@
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
 
 import pytest
 import torch
@@ -12,9 +19,14 @@ from safetensors.torch import load_file, save_file
 import longcat_lora as L
 from longcat_lora.testing.dit import TINY, LongCatDiT, LongCatDiTSplit
 from longcat_lora.testing.fixtures import write_base_checkpoint, write_native_lora
+import longcat_lora.apply.merge as merge_mod
 from longcat_lora.apply.merge import parse_lora_arg
+from longcat_lora.apply.merge_compute import AUTO_CUDA_GFLOP, DeviceStages, resolve_device
+from longcat_lora.apply.pipeline import Pipeline
+from longcat_lora.io.reader import SafeFile
 
 from conftest import cli
+from test_faults import ENV, MAIN, temps
 from reference import fastvideo_delta, half_ulp, official_delta, rel_err
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -192,12 +204,199 @@ def test_unmapped_lora_modules(setup, tmp_path):
 
 def test_cuda_device_without_cuda_is_a_clean_error(setup, tmp_path):
     d, bases, loras = setup
-    if torch.cuda.is_available():  # on a GPU machine, the device path must agree with the CPU one
-        a, b = str(tmp_path / "cpu"), str(tmp_path / "gpu")
-        L.merge_checkpoint(bases["longcat"], a, [(loras["ref"], 0.7)])
-        L.merge_checkpoint(bases["longcat"], b, [(loras["ref"], 0.7)], device="cuda")
-        sa, sb = _load_dir(a), _load_dir(b)
-        assert max(rel_err(sa[k].double(), sb[k].double()) for k in sa) < 1e-6
-        return
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present (tests/test_merge_cuda.py compares it with the CPU path)")
     p = cli("merge", bases["longcat"], tmp_path / "o", "--lora", loras["ref"], "--device", "cuda", check=2)
     assert "no CUDA device" in p.stderr and not (tmp_path / "o").exists()
+
+
+# ---- the pipeline: order, bounds, errors, shutdown --------------------------------------------------
+
+class _Recorder:
+    """Stages that record what each stage saw and check the slot discipline as they go."""
+
+    def __init__(self, depth, fail=None):
+        self.depth, self.fail = depth, fail  # fail: (stage, job) that raises
+        self.events, self.slot_in, self.slot_out = [], {}, {}
+        self.lock = threading.Lock()
+
+    def _log(self, stage, job, slot):
+        with self.lock:
+            self.events.append((stage, job))
+        if self.fail == (stage, job):
+            raise OSError(f"{stage} failed on {job}")
+
+    def load(self, job, slot):
+        assert self.slot_in.get(slot) is None, f"slot {slot} input overwritten before it was computed"
+        self._log("load", job, slot)
+        self.slot_in[slot] = job
+
+    def compute(self, job, slot):
+        assert self.slot_in[slot] == job and self.slot_out.get(slot) is None, (job, slot)
+        time.sleep(0.002 * (job % 3))  # uneven stages
+        self._log("compute", job, slot)
+        self.slot_in[slot] = None
+        self.slot_out[slot] = job
+
+    def finish(self, job, slot):
+        assert self.slot_out[slot] == job
+        return np.array([job])
+
+    def release(self, slot):
+        self.slot_out[slot] = None
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_pipeline_runs_jobs_in_order_within_depth_slots(depth):
+    rec = _Recorder(depth)
+    got = []
+    with Pipeline(list(range(12)), rec, depth) as pipe:
+        for i in range(12):
+            if i:
+                rec.release((i - 1) % depth)  # the caller is done with job i-1 before taking job i
+            got.append(int(pipe.take(i)[0]))
+            time.sleep(0.001)
+    assert got == list(range(12))
+    for stage in ("load", "compute"):
+        assert [j for s, j in rec.events if s == stage] == list(range(12))
+    # never more than `depth` jobs loaded ahead of the last computed one
+    loaded = computed = 0
+    for s, _ in rec.events:
+        loaded += s == "load"
+        computed += s == "compute"
+        assert loaded - computed <= depth
+    assert not [t for t in threading.enumerate() if t.name.startswith("merge-")]
+    with pytest.raises(RuntimeError, match="out of order"):
+        Pipeline([0, 1], _Recorder(1), 1).take(-1)
+
+
+@pytest.mark.parametrize("stage", ["load", "compute"])
+def test_pipeline_error_reaches_the_caller_at_its_job_and_stops_the_threads(stage):
+    rec = _Recorder(2, fail=(stage, 3))
+    pipe = Pipeline(list(range(8)), rec, 2)
+    try:
+        for i in range(3):
+            rec.release((i - 1) % 2) if i else None
+            assert int(pipe.take(i)[0]) == i  # earlier jobs come out normally
+        rec.release(0)
+        with pytest.raises(OSError, match=f"{stage} failed on 3"):
+            pipe.take(3)
+    finally:
+        pipe.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("merge-")]
+    assert max(j for s, j in rec.events if s == "compute") <= 3  # nothing computed past the failure
+
+
+def _threads():
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("merge-"))
+
+
+def test_device_stages_on_cpu_agree_with_the_cpu_path_and_the_reference(setup, tmp_path, monkeypatch):
+    """The staged (CUDA) code path, run with device="cpu": same bytes as the chunked CPU path, or one
+    output rounding apart, and both within half an output ulp of the float64 reference."""
+    d, bases, loras = setup
+    for dtype, tdt in (("bf16", torch.bfloat16), ("keep", torch.float32)):
+        a, b = str(tmp_path / f"cpu_{dtype}"), str(tmp_path / f"staged_{dtype}")
+        L.merge_checkpoint(bases["longcat"], a, [(loras["ref"], 0.8), (loras["cfg_fv"], 0.5)], dtype=dtype,
+                           device="cpu")
+        with monkeypatch.context() as m:
+            m.setattr(merge_mod, "_stages", lambda jobs, device: DeviceStages(jobs, "cpu", merge_mod.DEPTH))
+            L.merge_checkpoint(bases["longcat"], b, [(loras["ref"], 0.8), (loras["cfg_fv"], 0.5)], dtype=dtype,
+                               device="cpu")
+        sa, sb, base_sd = _load_dir(a), _load_dir(b), _load_dir(bases["longcat"])
+        assert sa.keys() == sb.keys()
+        ref = official_delta(loras["ref"])
+        fv = fastvideo_delta(loras["cfg_fv"])
+        changed = 0
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype == tdt
+            x, y = sa[k].double(), sb[k].double()
+            if not torch.equal(sa[k], sb[k]):  # one rounding of the output dtype apart at most
+                assert ((x - y).abs() <= 2 * half_ulp(torch.maximum(x.abs(), y.abs()), tdt)).all(), k
+            m = k.removesuffix(".weight")
+            if m in ref:
+                changed += 1
+                want = base_sd[k].double() + 0.8 * ref[m] + 0.5 * fv.get(m, 0)
+                # one rounding to the output dtype, plus fp32 arithmetic: relative to the operands, and
+                # absolute for the fp32 sum of the 7 rank products (each well under 0.1 here)
+                bound = (half_ulp(want, tdt) * (1 + 2 ** -10) + 2e-7 * (base_sd[k].double().abs() + want.abs())
+                         + 7 * 0.1 * 2 ** -24)
+                assert ((y - want).abs() <= bound).all(), (k, dtype)
+            else:
+                assert torch.equal(sb[k], base_sd[k].to(tdt)), k
+        assert changed > 100
+
+
+def test_nonfinite_merge_and_failing_read_leave_nothing_and_no_thread(setup, tmp_path, monkeypatch):
+    d, bases, loras = setup
+    out = tmp_path / "o"
+    with pytest.raises(L.LoraError, match=r"merging gives non-finite values in .* \(as F16\)"):
+        L.merge_checkpoint(bases["longcat"], str(out), [(loras["ref"], 1e30)], dtype="fp16")
+    assert not out.exists() and os.listdir(tmp_path) == [] and _threads() == []
+    calls = []
+    real = SafeFile.read_into
+
+    def failing(self, name, buf):
+        calls.append(name)
+        if len(calls) == 5:
+            raise OSError(5, "Input/output error", self.path)
+        return real(self, name, buf)
+
+    monkeypatch.setattr(SafeFile, "read_into", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        L.merge_checkpoint(bases["longcat"], str(out), [(loras["ref"], 1.0)])
+    assert len(calls) >= 5 and not out.exists() and os.listdir(tmp_path) == [] and _threads() == []
+
+
+SLOW = r"""
+import time
+import longcat_lora.apply.merge_compute as mc
+orig = mc.CpuStages.compute
+def compute(self, job, slot):
+    print("COMPUTING", flush=True)
+    time.sleep(0.3)
+    return orig(self, job, slot)
+mc.CpuStages.compute = compute
+"""
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_pipeline_stops_promptly_and_leaves_nothing(setup, tmp_path, sig, code):
+    d, bases, loras = setup
+    out = tmp_path / "merged"
+    p = subprocess.Popen([sys.executable, "-c", "import sys\n" + SLOW + MAIN, "merge", bases["longcat"], str(out),
+                          "--lora", loras["ref"], "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=ENV)
+    assert p.stdout.readline().strip() == "COMPUTING"
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    p.send_signal(sig)
+    p.wait(timeout=30)
+    assert p.returncode == code, p.stderr.read()
+    assert time.perf_counter() - t0 < 5  # the threads stop within a job, not at the end of the merge
+    assert not out.exists() and temps(tmp_path) == []
+
+
+def test_device_auto_and_errors_name_parameters(setup, tmp_path, monkeypatch):
+    d, bases, loras = setup
+    assert resolve_device("auto", 1e6) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu:0", 0.0) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", AUTO_CUDA_GFLOP) == "cuda"
+    assert resolve_device("auto", AUTO_CUDA_GFLOP * 0.99) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 1e6) == "cpu"
+    for kw, msg in (({"device": "cuda"}, "device='cuda': no CUDA device is available"),
+                    ({"device": "meta"}, "device='meta': must be cpu, cuda, cuda:N or auto"),
+                    ({"dtype": "int4"}, "dtype='int4': must be one of 'keep', 'bf16', 'fp16', 'fp32'")):
+        with pytest.raises(L.LoraError) as e:
+            L.merge_checkpoint(bases["longcat"], str(tmp_path / "o"), [(loras["ref"], 1.0)], **kw)
+        assert str(e.value) == msg and "--" not in str(e.value)
+    with pytest.raises(L.LoraError, match="^loras is empty"):
+        L.merge_checkpoint(bases["longcat"], str(tmp_path / "o"), [])
+    assert not (tmp_path / "o").exists()
+    # the default is auto; a small merge runs on the CPU and the summary line says so
+    report = L.merge_checkpoint(bases["longcat"], str(tmp_path / "o"), [(loras["ref"], 1.0)])
+    assert report.device == "cpu"
+    p = cli("merge", bases["longcat"], tmp_path / "o2", "--lora", loras["ref"])
+    assert " weights changed on cpu" in p.stdout

@@ -4,8 +4,10 @@ BASE is a safetensors file or a directory of shards with a `*.safetensors.index.
 original naming or FastVideo's split naming (recognised per tensor through the naming table). OUT
 mirrors BASE: same shard names, the same weight_map, every other file copied. Untouched tensors are
 copied byte for byte (copy_file_range); each adapted weight is computed in fp32 (one in-place addmm per
-LoRA part, on the chosen device) and cast once. Everything is validated before anything is written, and
-OUT is built in a temp directory beside it and renamed into place at the end.
+LoRA part, on the chosen device) and cast once (merge_compute.py). The adapted weights go through a
+pipeline (pipeline.py): the next one is read while the current one is computed and the previous one is
+written, at most DEPTH of each in memory. Everything is validated before anything is written, and OUT
+is built in a temp directory beside it and renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import shutil
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,8 +27,10 @@ from ..io import jsonsafe
 from ..model.adapter import LoraAdapter
 from ..errors import LoraError
 from ..formats import load_lora
+from .merge_compute import CpuStages, DeviceStages, Job, exact_fp32, gflop, resolve_device
 from .merge_int8 import Int8Merge, Requant, check_fit, scan
-from ..io.dtypes import FLOATS, ITEMSIZE, nonfinite, torch_dtype
+from .pipeline import Pipeline
+from ..io.dtypes import FLOATS, ITEMSIZE, torch_dtype
 from ..io.writer import Entry, write_safetensors
 from ..io.reader import FileRange, SafeFile, file_kind
 from ..io.outputs import atomic_output, check_output, dir_problem
@@ -34,8 +38,7 @@ from .targets import Target, find_targets
 
 INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row chunk of a merged weight (4 MiB)
-PIPELINED = False
+DEPTH = 2  # adapted weights in flight: one read, one computed, one written (see pipeline.py)
 
 
 @dataclass
@@ -123,20 +126,25 @@ class MergeReport:
     out: str
     requantized: dict[str, Requant] = field(default_factory=dict)  # INT8 layer -> requantization error
     summary: str = ""  # one line about the INT8 layers of an INT8 base (requantized or dequantized)
+    device: str = "cpu"  # where the weight changes were computed (what device="auto" chose)
 
 
 def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapter, float]], *, dtype: str = "keep",
-                     overwrite: bool = False, skip_unmapped: bool = False, device: str = "cpu",
+                     overwrite: bool = False, skip_unmapped: bool = False, device: str = "auto",
                      progress: bool = False) -> MergeReport:
-    """Write `base` with every LoRA folded in to `out` (see the module docstring)."""
+    """Write `base` with every LoRA folded in to `out` (see the module docstring).
+
+    `device`: "cpu", "cuda" (or "cuda:N"), or "auto" (CUDA when available and the LoRA products reach
+    merge_compute.AUTO_CUDA_GFLOP); `MergeReport.device` says which ran.
+    """
     if dtype not in DTYPES:
-        raise LoraError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraError("--device cuda: no CUDA device is available")
+        raise LoraError(f"dtype={dtype!r}: must be one of {', '.join(map(repr, DTYPES))}")
+    if device != "auto":
+        resolve_device(device, 0.0)  # refuses cuda without CUDA before anything is read
     out_dtype = DTYPES[dtype]
     loras = list(loras)
     if not loras:
-        raise LoraError("no --lora given")
+        raise LoraError("loras is empty: give at least one (LoRA, strength)")
     inputs = [str(base)] + [str(x) for x, _ in loras if not isinstance(x, LoraAdapter)]
     check_output(out, overwrite=overwrite, inputs=inputs, directory=os.path.isdir(base),
                  replaceable=_earlier_output(str(base)))  # before reading anything
@@ -168,106 +176,75 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
             d = b.shards[b.tensors[tensor]].info(tensor).dtype
             if d not in FLOATS and not tensor.endswith(".weight_int8"):
                 raise LoraError(f"{base}: tensor {tensor!r} has dtype {d}; cannot add a LoRA to it")
+        device = resolve_device(device, sum(gflop(adds, layer_shape(k.rsplit(".", 1)[0])[1])  # type: ignore[index]
+                                            for k, adds in per_weight.items()))
         bar = _progress(b, progress)
-        ws = _Workspace(device)
         q8 = None
         if int8 is not None:
             adds = {k.removesuffix(".weight_int8"): v for k, v in per_weight.items() if k.endswith(".weight_int8")}
             q8 = Int8Merge(b, int8, adds, out_dtype, device)
             q8.check_names()
-        inputs = [base] + [str(x) for x, _ in loras if not isinstance(x, LoraAdapter)]
-        with atomic_output(out, overwrite=overwrite, inputs=inputs, directory=b.directory,
-                           replaceable=_earlier_output(str(base))) as tmp:
-            for shard, sf in b.shards.items():
-                target = os.path.join(tmp, q8.out_shard(shard) if q8 else shard) if b.directory else tmp
-                if q8 is not None:
-                    entries = q8.entries(shard, sf, lambda name, sf=sf: _entry(sf, name, per_weight.get(name),
-                                                                                out_dtype, ws))
-                else:
-                    entries = [_entry(sf, name, per_weight.get(name), out_dtype, ws) for name in
-                               sorted(sf.keys(), key=lambda k: sf.info(k).start)]
-                write_safetensors(target, entries, sf.metadata or None, bar.update if bar else None, pipelined=PIPELINED)
-            if b.directory and q8 is not None and out_dtype is not None:
-                q8.copy_rest(tmp, lambda src, dst: _copy_side_file(src, dst, b.path))
-            elif b.directory:
-                _copy_rest(b, tmp, out_dtype)
-            for sf in [*b.shards.values(), *(f for a, _ in loras if isinstance(a, LoraAdapter) for f in a.files),
-                       *(f for a in opened for f in a.files)]:
-                sf.check_unchanged()  # an input rewritten meanwhile: what was read may mix two versions
+        jobs: list[Job] = []
+        plan = [(shard, sf, _entries(sf, per_weight, out_dtype, q8, shard, jobs, lambda i: pipe.take(i)))
+                for shard, sf in b.shards.items()]
+        stages = _stages(jobs, device)
+        pipe = Pipeline(jobs, stages, DEPTH)
+        try:
+            with exact_fp32(device), atomic_output(out, overwrite=overwrite, inputs=inputs, directory=b.directory,
+                                                    replaceable=_earlier_output(str(base))) as tmp:
+                for shard, sf, entries in plan:
+                    target = os.path.join(tmp, q8.out_shard(shard) if q8 else shard) if b.directory else tmp
+                    # pipelined=False: the pipeline already computes ahead, and a job's bytes must be
+                    # written before the next job is taken (its slot is then reused)
+                    write_safetensors(target, entries, sf.metadata or None, bar.update if bar else None,
+                                      pipelined=False)
+                if b.directory and q8 is not None and out_dtype is not None:
+                    q8.copy_rest(tmp, lambda src, dst: _copy_side_file(src, dst, b.path))
+                elif b.directory:
+                    _copy_rest(b, tmp, out_dtype)
+                for sf in [*b.shards.values(), *(f for a, _ in loras if isinstance(a, LoraAdapter) for f in a.files),
+                           *(f for a in opened for f in a.files)]:
+                    sf.check_unchanged()  # an input rewritten meanwhile: what was read may mix two versions
+        finally:
+            pipe.close()  # before the inputs are closed: the reader thread uses their descriptors
+            stages.close()
         if bar:
             bar.close()
         if q8 is not None:
-            return MergeReport(sorted(per_weight), skipped, out, dict(sorted(q8.report.items())), q8.summary())
-        return MergeReport(sorted(per_weight), skipped, out)
+            return MergeReport(sorted(per_weight), skipped, out, dict(sorted(q8.report.items())), q8.summary(), device)
+        return MergeReport(sorted(per_weight), skipped, out, device=device)
     finally:
         b.close()
         for a in opened:
             a.close()
 
 
-class _Workspace:
-    """Buffers reused across tensors, so a merge does not page-fault a fresh gigabyte per shard.
+def _stages(jobs: list[Job], device: str) -> CpuStages | DeviceStages:
+    """The merge arithmetic for `device`: cache-sized chunks on the CPU, staged streams on a GPU."""
+    return CpuStages(DEPTH) if device == "cpu" else DeviceStages(jobs, device, DEPTH)
 
-    Only the write pipeline's producer thread computes; it alternates between two output buffers, and
-    the writer is done with one before the producer takes it again (the pipeline is one tensor deep).
-    """
 
-    def __init__(self, device: str):
-        self.device = device
-        self.raw = torch.empty(0, dtype=torch.uint8)
-        self.f32 = torch.empty(0, dtype=torch.float32, device=device)
-        self.out = [torch.empty(0, dtype=torch.uint8, device=device), torch.empty(0, dtype=torch.uint8, device=device)]
-        self.turn = 0
+def _entries(sf: SafeFile, per_weight: dict[str, list[tuple[Target, float]]], out_dtype: str | None,
+             q8: Int8Merge | None, shard: str, jobs: list[Job], take: Callable[[int], np.ndarray]) -> list[Entry]:
+    """One shard's entries in write order; each adapted weight becomes the next pipeline job."""
+    def plain(name: str) -> Entry:
+        return _entry(sf, name, per_weight.get(name), out_dtype, jobs, take)
 
-    @staticmethod
-    def _grow(buf: torch.Tensor, n: int) -> torch.Tensor:
-        return buf if buf.numel() >= n else torch.empty(n, dtype=buf.dtype, device=buf.device)
-
-    def merged(self, sf: SafeFile, name: str, adds: list[tuple[Target, float]], out_dtype: str) -> np.ndarray:
-        """W + sum(strength * scale * up @ down) in fp32, cast once to out_dtype.
-
-        Done in row chunks of a few MiB so each chunk is converted, updated and cast while it sits in
-        cache, instead of streaming the whole weight through memory once per step.
-        """
-        info = sf.info(name)
-        rows, cols = info.shape
-        self.raw = self._grow(self.raw, info.nbytes)
-        raw = self.raw[:info.nbytes]
-        sf.read_into(name, memoryview(raw.numpy()))
-        src = raw.view(torch_dtype(info.dtype)).view(rows, cols)
-        factors = [(p.rows, p.up.load().to(device=self.device, dtype=torch.float32),
-                    p.down.load().to(device=self.device, dtype=torch.float32), p.scale * strength)
-                   for t, strength in adds for p in t.parts()]
-        k = self.turn = 1 - self.turn
-        nbytes = rows * cols * ITEMSIZE[out_dtype]
-        self.out[k] = self._grow(self.out[k], nbytes)
-        out = self.out[k][:nbytes].view(torch_dtype(out_dtype)).view(rows, cols)
-        step = max(1, CHUNK_ELEMENTS // cols)
-        self.f32 = self._grow(self.f32, step * cols)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            w = self.f32[:(r1 - r0) * cols].view(r1 - r0, cols)
-            w.copy_(src[r0:r1])  # to fp32 (and to the device)
-            for (p0, p1), up, down, alpha in factors:
-                lo, hi = max(r0, p0), min(r1, p1)
-                if lo < hi:
-                    w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
-            out[r0:r1].copy_(w)  # cast once
-        data = self.out[k][:nbytes].cpu().numpy()
-        if nonfinite(data, out_dtype):
-            raise LoraError(f"{sf.path}: merging gives non-finite values in {name!r} (as {out_dtype})")
-        return data
+    if q8 is not None:
+        return q8.entries(shard, sf, plain)
+    return [plain(name) for name in sorted(sf.keys(), key=lambda k: sf.info(k).start)]
 
 
 def _entry(sf: SafeFile, name: str, adds: list[tuple[Target, float]] | None, out_dtype: str | None,
-           ws: _Workspace) -> Entry:
+           jobs: list[Job], take: Callable[[int], np.ndarray]) -> Entry:
     info = sf.info(name)
     dt = out_dtype if out_dtype and info.dtype in FLOATS else info.dtype
     if not adds:
         if dt == info.dtype:
             return Entry(name, dt, info.shape, lambda: FileRange(sf.fd, info.start, info.nbytes, sf.path, name))
         return Entry(name, dt, info.shape, lambda: _bytes(sf.read(name).to(torch_dtype(dt))))
-    return Entry(name, dt, info.shape, lambda: ws.merged(sf, name, adds, dt))
+    jobs.append(Job(sf, name, tuple(adds), dt))
+    return Entry(name, dt, info.shape, lambda i=len(jobs) - 1: take(i))
 
 
 def _bytes(t: torch.Tensor):

@@ -58,7 +58,7 @@ def _merge(args: argparse.Namespace) -> int:
                               progress=True)
     for m in report.skipped:
         print(f"skipped (no base weight): {q(m)}", file=sys.stderr)
-    print(f"wrote {args.output}: {len(report.merged)} weights changed"
+    print(f"wrote {args.output}: {len(report.merged)} weights changed on {report.device}"
           + (f", {len(report.skipped)} LoRA modules skipped" if report.skipped else "")
           + (f"; {report.summary}" if report.summary else ""))
     return 0
@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the output's float tensors (default: keep each tensor's)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.add_argument("--skip-unmapped", action="store_true", help="leave out (and list) LoRA modules with no base weight")
-    s.add_argument("--device", default="cpu", help="where to compute the weight changes: cpu or cuda")
+    s.add_argument("--device", default="auto", help="where to compute the weight changes: cpu, cuda, or auto "
+                   "(default: cuda when present and the merge is big enough to gain from it)")
     s.set_defaults(fn=_merge)
 
     def rank_options(s: argparse.ArgumentParser, what: str) -> None:

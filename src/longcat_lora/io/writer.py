@@ -60,7 +60,7 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         _write_all(fd, struct.pack("<Q", len(raw)) + raw)
         # Produce tensor i+1 (read, scan, assemble) on a second thread while tensor i is written:
         # numpy, pread, write and copy_file_range all release the GIL. At most two tensors in memory.
-        # (Compute-heavy producers, like merging, run better alone: pipelined=False.)
+        # (Merging runs its own read / compute pipeline ahead of the writer and passes pipelined=False.)
         # Unchanged byte ranges that follow each other in the input are copied in one call.
         run: list[FileRange] = []  # contiguous ranges of one input, copied in one go
         with ThreadPoolExecutor(1) as pool:

@@ -1,0 +1,250 @@
+"""The arithmetic of a checkpoint merge, as pipeline stages: `W' = W + sum strength * scale * up @ down`.
+
+Two implementations of `pipeline.Stages` over the same `Job`s:
+
+- `CpuStages`: row chunks of a few MiB, so each chunk is converted to fp32, updated (one in-place addmm
+  per LoRA part) and cast once while it sits in cache.
+- `DeviceStages` (`device="cuda"`): pinned host staging buffers; host-to-device copies on a copy stream,
+  fp32 compute and the cast to the output dtype on a compute stream, device-to-host copies on a third
+  stream, ordered by CUDA events (no synchronous `.cpu()`), so only output-dtype bytes come back. Every
+  buffer is allocated once at the largest job's size, one per pipeline slot, so copies of one job overlap
+  the compute of another. With `device="cpu"` the same code runs without streams (what the CPU-only
+  tests exercise).
+
+The non-finite check is on the output-dtype values in both: a merge never writes Inf/NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import LoraError
+from ..io.dtypes import ITEMSIZE, nonfinite, torch_dtype
+from ..io.reader import SafeFile
+from .targets import Target
+
+CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row chunk of a merged weight on the CPU (4 MiB)
+# `device="auto"` takes CUDA when the LoRA products are at least this many GFLOP. Below it, starting
+# CUDA (context and cuBLAS, about 0.5 s) costs more than the CPU spends on them: the issue-12 H100 host
+# merged 272 GFLOP on 16 cores at about 150 GFLOP/s effective, so the break-even is near 75 GFLOP; one
+# full-width block of a rank-128 refinement LoRA is about 68 GFLOP.
+AUTO_CUDA_GFLOP = 128.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One adapted weight: `adds` (target, strength) folded into tensor `name` of `sf`, cast to `out_dtype`."""
+
+    sf: SafeFile
+    name: str
+    adds: tuple[tuple[Target, float], ...]
+    out_dtype: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, cols = self.sf.info(self.name).shape
+        return rows, cols
+
+    @property
+    def in_bytes(self) -> int:
+        return self.sf.info(self.name).nbytes
+
+    @property
+    def out_bytes(self) -> int:
+        rows, cols = self.shape
+        return rows * cols * ITEMSIZE[self.out_dtype]
+
+    def factors(self) -> list[tuple[tuple[int, int], torch.Tensor, torch.Tensor, float]]:
+        """(rows, up, down, strength * scale) of every part, in the file's dtype (on the CPU)."""
+        return [(p.rows, p.up.load(), p.down.load(), p.scale * strength) for t, strength in self.adds
+                for p in t.parts()]
+
+    def nonfinite_error(self) -> LoraError:
+        return LoraError(f"{self.sf.path}: merging gives non-finite values in {self.name!r} (as {self.out_dtype})")
+
+
+def gflop(adds: Sequence[tuple[Target, float]], cols: int) -> float:
+    """The LoRA products' arithmetic on one weight of `cols` columns: 2 * rows * cols * rank per part."""
+    return sum(2.0 * (p.rows[1] - p.rows[0]) * cols * p.up.shape[1] for t, _ in adds for p in t.parts()) / 1e9
+
+
+def resolve_device(device: str, work_gflop: float) -> str:
+    """The device a merge runs on: `auto` is CUDA when available and `work_gflop` reaches AUTO_CUDA_GFLOP;
+    an explicit device is checked (CUDA present, a name torch knows)."""
+    if device == "auto":
+        return "cuda" if work_gflop >= AUTO_CUDA_GFLOP and torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise LoraError(f"device={device!r}: must be cpu, cuda, cuda:N or auto")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LoraError(f"device={device!r}: no CUDA device is available")
+    return "cpu" if kind == "cpu" else device
+
+
+def _grow(buf: torch.Tensor, n: int) -> torch.Tensor:
+    return buf if buf.numel() >= n else torch.empty(n, dtype=buf.dtype, device=buf.device)
+
+
+class CpuStages:
+    """Merging on the CPU in cache-sized row chunks (module docstring); buffers grow to the largest job."""
+
+    def __init__(self, depth: int):
+        self.raw = [torch.empty(0, dtype=torch.uint8) for _ in range(depth)]
+        self.out = [torch.empty(0, dtype=torch.uint8) for _ in range(depth)]
+        self.parts: list[list] = [[] for _ in range(depth)]
+        self.f32 = torch.empty(0, dtype=torch.float32)  # the compute thread's chunk
+
+    def load(self, job: Job, slot: int) -> None:
+        self.raw[slot] = _grow(self.raw[slot], job.in_bytes)
+        job.sf.read_into(job.name, memoryview(self.raw[slot][:job.in_bytes].numpy()))
+        self.parts[slot] = [(rows, up.float(), down.float(), a) for rows, up, down, a in job.factors()]
+
+    def compute(self, job: Job, slot: int) -> None:
+        rows, cols = job.shape
+        src = self.raw[slot][:job.in_bytes].view(torch_dtype(job.sf.info(job.name).dtype)).view(rows, cols)
+        self.out[slot] = _grow(self.out[slot], job.out_bytes)
+        out = self.out[slot][:job.out_bytes].view(torch_dtype(job.out_dtype)).view(rows, cols)
+        step = max(1, CHUNK_ELEMENTS // cols)
+        self.f32 = _grow(self.f32, step * cols)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            w = self.f32[:(r1 - r0) * cols].view(r1 - r0, cols)
+            w.copy_(src[r0:r1])  # to fp32
+            for (p0, p1), up, down, alpha in self.parts[slot]:
+                lo, hi = max(r0, p0), min(r1, p1)
+                if lo < hi:
+                    w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
+            out[r0:r1].copy_(w)  # cast once
+        self.parts[slot] = []
+        if nonfinite(self.out[slot][:job.out_bytes].numpy(), job.out_dtype):
+            raise job.nonfinite_error()
+
+    def finish(self, job: Job, slot: int) -> np.ndarray:
+        return self.out[slot][:job.out_bytes].numpy()
+
+    def close(self) -> None:
+        pass
+
+
+class _NoEvent:
+    """A CUDA event's interface for device="cpu", where every operation has completed when issued."""
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class DeviceStages:
+    """Merging on a device through pinned staging buffers and three streams (module docstring)."""
+
+    def __init__(self, jobs: list[Job], device: str, depth: int):
+        dev = self.dev = torch.device(device)
+        cuda = dev.type == "cuda"
+        max_in = max((j.in_bytes for j in jobs), default=0)
+        max_out = max((j.out_bytes for j in jobs), default=0)
+        max_elems = max((j.shape[0] * j.shape[1] for j in jobs), default=0)
+
+        def host(n: int) -> torch.Tensor:
+            return torch.empty(n, dtype=torch.uint8, pin_memory=cuda)
+
+        def device_buf(n: int, dtype=torch.uint8) -> torch.Tensor:
+            return torch.empty(n, dtype=dtype, device=dev)
+
+        self.streams = [torch.cuda.Stream(dev) for _ in range(3)] if cuda else [None, None, None]
+        self.h_in, self.h_out = [host(max_in) for _ in range(depth)], [host(max_out) for _ in range(depth)]
+        self.h_flag = [host(1) for _ in range(depth)]
+        self.d_in, self.d_out = [device_buf(max_in) for _ in range(depth)], [device_buf(max_out) for _ in range(depth)]
+        self.d_flag = [device_buf(1, torch.bool) for _ in range(depth)]
+        self.f32 = device_buf(max_elems, torch.float32)  # used on the compute stream only, so one suffices
+
+        def event():
+            return torch.cuda.Event() if cuda else _NoEvent()
+
+        # per slot: inputs copied in, device input consumed, output computed, output copied back
+        self.copied, self.consumed, self.computed, self.back = ([event() for _ in range(depth)] for _ in range(4))
+        self.parts: list[list] = [[] for _ in range(depth)]
+
+    def _on(self, k: int):
+        s = self.streams[k]
+        return torch.cuda.stream(s) if s is not None else contextlib.nullcontext()
+
+    def _wait(self, k: int, event) -> None:
+        if self.streams[k] is not None:
+            self.streams[k].wait_event(event)
+
+    def load(self, job: Job, slot: int) -> None:
+        job.sf.read_into(job.name, memoryview(self.h_in[slot][:job.in_bytes].numpy()))
+        pin = self.dev.type == "cuda"
+        self.parts[slot] = [(rows, up.pin_memory() if pin else up, down.pin_memory() if pin else down, a)
+                            for rows, up, down, a in job.factors()]
+
+    def compute(self, job: Job, slot: int) -> None:
+        rows, cols = job.shape
+        n, m = job.in_bytes, job.out_bytes
+        h2d, comp, d2h = range(3)
+        with self._on(h2d):
+            self._wait(h2d, self.consumed[slot])  # the job before in this slot has read d_in
+            self.d_in[slot][:n].copy_(self.h_in[slot][:n], non_blocking=True)
+            parts = [(r, up.to(self.dev, non_blocking=True), down.to(self.dev, non_blocking=True), a)
+                     for r, up, down, a in self.parts[slot]]
+            self.copied[slot].record(self.streams[h2d])
+        with self._on(comp):
+            self._wait(comp, self.copied[slot])
+            self._wait(comp, self.back[slot])  # d_out of the job before in this slot is copied back
+            w = self.f32[:rows * cols].view(rows, cols)
+            w.copy_(self.d_in[slot][:n].view(torch_dtype(job.sf.info(job.name).dtype)).view(rows, cols))
+            self.consumed[slot].record(self.streams[comp])
+            for (p0, p1), up, down, alpha in parts:
+                if self.streams[comp] is not None:  # allocated on the copy stream, used here
+                    up.record_stream(self.streams[comp])
+                    down.record_stream(self.streams[comp])
+                w[p0:p1].addmm_(up.float(), down.float(), alpha=alpha)
+            out = self.d_out[slot][:m].view(torch_dtype(job.out_dtype)).view(rows, cols)
+            out.copy_(w)  # cast once, on the device
+            self.d_flag[slot].copy_(torch.isfinite(out).all().logical_not().reshape(1))
+            self.computed[slot].record(self.streams[comp])
+        with self._on(d2h):
+            self._wait(d2h, self.computed[slot])
+            self.h_out[slot][:m].copy_(self.d_out[slot][:m], non_blocking=True)
+            self.h_flag[slot].copy_(self.d_flag[slot].view(torch.uint8), non_blocking=True)
+            self.back[slot].record(self.streams[d2h])
+        self.copied[slot].synchronize()  # h_in and the pinned factors of this slot may be reused now
+        self.parts[slot] = []
+
+    def finish(self, job: Job, slot: int) -> np.ndarray:
+        self.back[slot].synchronize()
+        if int(self.h_flag[slot][0]):
+            raise job.nonfinite_error()
+        return self.h_out[slot][:job.out_bytes].numpy()
+
+    def close(self) -> None:
+        """Wait for every stream (buffers are freed only after the device is done with them)."""
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+
+
+@contextlib.contextmanager
+def exact_fp32(device: str):
+    """fp32 products in full fp32 on CUDA (no TF32) for the duration, whatever the process chose."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+__all__ = ["Job", "CpuStages", "DeviceStages", "gflop", "resolve_device", "exact_fp32", "AUTO_CUDA_GFLOP"]
