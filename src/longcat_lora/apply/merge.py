@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ..io import jsonsafe
 from ..model.adapter import LoraAdapter
@@ -30,7 +29,7 @@ from ..formats import load_lora
 from .merge_compute import CpuStages, DeviceStages, Job, exact_fp32, gflop, resolve_device
 from .merge_int8 import Int8Merge, Requant, check_fit, scan
 from .pipeline import Pipeline
-from ..io.dtypes import FLOATS, ITEMSIZE, torch_dtype
+from ..io.dtypes import FLOATS, ITEMSIZE, tensor_bytes, torch_dtype
 from ..io.writer import Entry, write_safetensors
 from ..io.reader import FileRange, SafeFile, file_kind
 from ..io.outputs import atomic_output, check_output, dir_problem
@@ -242,13 +241,9 @@ def _entry(sf: SafeFile, name: str, adds: list[tuple[Target, float]] | None, out
     if not adds:
         if dt == info.dtype:
             return Entry(name, dt, info.shape, lambda: FileRange(sf.fd, info.start, info.nbytes, sf.path, name))
-        return Entry(name, dt, info.shape, lambda: _bytes(sf.read(name).to(torch_dtype(dt))))
+        return Entry(name, dt, info.shape, lambda: tensor_bytes(sf.read(name).to(torch_dtype(dt))))
     jobs.append(Job(sf, name, tuple(adds), dt))
     return Entry(name, dt, info.shape, lambda i=len(jobs) - 1: take(i))
-
-
-def _bytes(t: torch.Tensor):
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _plain_name(name: object) -> bool:

@@ -32,6 +32,13 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, _TORCH[name])
 
 
+def tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's raw bytes in memory order (flat uint8, little-endian): what a safetensors file stores."""
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     s = str(dtype).removeprefix("torch.")
     for k, v in _TORCH.items():
