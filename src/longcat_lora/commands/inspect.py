@@ -44,7 +44,11 @@ def _size(path: str) -> int:
 
 
 def infer_dims(adapter: LoraAdapter) -> naming.DitDims:
-    """The DiT sizes a LoRA's module shapes imply (official values where the file says nothing)."""
+    """The DiT sizes a LoRA's module shapes imply (official values where the file says nothing).
+
+    Each size is the one most modules state; which modules state which size comes from the naming
+    table (`ModuleKind.reveals`), so a kind added there is counted here with no other change.
+    """
     found: dict[str, Counter] = defaultdict(Counter)
     depth = 0
     for m in adapter.modules.values():
@@ -54,40 +58,24 @@ def infer_dims(adapter: LoraAdapter) -> naming.DitDims:
         k, i = kind
         if i is not None:
             depth = max(depth, i + 1)
-        if k.kind in ("attn.qkv", "cross_attn.kv_linear", "attn.proj", "cross_attn.q_linear", "ffn.w1",
-                      "ffn.w3", "final_layer.linear"):
-            found["hidden"][m.in_features] += 1
-        if k.kind in ("ffn.w1", "ffn.w3"):
-            found["ffn"][m.out_features] += 1
-        if k.kind == "ffn.w2":
-            found["ffn"][m.in_features] += 1
-        if k.kind in ("adaLN_modulation.1", "final_layer.adaLN_modulation.1"):
-            found["adaln"][m.in_features] += 1
-        if k.kind == "final_layer.linear":
-            found["final_out"][m.out_features] += 1
-        for f, size in _audio_sizes(k.kind, m.out_features, m.in_features):
-            found[f][size] += 1
+        for field, size in k.reveals(m.out_features, m.in_features):
+            found[field][size] += 1
     o = naming.OFFICIAL
-    pick = {f: (found[f].most_common(1)[0][0] if found[f] else getattr(o, f)) for f in ("hidden", "ffn", "adaln", "final_out")}
-    official = all(pick[f] == getattr(o, f) for f in pick)
-    audio = {f: (found[f].most_common(1)[0][0] if found[f] else getattr(o, f)) for f in _AUDIO_FIELDS}
+    pick = {f: (found[f].most_common(1)[0][0] if found[f] else getattr(o, f))
+            for f in naming.dims_named(False) + naming.dims_named(True)}
+    official = all(pick[f] == getattr(o, f) for f in naming.dims_named(False))
     # a LoRA for the official sizes is judged against the official 48 blocks, whatever it covers
-    return naming.DitDims(depth=max(depth, o.depth) if official else (depth or o.depth), **pick, **audio)
+    return naming.DitDims(depth=max(depth, o.depth) if official else (depth or o.depth), **pick)
 
 
-_AUDIO_FIELDS = ("audio", "audio_proj_in", "audio_proj_vf_in", "audio_inter", "audio_proj_out")
+def _sizes(dims: naming.DitDims, avatar: bool) -> str:
+    """'hidden 4096, ffn 11008, ...': the sizes the table's shapes name, base DiT's or Avatar's own."""
+    return ", ".join(f"{f} {getattr(dims, f)}" for f in naming.dims_named(avatar))
 
 
-def _audio_sizes(kind: str, out: int, inp: int) -> list[tuple[str, int]]:
-    """The DiT sizes (DitDims fields) an Avatar audio module's shape states."""
-    return {"audio_adaLN_modulation.1": [("adaln", inp)],
-            "audio_cross_attn.q_linear": [("hidden", inp)],
-            "audio_cross_attn.proj": [("hidden", inp)],
-            "audio_cross_attn.kv_linear": [("audio", inp)],
-            "audio_proj.proj1": [("audio_proj_in", inp), ("audio_inter", out)],
-            "audio_proj.proj1_vf": [("audio_proj_vf_in", inp), ("audio_inter", out)],
-            "audio_proj.proj2": [("audio_inter", inp), ("audio_inter", out)],
-            "audio_proj.proj3": [("audio_inter", inp), ("audio_proj_out", out)]}.get(kind, [])
+def _same(dims: naming.DitDims, avatar: bool) -> bool:
+    """True if dims has the official sizes (the base DiT's, or the Avatar modules' own)."""
+    return all(getattr(dims, f) == getattr(naming.OFFICIAL, f) for f in naming.dims_named(avatar))
 
 
 def inspect_lora(path: str, scan_values: bool = True) -> dict:
@@ -125,7 +113,7 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             for p in m.parts:
                 alphas[p.scale * p.rank] += 1
         kinds = set(blocks_per_kind)
-        audio_kinds = kinds & naming.AVATAR_KINDS
+        audio_kinds = kinds & naming.avatar_kinds()
         looks = ("other" if unknown else "cfg_step-like" if kinds == naming.CFG_STEP_KINDS else
                  "refinement-like" if kinds == naming.REFINEMENT_KINDS else
                  "avatar-like" if audio_kinds and kinds - audio_kinds else "other")
@@ -140,22 +128,19 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
         if dims.depth != naming.OFFICIAL.depth:
             findings.append(f"depth {dims.depth} (the official DiT has {naming.OFFICIAL.depth} blocks)")
         off = naming.OFFICIAL
-        if (dims.hidden, dims.ffn, dims.adaln, dims.final_out) == (off.hidden, off.ffn, off.adaln, off.final_out):
-            findings.append("module sizes match the official LongCat-Video DiT (hidden 4096, ffn 11008)")
+        if _same(dims, False):
+            findings.append(f"module sizes match the official LongCat-Video DiT ({_sizes(off, False)})")
         else:
-            findings.append(f"module sizes imply a DiT of hidden {dims.hidden}, ffn {dims.ffn}, adaLN input "
-                            f"{dims.adaln}, output {dims.final_out}; the official one is hidden 4096, ffn 11008, "
-                            f"adaLN input 512, output 64")
+            findings.append(f"module sizes imply a DiT of {_sizes(dims, False)}; the official one has "
+                            f"{_sizes(off, False)}")
         if audio_kinds:
             n_audio = sum(1 for m in a.modules.values()
                           if m.naming == "longcat" and (k := naming.kind_of(m.name)) and k[0].avatar)
             findings.append(
                 f"{n_audio} modules are LongCat-Video-Avatar audio modules ({', '.join(sorted(audio_kinds))}): "
                 + ("a LoRA for the Avatar DiT (base plus audio modules); " if kinds - audio_kinds else "")
-                + f"their shapes are checked against the Avatar DiT (audio dim {dims.audio}, audio_proj "
-                f"{dims.audio_proj_in}/{dims.audio_proj_vf_in} -> {dims.audio_inter} -> {dims.audio_proj_out}"
-                + ("" if all(getattr(dims, f) == getattr(off, f) for f in _AUDIO_FIELDS) else
-                   "; the official Avatar DiT: audio dim 768, audio_proj 46080/73728 -> 512 -> 24576")
+                + f"their shapes are checked against the Avatar DiT ({_sizes(dims, True)}"
+                + ("" if _same(dims, True) else f"; the official Avatar DiT: {_sizes(off, True)}")
                 + "); FastVideo has no form for them")
         if bad_shapes:
             findings.append(f"{len(bad_shapes)} modules have unexpected shapes: " + "; ".join(bad_shapes[:5]))
@@ -180,8 +165,8 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             "up_blocks": {k: {str(n): c for n, c in sorted(v.items())} for k, v in sorted(blocks_per_kind.items())},
             "coverage": {k: _ranges(sorted(set(v))) for k, v in sorted(coverage.items())},
             "looks_like": looks,
-            "dims": {"hidden": dims.hidden, "ffn": dims.ffn, "adaln": dims.adaln, "final_out": dims.final_out,
-                     "depth": dims.depth, **({f: getattr(dims, f) for f in _AUDIO_FIELDS} if audio_kinds else {})},
+            "dims": {**{f: getattr(dims, f) for f in naming.dims_named(False)}, "depth": dims.depth,
+                     **({f: getattr(dims, f) for f in naming.dims_named(True)} if audio_kinds else {})},
             "notes": list(a.notes),
             "findings": findings,
             "nonfinite_tensors": nonfinite,

@@ -2,13 +2,15 @@
 
 Everything that names a module (LoRA formats, base checkpoints, the runtime, inspect) goes through
 this table; nothing else spells the mapping out. LongCat's original names are the canonical ones.
+Shapes are data too (which DiT dimension, how many row splits), so expected shapes, the sizes
+`inspect` infers from a file, and the test fixtures all derive from `TABLE`: a new module (such as
+Avatar's audio modules) is one entry, plus a `DitDims` field if it brings a new dimension.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -34,65 +36,89 @@ OFFICIAL = DitDims()
 
 @dataclass(frozen=True)
 class ModuleKind:
-    """One kind of LoRA-targetable Linear in the DiT."""
+    """One kind of LoRA-targetable Linear in the DiT, its shape as data.
+
+    The Linear maps `dims.<inp>` features to `chunks` equal row splits of `dims.<out>` rows each (qkv:
+    3 x hidden from hidden); `inp` and `out` name `DitDims` fields. The splits are the fused outputs
+    (q/k/v, shift/scale/gate...): the published native files keep one up block per split, and FastVideo
+    has one layer per split or one for the whole.
+    """
 
     kind: str  # short name used in reports, e.g. "attn.qkv"
     longcat: str  # template; {i} is the block index
-    fastvideo: tuple[str, ...]  # FastVideo layer(s), one per equal row split, in row order; () = no form
-    chunks: int  # up blocks (n_separate) the published native files use
-    shape: Callable[[DitDims], tuple[int, int]]  # (out, in)
+    fastvideo: tuple[str, ...]  # FastVideo layer(s): one, or one per split, in row order; () = no form
+    out: str  # DitDims field: each split's rows
+    inp: str  # DitDims field: the input features
+    chunks: int = 1  # equal row splits; out_features = chunks * dims.<out>
     avatar: bool = False  # only in LongCat-Video-Avatar's DiT (the audio modules)
 
     @property
     def per_block(self) -> bool:
         return "{i}" in self.longcat
 
+    def shape(self, dims: DitDims) -> tuple[int, int]:
+        """(out_features, in_features) of this Linear in a DiT of these dims."""
+        return self.chunks * getattr(dims, self.out), getattr(dims, self.inp)
+
+    def reveals(self, out_features: int, in_features: int) -> list[tuple[str, int]]:
+        """The DiT sizes a module of this kind with this shape states: [(DitDims field, size)]; the
+        inverse of `shape` (a row count that does not split into `chunks` states nothing)."""
+        found = [(self.inp, in_features)]
+        if out_features % self.chunks == 0:
+            found.append((self.out, out_features // self.chunks))
+        return found
+
 
 TABLE: tuple[ModuleKind, ...] = (
     ModuleKind("attn.qkv", "blocks.{i}.attn.qkv",
                ("blocks.{i}.self_attn.to_q", "blocks.{i}.self_attn.to_k", "blocks.{i}.self_attn.to_v"),
-               3, lambda d: (3 * d.hidden, d.hidden)),
-    ModuleKind("attn.proj", "blocks.{i}.attn.proj", ("blocks.{i}.self_attn.to_out",),
-               1, lambda d: (d.hidden, d.hidden)),
+               "hidden", "hidden", 3),
+    ModuleKind("attn.proj", "blocks.{i}.attn.proj", ("blocks.{i}.self_attn.to_out",), "hidden", "hidden"),
     ModuleKind("cross_attn.q_linear", "blocks.{i}.cross_attn.q_linear", ("blocks.{i}.cross_attn.to_q",),
-               1, lambda d: (d.hidden, d.hidden)),
+               "hidden", "hidden"),
     ModuleKind("cross_attn.kv_linear", "blocks.{i}.cross_attn.kv_linear",
-               ("blocks.{i}.cross_attn.to_k", "blocks.{i}.cross_attn.to_v"),
-               2, lambda d: (2 * d.hidden, d.hidden)),
+               ("blocks.{i}.cross_attn.to_k", "blocks.{i}.cross_attn.to_v"), "hidden", "hidden", 2),
     ModuleKind("cross_attn.proj", "blocks.{i}.cross_attn.proj", ("blocks.{i}.cross_attn.to_out",),
-               1, lambda d: (d.hidden, d.hidden)),
-    ModuleKind("ffn.w1", "blocks.{i}.ffn.w1", ("blocks.{i}.ffn.w1",), 1, lambda d: (d.ffn, d.hidden)),
-    ModuleKind("ffn.w2", "blocks.{i}.ffn.w2", ("blocks.{i}.ffn.w2",), 1, lambda d: (d.hidden, d.ffn)),
-    ModuleKind("ffn.w3", "blocks.{i}.ffn.w3", ("blocks.{i}.ffn.w3",), 1, lambda d: (d.ffn, d.hidden)),
+               "hidden", "hidden"),
+    ModuleKind("ffn.w1", "blocks.{i}.ffn.w1", ("blocks.{i}.ffn.w1",), "ffn", "hidden"),
+    ModuleKind("ffn.w2", "blocks.{i}.ffn.w2", ("blocks.{i}.ffn.w2",), "hidden", "ffn"),
+    ModuleKind("ffn.w3", "blocks.{i}.ffn.w3", ("blocks.{i}.ffn.w3",), "ffn", "hidden"),
     ModuleKind("adaLN_modulation.1", "blocks.{i}.adaLN_modulation.1", ("blocks.{i}.adaln_linear_1",),
-               6, lambda d: (6 * d.hidden, d.adaln)),
+               "hidden", "adaln", 6),  # shift / scale / gate (msa), shift / scale / gate (mlp)
     ModuleKind("final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1",
-               ("final_layer.adaln_linear",), 2, lambda d: (2 * d.hidden, d.adaln)),
-    ModuleKind("final_layer.linear", "final_layer.linear", ("final_layer.proj",),
-               1, lambda d: (d.final_out, d.hidden)),
+               ("final_layer.adaln_linear",), "hidden", "adaln", 2),  # shift / scale
+    ModuleKind("final_layer.linear", "final_layer.linear", ("final_layer.proj",), "final_out", "hidden"),
     # LongCat-Video-Avatar's audio modules (spec section 5). FastVideo has no Avatar model: no form there.
     ModuleKind("audio_adaLN_modulation.1", "blocks.{i}.audio_adaLN_modulation.1", (),
-               3, lambda d: (3 * d.hidden, d.adaln), avatar=True),  # shift / scale / gate
+               "hidden", "adaln", 3, avatar=True),  # shift / scale / gate
     ModuleKind("audio_cross_attn.q_linear", "blocks.{i}.audio_cross_attn.q_linear", (),
-               1, lambda d: (d.hidden, d.hidden), avatar=True),
+               "hidden", "hidden", avatar=True),
     ModuleKind("audio_cross_attn.kv_linear", "blocks.{i}.audio_cross_attn.kv_linear", (),
-               2, lambda d: (2 * d.hidden, d.audio), avatar=True),  # rows k, v
-    ModuleKind("audio_cross_attn.proj", "blocks.{i}.audio_cross_attn.proj", (),
-               1, lambda d: (d.hidden, d.hidden), avatar=True),
-    ModuleKind("audio_proj.proj1", "audio_proj.proj1", (), 1, lambda d: (d.audio_inter, d.audio_proj_in), avatar=True),
-    ModuleKind("audio_proj.proj1_vf", "audio_proj.proj1_vf", (),
-               1, lambda d: (d.audio_inter, d.audio_proj_vf_in), avatar=True),
-    ModuleKind("audio_proj.proj2", "audio_proj.proj2", (), 1, lambda d: (d.audio_inter, d.audio_inter), avatar=True),
-    ModuleKind("audio_proj.proj3", "audio_proj.proj3", (),
-               1, lambda d: (d.audio_proj_out, d.audio_inter), avatar=True),
+               "hidden", "audio", 2, avatar=True),  # rows k, v
+    ModuleKind("audio_cross_attn.proj", "blocks.{i}.audio_cross_attn.proj", (), "hidden", "hidden", avatar=True),
+    ModuleKind("audio_proj.proj1", "audio_proj.proj1", (), "audio_inter", "audio_proj_in", avatar=True),
+    ModuleKind("audio_proj.proj1_vf", "audio_proj.proj1_vf", (), "audio_inter", "audio_proj_vf_in", avatar=True),
+    ModuleKind("audio_proj.proj2", "audio_proj.proj2", (), "audio_inter", "audio_inter", avatar=True),
+    ModuleKind("audio_proj.proj3", "audio_proj.proj3", (), "audio_proj_out", "audio_inter", avatar=True),
 )
 
 # Module kinds in the published files (spec section 2).
 CFG_STEP_KINDS = frozenset(["attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
                             "ffn.w1", "ffn.w2", "ffn.w3"])
 REFINEMENT_KINDS = CFG_STEP_KINDS | {"adaLN_modulation.1", "final_layer.adaLN_modulation.1", "final_layer.linear"}
-# LongCat-Video-Avatar's audio module kinds (no FastVideo form).
-AVATAR_KINDS = frozenset(k.kind for k in TABLE if k.avatar)
+
+
+def avatar_kinds() -> frozenset[str]:
+    """LongCat-Video-Avatar's audio module kinds (no FastVideo form)."""
+    return frozenset(k.kind for k in TABLE if k.avatar)
+
+
+def dims_named(avatar: bool) -> tuple[str, ...]:
+    """The DitDims fields the table's shapes name, in DitDims order: without avatar those of the base
+    DiT's kinds, with avatar those only the Avatar audio modules name."""
+    base = {f for k in TABLE if not k.avatar for f in (k.out, k.inp)}
+    named = {f for k in TABLE if k.avatar for f in (k.out, k.inp)} - base if avatar else base
+    return tuple(f.name for f in fields(DitDims) if f.name in named)
 
 
 # Base-checkpoint parameters that are not LoRA targets, LongCat -> FastVideo (FastVideo's
@@ -121,13 +147,25 @@ def _regex(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(0|[1-9][0-9]{0,8})") + "$")
 
 
-_LONGCAT = [(_regex(k.longcat), k) for k in TABLE]
-_FASTVIDEO = [(_regex(t), k, j) for k in TABLE for j, t in enumerate(k.fastvideo)]
+_Patterns = tuple[list[tuple[re.Pattern[str], ModuleKind]], list[tuple[re.Pattern[str], ModuleKind, int]]]
+_compiled: tuple[tuple[ModuleKind, ...] | None, _Patterns] = (None, ([], []))
+
+
+def _patterns() -> _Patterns:
+    """TABLE's LongCat and FastVideo name patterns, compiled once per TABLE (a test may replace it)."""
+    global _compiled
+    table, patterns = _compiled
+    if table is not TABLE:
+        table = TABLE
+        patterns = ([(_regex(k.longcat), k) for k in table],
+                    [(_regex(t), k, j) for k in table for j, t in enumerate(k.fastvideo)])
+        _compiled = (table, patterns)
+    return patterns
 
 
 def kind_of(module: str) -> tuple[ModuleKind, int | None] | None:
     """(kind, block index) of a LongCat module name, or None if the DiT has no such Linear."""
-    for rx, k in _LONGCAT:
+    for rx, k in _patterns()[0]:
         m = rx.match(module)
         if m:
             return k, (int(m.group(1)) if k.per_block else None)
@@ -146,7 +184,7 @@ def fastvideo_layers(module: str) -> tuple[str, ...] | None:
 
 def from_fastvideo(layer: str) -> tuple[str, int, int] | None:
     """(LongCat module, split index, number of splits) of a FastVideo layer name, or None."""
-    for rx, k, j in _FASTVIDEO:
+    for rx, k, j in _patterns()[1]:
         m = rx.match(layer)
         if m:
             i = int(m.group(1)) if k.per_block else None

@@ -14,15 +14,21 @@ from ..model import naming
 from ..model.naming import DitDims
 from ..formats.longcat import encode
 from ..io.writer import Entry, write_safetensors
-from ..io.dtypes import dtype_name
+from ..io.dtypes import dtype_name, tensor_bytes
 
-LAYOUTS = {"cfg_step": naming.CFG_STEP_KINDS, "refinement": naming.REFINEMENT_KINDS,
-           "avatar": naming.CFG_STEP_KINDS | naming.AVATAR_KINDS}  # avatar: base + audio modules
+
+def layout_kinds(layout: str) -> frozenset[str]:
+    """The module kinds of a layout: the published cfg_step and refinement files, and avatar (cfg_step's
+    kinds plus every Avatar audio kind in the naming table)."""
+    if layout == "avatar":
+        return naming.CFG_STEP_KINDS | naming.avatar_kinds()
+    return {"cfg_step": naming.CFG_STEP_KINDS, "refinement": naming.REFINEMENT_KINDS}[layout]
 
 
 def native_modules(layout: str, dims: DitDims) -> list[tuple[str, int, int, int]]:
-    """(module, out, in, up blocks) for every module of a published layout, in file order."""
-    kinds = LAYOUTS[layout]
+    """(module, out, in, up blocks) for every module of a layout, in file order; shapes and up blocks
+    from the naming table."""
+    kinds = layout_kinds(layout)
     out = []
     for i in range(dims.depth):
         for k in naming.TABLE:
@@ -39,10 +45,6 @@ def _random(key: str, shape: tuple, dtype: torch.dtype, seed: int, std: float = 
     return (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(dtype)
 
 
-def _bytes(t: torch.Tensor):
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
 def native_entries(layout: str = "refinement", dims: DitDims = naming.OFFICIAL, rank: int = 128,
                    dtype: torch.dtype = torch.bfloat16, alpha_scale: float | None = 0.5,
                    scale_dtype: torch.dtype | None = None, seed: int = 0) -> list[Entry]:
@@ -52,7 +54,7 @@ def native_entries(layout: str = "refinement", dims: DitDims = naming.OFFICIAL, 
         base = encode(module)
 
         def mk(key: str, shape: tuple[int, int], std: float) -> Entry:
-            return Entry(key, dtype_name(dtype), shape, lambda: _bytes(_random(key, shape, dtype, seed, std)))
+            return Entry(key, dtype_name(dtype), shape, lambda: tensor_bytes(_random(key, shape, dtype, seed, std)))
 
         entries.append(mk(f"{base}.lora_down.weight", (n * rank, inp), inp ** -0.5))
         if n == 1:
@@ -62,7 +64,7 @@ def native_entries(layout: str = "refinement", dims: DitDims = naming.OFFICIAL, 
         if alpha_scale is not None:
             sd = scale_dtype or dtype
             entries.append(Entry(f"{base}.alpha_scale", dtype_name(sd), (),
-                                 lambda sd=sd: _bytes(torch.tensor(alpha_scale, dtype=sd))))
+                                 lambda sd=sd: tensor_bytes(torch.tensor(alpha_scale, dtype=sd))))
     return entries
 
 
@@ -70,9 +72,6 @@ def write_native_lora(path: str, layout: str = "refinement", **kwargs) -> str:
     """Write a full-structure native LoRA (1,152 keys for cfg_step, 1,543 for refinement at depth 48)."""
     write_safetensors(path, native_entries(layout, **kwargs), {"format": "pt"})
     return path
-
-
-SMALL = DitDims(hidden=64, ffn=176, adaln=32, final_out=16, depth=48)
 
 
 def write_base_checkpoint(path: str, config, naming_: str = "longcat", shards: int = 2,
@@ -112,7 +111,7 @@ def write_base_checkpoint(path: str, config, naming_: str = "longcat", shards: i
             weight_map[name] = fname
             ones = name.endswith("norm.weight") or name.endswith("norm_cross.weight") or "_norm." in name
             entries.append(Entry(name, dtype_name(dtype), shape,
-                                 lambda name=name, shape=shape, ones=ones: _bytes(
+                                 lambda name=name, shape=shape, ones=ones: tensor_bytes(
                                      torch.ones(shape, dtype=dtype) if ones and name.endswith("weight")
                                      else _random(name, shape, dtype, seed))))
         write_safetensors(os.path.join(path, fname), entries, {"format": "pt"})
