@@ -1,7 +1,13 @@
-import pytest
+import dataclasses
 
+import pytest
+import torch
+from torch import nn
+
+from longcat_lora.commands.inspect import inspect_lora
 from longcat_lora.model import naming
-from longcat_lora.testing.fixtures import native_entries
+from longcat_lora.testing.dit import AvatarConfig, LongCatAvatarDiT
+from longcat_lora.testing.fixtures import native_entries, write_native_lora
 from longcat_lora.io.reader import SafeFile
 
 from conftest import DIMS
@@ -54,3 +60,127 @@ def test_naming_table_round_trips():
     assert naming.kind_of("blocks.0.audio_attn.qkv") is None
     assert naming.expected_shapes(naming.OFFICIAL)["blocks.0.ffn.w1"] == (11008, 4096)
     assert len(naming.expected_shapes(DIMS)) == 48 * 9 + 2
+
+
+# ------------------------------------------------------------------ shapes as data: every consumer derives from TABLE
+
+# An Avatar DiT whose sizes are pairwise distinct (depth included), so a table entry naming the wrong
+# dimension cannot hide behind two equal sizes (officially adaln = audio_inter = 512).
+DISTINCT = AvatarConfig(in_channels=3, out_channels=3, hidden_size=64, depth=2, num_heads=4, caption_channels=8,
+                        adaln_tembed_dim=40, frequency_embedding_size=16, ffn_multiple_of=16, audio_dim=20,
+                        audio_window=3, audio_vae_scale=2, audio_blocks=1, audio_channels=7,
+                        audio_intermediate=24, audio_context_tokens=5)
+# the same sizes spelled out (spec section 1 and 5 formulas): ffn = 16 * ceil(int(2 * 64 * 4 / 3) / 16),
+# final_out = 1 * 2 * 2 * 3, proj1 in = 3 * 1 * 7, proj1_vf in = (3 + 2 - 1) * 1 * 7, proj3 out = 5 * 20
+DISTINCT_SIZES = {"hidden": 64, "ffn": 176, "adaln": 40, "final_out": 12, "depth": 2, "audio": 20,
+                  "audio_proj_in": 21, "audio_proj_vf_in": 28, "audio_inter": 24, "audio_proj_out": 100}
+
+
+def _dit_linears(config) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear of the reference (Avatar) DiT, built on the meta device."""
+    with torch.device("meta"):
+        model = LongCatAvatarDiT(config)
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+OFFICIAL_LINEARS = _dit_linears(AvatarConfig())
+DISTINCT_LINEARS = _dit_linears(DISTINCT)
+
+
+def _table_disagrees() -> list[str]:
+    """Modules whose table-derived shape differs from the reference DiT's Linear (official and distinct sizes)."""
+    bad = []
+    for dims, linears in ((naming.OFFICIAL, OFFICIAL_LINEARS), (DISTINCT.dims, DISTINCT_LINEARS)):
+        for module, shape in naming.expected_shapes(dims, avatar=True).items():
+            if linears.get(module) != shape:
+                bad.append(f"{module} {shape} != {linears.get(module)}")
+    return bad
+
+
+def test_distinct_sizes_are_distinct_and_what_the_config_says():
+    assert dataclasses.asdict(DISTINCT.dims) == DISTINCT_SIZES
+    assert len(set(DISTINCT_SIZES.values())) == len(DISTINCT_SIZES)
+
+
+def test_table_shapes_equal_the_reference_dits_linears():
+    assert _table_disagrees() == []
+    # every LoRA-targetable Linear of the Avatar DiT is in the table; the rest are the embedders
+    others = set(DISTINCT_LINEARS) - set(naming.expected_shapes(DISTINCT.dims, avatar=True))
+    assert sorted(others) == ["t_embedder.mlp.0", "t_embedder.mlp.2", "y_embedder.y_proj.0", "y_embedder.y_proj.2"]
+
+
+def test_a_wrong_dimension_or_split_count_in_any_entry_is_caught(monkeypatch):
+    fields = [f.name for f in dataclasses.fields(naming.DitDims)]
+    table = naming.TABLE
+    for n, k in enumerate(table):
+        wrong = [dataclasses.replace(k, out=f) for f in fields if f != k.out]
+        wrong += [dataclasses.replace(k, inp=f) for f in fields if f != k.inp]
+        wrong += [dataclasses.replace(k, chunks=k.chunks + 1), dataclasses.replace(k, chunks=max(1, k.chunks - 1))]
+        for w in wrong:
+            if w == k:
+                continue  # chunks 1 - 1 clamps back to 1
+            monkeypatch.setattr(naming, "TABLE", table[:n] + (w,) + table[n + 1:])
+            assert _table_disagrees(), w
+    monkeypatch.setattr(naming, "TABLE", table)
+    assert _table_disagrees() == []
+
+
+def test_reveals_inverts_shape_and_fastvideo_splits_are_the_row_splits():
+    dims = DISTINCT.dims
+    for k in naming.TABLE:
+        out, inp = k.shape(dims)
+        assert sorted(k.reveals(out, inp)) == sorted([(k.inp, DISTINCT_SIZES[k.inp]), (k.out, DISTINCT_SIZES[k.out])])
+        assert k.reveals(out + 1, inp) == ([(k.inp, inp)] if k.chunks > 1 else [(k.inp, inp), (k.out, out + 1)])
+        assert len(k.fastvideo) in ((0,) if k.avatar else (1, k.chunks)), k.kind
+    assert naming.dims_named(False) == ("hidden", "ffn", "adaln", "final_out")
+    assert naming.dims_named(True) == ("audio", "audio_proj_in", "audio_proj_vf_in", "audio_inter", "audio_proj_out")
+
+
+@pytest.mark.parametrize("layout", ["refinement", "avatar"])
+def test_inspect_infers_every_size_of_a_non_default_dit(tmp_path, layout):
+    path = write_native_lora(str(tmp_path / "x.safetensors"), layout, dims=DISTINCT.dims, rank=2,
+                             dtype=torch.float32)
+    r = inspect_lora(path)
+    base = {f: DISTINCT_SIZES[f] for f in ("hidden", "ffn", "adaln", "final_out", "depth")}
+    audio = {f: v for f, v in DISTINCT_SIZES.items() if f.startswith("audio")}
+    if layout == "avatar":  # cfg_step's kinds plus audio: no final_layer.linear states final_out (official 64)
+        base["final_out"] = 64
+    assert r["dims"] == ({**base, **audio} if layout == "avatar" else base)
+    assert "every module's shape is consistent with that DiT" in r["findings"]
+    assert f"module sizes imply a DiT of hidden 64, ffn 176, adaln 40, final_out {base['final_out']}; the " \
+           "official one has hidden 4096, ffn 11008, adaln 512, final_out 64" in r["findings"]
+    assert r["looks_like"] == ("avatar-like" if layout == "avatar" else "refinement-like")
+    if layout == "avatar":
+        f = [x for x in r["findings"] if "Avatar audio modules" in x]
+        assert len(f) == 1 and "(audio 20, audio_proj_in 21, audio_proj_vf_in 28, audio_inter 24, " \
+                                "audio_proj_out 100; the official Avatar DiT: audio 768, " in f[0]
+
+
+def test_a_table_entry_added_in_a_test_reaches_shapes_fixtures_and_inspect(tmp_path, monkeypatch):
+    gate = naming.ModuleKind("audio_gate", "blocks.{i}.audio_cross_attn.gate", (), "ffn", "audio", 2, avatar=True)
+    once = naming.ModuleKind("audio_proj.norm_proj", "audio_proj.norm_proj", (), "audio", "audio_proj_out",
+                             avatar=True)
+    monkeypatch.setattr(naming, "TABLE", naming.TABLE + (gate, once))
+    dims = DISTINCT.dims
+    shapes = naming.expected_shapes(dims, avatar=True)
+    assert shapes["blocks.1.audio_cross_attn.gate"] == (2 * 176, 20)
+    assert shapes["audio_proj.norm_proj"] == (20, 100)
+    assert "blocks.1.audio_cross_attn.gate" not in naming.expected_shapes(dims)
+    assert naming.kind_of("blocks.1.audio_cross_attn.gate") == (gate, 1)
+    entries = {e.name: e.shape for e in native_entries("avatar", dims, rank=2, dtype=torch.float32)}
+    key = "lora___lorahyphen___blocks___lorahyphen___1___lorahyphen___audio_cross_attn___lorahyphen___gate"
+    assert entries[f"{key}.lora_down.weight"] == (2 * 2, 20)
+    assert entries[f"{key}.lora_up.blocks.0.weight"] == entries[f"{key}.lora_up.blocks.1.weight"] == (176, 2)
+    assert entries["lora___lorahyphen___audio_proj___lorahyphen___norm_proj.lora_up.weight"] == (20, 2)
+    path = write_native_lora(str(tmp_path / "a.safetensors"), "avatar", dims=dims, rank=2, dtype=torch.float32)
+    r = inspect_lora(path)
+    assert r["coverage"]["audio_gate"] == "0-1" and r["up_blocks"]["audio_gate"] == {"2": 2}
+    assert r["up_blocks"]["audio_proj.norm_proj"] == {"1": 1}
+    assert r["modules"] == 2 * (7 + 5) + 5 and r["looks_like"] == "avatar-like"
+    assert "every module's shape is consistent with that DiT" in r["findings"]
+    assert not any("not Linear layers" in f for f in r["findings"])
+    assert r["dims"] == {**DISTINCT_SIZES, "final_out": 64}  # no final_layer.linear in the avatar layout
+    # the new entry's shape is checked too: without it the file's modules are unknown
+    monkeypatch.setattr(naming, "TABLE", naming.TABLE[:-2])
+    r = inspect_lora(path)
+    assert any("3 modules are not Linear layers" in f for f in r["findings"])
