@@ -13,7 +13,7 @@ Printed, from one run (medians of interleaved repeats, each command after a `syn
 - the merge, and its ratio to max(cp -r, GEMM-only) with and without the fixed start-up cost;
 - the merge's peak RSS against largest shard + 300 MiB.
 
-Usage: python benchmarks/merge.py [--blocks 12] [--device cpu|cuda] [--pairs 2] [--dir DIR]
+Usage: python benchmarks/merge.py [--blocks 12] [--device cpu|cuda|cpu,cuda] [--pairs 2] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -75,10 +75,14 @@ print(time.perf_counter() - t0)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=12, help="full-width DiT blocks in the base (default 12)")
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, cuda, or a comma list (cpu,cuda): each is measured on the same inputs in one run")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
+    devices = args.device.split(",")
+    if not set(devices) <= {"cpu", "cuda"}:
+        ap.error("--device: cpu, cuda or cpu,cuda")
     tmp = tempfile.mkdtemp(dir=args.dir, prefix="lcl-merge-")
     py = sys.executable
     try:
@@ -88,36 +92,37 @@ def main() -> None:
         os.sync()
         sizes = [os.path.getsize(os.path.join(base, f)) for f in os.listdir(base) if f.endswith(".safetensors")]
         cp_out, m_out = os.path.join(tmp, "cp"), os.path.join(tmp, "merged")
-        merge_cmd = [py, "-m", "longcat_lora", "merge", base, m_out, "--lora", lora, "--device", args.device]
         import_cmd = [py, "-c", "import torch, longcat_lora.apply.merge"]
+        largest = max(sizes) / 2**20
+        print(f"base {sum(sizes) / 1e9:.2f} GB ({args.blocks} full-width blocks, bf16) in {len(sizes)} shards "
+              f"(largest {largest:.0f} MiB); LoRA {os.path.getsize(lora) / 1e6:.0f} MB rank 128", flush=True)
 
         def clean() -> None:
             for p in (cp_out, m_out):
                 shutil.rmtree(p, ignore_errors=True)
             settle([base, lora], (["cp", "--version"], import_cmd))
 
-        t_imp = []
-        for _ in range(3):
-            t_imp.append(run(import_cmd)[0])
-        gemm = []
-        for _ in range(args.pairs):
-            out = subprocess.run([py, "-c", GEMM.format(device=args.device, base=base, lora=lora)], check=True,
-                                 capture_output=True, text=True).stdout
-            gemm.append(float(out.strip().splitlines()[-1]))
-        t_cp, t_m, rss = interleaved(["sh", "-c", f"cp -r '{base}' '{cp_out}' && sync"],
-                                     ["sh", "-c", " ".join(f"'{x}'" for x in merge_cmd) + " && sync"],
-                                     args.pairs, before=clean)
-        largest = max(sizes) / 2**20
-        imp, cp, g, m = median(t_imp), median(t_cp), median(gemm), median(t_m)
-        floor = max(cp, g)
-        print(f"base {sum(sizes) / 1e9:.2f} GB ({args.blocks} full-width blocks, bf16) in {len(sizes)} shards "
-              f"(largest {largest:.0f} MiB); LoRA {os.path.getsize(lora) / 1e6:.0f} MB rank 128; device {args.device}")
-        print("  runs: cp -r", [round(x, 2) for x in t_cp], " merge", [round(x, 2) for x in t_m],
-              " GEMM-only", [round(x, 2) for x in gemm], " import", [round(x, 2) for x in t_imp])
-        print(f"interpreter+import {imp:.2f}s  cp -r {cp:.2f}s  GEMM-only {g:.2f}s  merge {m:.2f}s "
-              f"(without start-up {m - imp:.2f}s)")
-        print(f"merge / max(cp -r, GEMM-only) = {m / floor:.2f}x  (without start-up {(m - imp) / floor:.2f}x; "
-              f"target <= 1.3x)   peak RSS {rss} MiB (target <= largest shard + 300 = {largest + 300:.0f} MiB)")
+        t_imp = [run(import_cmd)[0] for _ in range(3)]
+        for device in devices:
+            merge_cmd = [py, "-m", "longcat_lora", "merge", base, m_out, "--lora", lora, "--device", device]
+            gemm = []
+            for _ in range(args.pairs):
+                out = subprocess.run([py, "-c", GEMM.format(device=device, base=base, lora=lora)], check=True,
+                                     capture_output=True, text=True).stdout
+                gemm.append(float(out.strip().splitlines()[-1]))
+            t_cp, t_m, rss = interleaved(["sh", "-c", f"cp -r '{base}' '{cp_out}' && sync"],
+                                         ["sh", "-c", " ".join(f"'{x}'" for x in merge_cmd) + " && sync"],
+                                         args.pairs, before=clean)
+            imp, cp, g, m = median(t_imp), median(t_cp), median(gemm), median(t_m)
+            floor = max(cp, g)
+            print(f"device {device}")
+            print("  runs: cp -r", [round(x, 2) for x in t_cp], " merge", [round(x, 2) for x in t_m],
+                  " GEMM-only", [round(x, 2) for x in gemm], " import", [round(x, 2) for x in t_imp])
+            print(f"  interpreter+import {imp:.2f}s  cp -r {cp:.2f}s  GEMM-only {g:.2f}s  merge {m:.2f}s "
+                  f"(without start-up {m - imp:.2f}s)")
+            print(f"  merge / max(cp -r, GEMM-only) = {m / floor:.2f}x  (without start-up {(m - imp) / floor:.2f}x; "
+                  f"target <= 1.3x)   peak RSS {rss} MiB (target <= largest shard + 300 = {largest + 300:.0f} MiB)",
+                  flush=True)
         clean()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -112,6 +112,8 @@ class CpuStages:
         src = self.raw[slot][:job.in_bytes].view(torch_dtype(job.sf.info(job.name).dtype)).view(rows, cols)
         self.out[slot] = _grow(self.out[slot], job.out_bytes)
         out = self.out[slot][:job.out_bytes].view(torch_dtype(job.out_dtype)).view(rows, cols)
+        out_bytes = self.out[slot][:job.out_bytes].numpy()
+        row_bytes = cols * ITEMSIZE[job.out_dtype]
         step = max(1, CHUNK_ELEMENTS // cols)
         self.f32 = _grow(self.f32, step * cols)
         for r0 in range(0, rows, step):
@@ -123,9 +125,9 @@ class CpuStages:
                 if lo < hi:
                     w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
             out[r0:r1].copy_(w)  # cast once
+            if nonfinite(out_bytes[r0 * row_bytes:r1 * row_bytes], job.out_dtype):  # while in cache
+                raise job.nonfinite_error()
         self.parts[slot] = []
-        if nonfinite(self.out[slot][:job.out_bytes].numpy(), job.out_dtype):
-            raise job.nonfinite_error()
 
     def finish(self, job: Job, slot: int) -> np.ndarray:
         return self.out[slot][:job.out_bytes].numpy()
@@ -168,7 +170,10 @@ class DeviceStages:
         self.f32 = device_buf(max_elems, torch.float32)  # used on the compute stream only, so one suffices
 
         def event():
-            return torch.cuda.Event() if cuda else _NoEvent()
+            if not cuda:
+                return _NoEvent()
+            with torch.cuda.device(dev):  # an event belongs to the device it is created on
+                return torch.cuda.Event()
 
         # per slot: inputs copied in, device input consumed, output computed, output copied back
         self.copied, self.consumed, self.computed, self.back = ([event() for _ in range(depth)] for _ in range(4))
