@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..model.adapter import Computed, LoraAdapter, LoraModule, Part, Source
-from ..errors import LoraError
+from ..errors import NAME_ONLY, LoraError, Param
 from ..io.dtypes import FLOATS, torch_dtype
 from ..io.reader import SafeFile
 from .lowrank import ModuleReport, RankRule, Report, _orth, factored_svd
@@ -218,7 +218,7 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
     # the factors' entries are at most sqrt(s_max) in size (U and V have unit columns): they can only
     # overflow the output dtype if sqrt(s_max) does, so one comparison replaces a scan of every value
     if not float(root[0]) < torch.finfo(td).max / 2:
-        raise LoraError(f"{where}: the new factors overflow {dtype} (choose a wider --dtype)")
+        raise LoraError(f"{where}: the new factors overflow {dtype} (choose a wider ", Param("dtype", NAME_ONLY), ")")
     up = up64.to(td)
     down = down64.to(td).contiguous()
     err2 = _tail_sq(plan.s, k)

@@ -13,7 +13,7 @@ import json
 import sys
 
 from .. import __version__
-from ..errors import LoraError, q
+from ..errors import NAME_ONLY, LoraError, Param, q
 from ..formats import FORMATS, convert, load_lora
 from ..io.interrupts import Terminated, handle_signals
 
@@ -248,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The library names its parameters in messages (`errors.Param`); the command shows the flag that sets each.
+FLAGS = {"overwrite": "--overwrite", "skip_unmapped": "--skip-unmapped", "allow_nonfinite": "--allow-nonfinite",
+         "dtype": "--dtype"}
+
+
+def spell(p: Param) -> str:
+    """A parameter as the command line spells it: `--skip-unmapped`, `--dtype fp32`, `--dtype`; a
+    parameter without a flag keeps the library's spelling."""
+    flag = FLAGS.get(p.name)
+    if flag is None:
+        return str(p)
+    return flag if p.value is True or p.value is NAME_ONLY else f"{flag} {p.value}"
+
+
 def _line(text: object) -> str:
     """A message as exactly one line: control characters (a newline in a user's path, an escape
     sequence) are shown escaped, never written to the log."""
@@ -270,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except LoraError as e:
         if args.debug:
             raise
-        _error(f"error: {e}")
+        _error(f"error: {e.render(spell)}")
         return 2
     except OSError as e:
         if args.debug:

@@ -124,8 +124,7 @@ def save_lora(adapter: LoraAdapter, path: str, format: str, *, overwrite: bool =
                 for f in adapter.files:
                     f.check_unchanged()  # an input rewritten meanwhile: what was read may mix two versions
             except LoraError as e:  # about the adapter's content: name where it came from (not OUT's errors)
-                where = adapter.path or "adapter"
-                raise LoraError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+                raise e.prefixed(adapter.path or "adapter") from None
     finally:
         if bar is not None:
             bar.close()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ..model import naming
 from ..model.adapter import (FileSource, NonFinite, LoraAdapter, LoraModule, Source, parts_from_standard,
     standard_layer, validate_module)
-from ..errors import LoraError, UnmappedModulesError, q
+from ..errors import LoraError, Param, UnmappedModulesError, q
 from ..io.jsonsafe import field as json_field, is_int, is_number, type_name
 from .patterns import PatternTable
 from ..io.dtypes import FLOATS, INTS, decode_scalar, encode_scalar, representable
@@ -75,8 +75,8 @@ def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
     """
 
     def refuse() -> None:
-        raise LoraError(f"module {q(module)}: non-finite values (NaN/Inf) in its LoRA weights "
-                        f"(pass --allow-nonfinite to convert anyway)")
+        raise LoraError(f"module {q(module)}: non-finite values (NaN/Inf) in its LoRA weights (pass ",
+                        Param("allow_nonfinite"), " to convert anyway)")
 
     def produce():
         where = src.file_range()
@@ -136,8 +136,8 @@ def finish(adapter: LoraAdapter, where: str) -> LoraAdapter:
 
 def unmapped(modules: list[str], opts: WriteOptions, target: str) -> None:
     if modules and not opts.skip_unmapped:
-        raise UnmappedModulesError(f"{len(modules)} modules have no name in {target} "
-                                   f"(pass --skip-unmapped to leave them out)", sorted(modules))
+        raise UnmappedModulesError((f"{len(modules)} modules have no name in {target} (pass ", Param("skip_unmapped"),
+                                    " to leave them out)"), sorted(modules))
     opts.skipped.extend(sorted(modules))
 
 

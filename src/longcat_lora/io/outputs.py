@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 
-from ..errors import LoraError
+from ..errors import LoraError, Param
 from .interrupts import critical
 from .reader import file_kind
 
@@ -39,20 +39,21 @@ def check_output(out: str, *, overwrite: bool = False, inputs: Iterable[str] = (
         st = None
     if st is not None:
         if not overwrite:
-            raise LoraError(f"{out}: already exists (pass --overwrite to replace it)")
+            raise LoraError(f"{out}: already exists (pass ", Param("overwrite"), " to replace it)")
         if stat.S_ISLNK(st.st_mode):
-            raise LoraError(f"{out}: is a symbolic link; --overwrite never replaces a link or writes through it "
-                            f"(remove the link, or name its target)")
+            raise LoraError(f"{out}: is a symbolic link; ", Param("overwrite"), " never replaces a link or writes "
+                            "through it (remove the link, or name its target)")
         if directory:
             if not stat.S_ISDIR(st.st_mode):
                 raise LoraError(f"{out}: exists and is {file_kind(st.st_mode)}, not an earlier output directory; "
                                 f"refusing to replace it")
             why = replaceable(out) if replaceable is not None else dir_problem(out, {}, set())
             if why:
-                raise LoraError(f"{out}: {why}; refusing to replace it (--overwrite replaces only an earlier "
-                                f"output of this command)")
+                raise LoraError(f"{out}: {why}; refusing to replace it (", Param("overwrite"), " replaces only an "
+                                "earlier output of this command)")
         elif not stat.S_ISREG(st.st_mode):
-            raise LoraError(f"{out}: exists and is {file_kind(st.st_mode)}; --overwrite replaces only a regular file")
+            raise LoraError(f"{out}: exists and is {file_kind(st.st_mode)}; ", Param("overwrite"),
+                            " replaces only a regular file")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise LoraError(f"{out}: parent directory {parent} does not exist")
