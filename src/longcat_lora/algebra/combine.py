@@ -13,7 +13,8 @@ import math
 from collections.abc import Iterable
 from contextlib import ExitStack
 
-from ..model.adapter import LoraAdapter, LoraModule, Part, cat_rows, folded, placed
+from ..model.adapter import LoraAdapter, LoraModule, Part
+from ..model.sources import cat_rows, folded, placed
 from ..errors import LoraError
 from ..formats import load_lora, save_lora
 from ..formats._common import in_file_order
@@ -94,7 +95,7 @@ def combine_loras(out: str, loras: Iterable[tuple[str, float]], *, rank: int | N
         if rule is not None:
             dt = output_dtype(dtype, [s.dtype for ad in adapters for m in ad.modules.values() for p in m.parts
                                       for s in (p.up, p.down)])
-            plan_modules(mps, rule, progress, "combine: SVD")
+            plan_modules(mps, rule, dt, progress, "combine: SVD")
             realised = Realised(dt)
         result = build_adapter(mps, realised, _exact_module)
         result.path = out

@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..model.adapter import Computed, LoraAdapter, LoraModule, Part, Source
+from ..model.adapter import LoraAdapter, LoraModule, Part
+from ..model.sources import Computed, Source
 from ..errors import NAME_ONLY, LoraError, Param
 from ..io.dtypes import FLOATS, torch_dtype
 from ..io.reader import SafeFile
-from .lowrank import ModuleReport, RankRule, Report, _orth, factored_svd
+from .lowrank import ModuleReport, RankRule, Report, factored_svd, gram_cholesky
 
 if TYPE_CHECKING:  # torch is imported when the arithmetic starts
     import torch
@@ -100,32 +101,46 @@ class ModulePlan:
     plans: list[CellPlan] | None = None  # None: exact (no truncation), parts written as they are
 
 
+def work_dtype(dtype: str) -> torch.dtype:
+    """The precision of the thin (m x r) products for an output dtype: float32 where the output is a
+    16-bit float (its rounding, ~1e-3 relative, dwarfs float32's ~1e-7, and float32 products run twice as
+    fast), float64 otherwise. The small r x r work (Cholesky, core SVD, the error sums) is always float64."""
+    import torch
+
+    return torch.float32 if dtype in ("BF16", "F16") else torch.float64
+
+
+# Cholesky of a float32 Gram matrix is used only when R's diagonal spans less than this (the Gram's
+# float32 rounding, ~1e-7 relative, grows by its condition number in the small directions: at most
+# ~1e-5 here, well inside the 1e-4 the reported errors are held to); otherwise the cell is redone in float64.
+F32_MIN_RATIO = 0.1
+
+
 class Workspace:
-    """Reused float64 buffers for the stacked factors: one allocation for the whole run instead of two
-    fresh m x r matrices per cell (which fragment the heap and fault in new pages every time)."""
+    """Reused buffers for the stacked factors: one allocation for the whole run instead of two fresh
+    m x r matrices per cell (which fragment the heap and fault in new pages every time)."""
 
     def __init__(self) -> None:
-        self.bufs: dict[str, torch.Tensor] = {}
+        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
-    def take(self, name: str, rows: int, cols: int) -> torch.Tensor:
+    def take(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
         import torch
 
-        buf = self.bufs.get(name)
+        buf = self.bufs.get((name, dtype))
         if buf is None or buf.numel() < rows * cols:
-            buf = self.bufs[name] = torch.empty(rows * cols, dtype=torch.float64)
+            buf = self.bufs[(name, dtype)] = torch.empty(rows * cols, dtype=dtype)
         return buf[:rows * cols].view(rows, cols)
 
 
-def stacked(cell: Cell, ws: Workspace, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up_stack [rows, R], down_stack [R, in]) in float64 with each term's factor folded into its up.
+def stacked(cell: Cell, ws: Workspace, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up_stack [rows, R], down_stack [R, in]) in `work` dtype with each term's factor folded into its up.
 
-    The results live in `ws` and are valid until its next use. Inf/NaN in the inputs is refused."""
-    import torch
-
+    The results live in `ws` and are valid until its next use. Not checked for Inf/NaN here: `plan_cell`
+    does it through the Gram diagonals it computes anyway (a column with Inf/NaN has a non-finite norm)."""
     h = cell.rows[1] - cell.rows[0]
     n = cell.terms[0].down.shape[1]
-    a = ws.take("up", h, cell.rank)
-    b = ws.take("down", cell.rank, n)
+    a = ws.take("up", h, cell.rank, work)
+    b = ws.take("down", cell.rank, n, work)
     c = 0
     for t in cell.terms:
         r = t.down.shape[0]
@@ -134,9 +149,33 @@ def stacked(cell: Cell, ws: Workspace, where: str) -> tuple[torch.Tensor, torch.
             a[:, c:c + r].mul_(t.factor)
         b[c:c + r].copy_(t.down.load())
         c += r
+    return a, b
+
+
+def check_finite(a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+    """LoraError when the stacked factors hold Inf/NaN (after strength x scale)."""
+    import torch
+
     if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
         raise LoraError(f"{where}: non-finite values (NaN/Inf) in its LoRA weights (or strength x scale)")
-    return a, b
+
+
+def _cholesky_pair(a: torch.Tensor, b: torch.Tensor, where: str
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(Ra, Rb), float64, with a = Qa Ra and b.T = Qb Rb (Qa, Qb orthonormal, never formed), from the Gram
+    matrices computed in a's dtype; None when either is ill conditioned for that dtype or overflows.
+    Refuses Inf/NaN in the factors (found through the Gram diagonals, or a full scan if those overflow)."""
+    import torch
+
+    ga = a.T @ a
+    gb = b @ b.T
+    if not (bool(torch.isfinite(torch.diagonal(ga)).all()) and bool(torch.isfinite(torch.diagonal(gb)).all())):
+        check_finite(a, b, where)
+        return None  # finite factors whose squares overflow: the QR route
+    ratio = F32_MIN_RATIO if a.dtype == torch.float32 else 1e-5
+    ra = gram_cholesky(ga, ratio)
+    rb = gram_cholesky(gb, ratio) if ra is not None else None
+    return None if rb is None else (ra, rb)
 
 
 def fixed_stored(cell: Cell, rule: RankRule) -> int | None:
@@ -147,25 +186,28 @@ def fixed_stored(cell: Cell, rule: RankRule) -> int | None:
     return min(rule.rank, cell.rows[1] - cell.rows[0], cell.rank, n)
 
 
-def plan_cell(cell: Cell, rule: RankRule, ws: Workspace, where: str, stored: int | None = None,
-              loaded: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellPlan:
+def plan_cell(cell: Cell, rule: RankRule, ws: Workspace, where: str, work: torch.dtype,
+              stored: int | None = None, loaded: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellPlan:
     """The exact singular values of a cell's change, the rank the rule picks, and the transforms to the
-    leading singular vectors (`stored` of them: max(k, 1) unless given)."""
+    leading singular vectors (`stored` of them: max(k, 1) unless given). The thin products run in `work`;
+    a cell whose factors are ill conditioned for it gets no transforms (`realise` redoes it by QR in float64)."""
     import torch
 
-    a, b = loaded if loaded is not None else stacked(cell, ws, where)
+    a, b = loaded if loaded is not None else stacked(cell, ws, work)
     m, r = a.shape
     n = b.shape[1]
     if r <= min(m, n):
-        qa, ra = _orth(a)
-        qb, rb = _orth(b.T)
-        if qa is None and qb is None:  # well conditioned: Cholesky factors, Q = a @ R^-1 never formed
+        got = _cholesky_pair(a, b, where)
+        if got is not None:  # well conditioned: Cholesky factors, Q = a @ R^-1 never formed
+            ra, rb = got
             uc, s, vch = torch.linalg.svd(ra @ rb.T)
             k = rule.choose(s)
             keep = max(k, 1) if stored is None else stored
             x = torch.linalg.solve_triangular(ra, uc[:, :keep].contiguous(), upper=True)
             y = torch.linalg.solve_triangular(rb, vch[:keep].T.contiguous(), upper=True)
             return CellPlan(s, k, keep, x, y)
+    else:
+        check_finite(a, b, where)
     _, s, _ = factored_svd(a, b, k=0)
     k = rule.choose(s)
     return CellPlan(s, k, max(k, 1) if stored is None else stored, None, None)
@@ -180,8 +222,15 @@ def _tail_sq(s: torch.Tensor, k: int) -> float:
 
 
 def _dot(p1: torch.Tensor, q1: torch.Tensor) -> float:
-    """<A, B> = tr(A^T B) for A = x1 @ y1, B = x2 @ y2, given p1 = x1^T x2 and q1 = y1 @ y2^T."""
+    """<A, B> = tr(A^T B) for A = x1 @ y1, B = x2 @ y2, given p1 = x1^T x2 and q1 = y1 @ y2^T (float64)."""
     return float((p1 * q1).sum())
+
+
+def _mm64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y in their dtype (a thin product over the long dimension), the small result in float64."""
+    import torch
+
+    return (x @ y).to(torch.float64)
 
 
 def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
@@ -198,39 +247,44 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
     """
     import torch
 
-    a, b = stacked(cell, ws, where)
+    work = work_dtype(dtype)
+    a, b = stacked(cell, ws, work)
     if plan.rule is not None:  # deferred (fixed rank): plan now, from the factors already loaded
-        done = plan_cell(cell, plan.rule, ws, where, plan.stored, (a, b))
+        done = plan_cell(cell, plan.rule, ws, where, work, plan.stored, (a, b))
         plan.s, plan.k, plan.x, plan.y, plan.rule = done.s, done.k, done.x, done.y, None
     assert plan.s is not None
     k = plan.stored
     if plan.x is not None:
-        u = a @ plan.x
-        v = b.T @ plan.y
+        u = a @ plan.x.to(work)
+        v = b.T @ plan.y.to(work)
         s = plan.s[:k]
-    else:
+    else:  # ill conditioned for the Gram route: QR, all in float64
+        a, b = a.to(torch.float64), b.to(torch.float64)
         u, s, vh = factored_svd(a, b, k=k)
         s, v = s[:k], vh.T
     root = s.sqrt()
-    up64 = u * root
-    down64 = (v * root).T
+    rootw = root.to(u.dtype)
+    upw = u * rootw
+    downw = (v * rootw).T
     td = torch_dtype(dtype)
     # the factors' entries are at most sqrt(s_max) in size (U and V have unit columns): they can only
     # overflow the output dtype if sqrt(s_max) does, so one comparison replaces a scan of every value
     if not float(root[0]) < torch.finfo(td).max / 2:
         raise LoraError(f"{where}: the new factors overflow {dtype} (choose a wider ", Param("dtype", NAME_ONLY), ")")
-    up = up64.to(td)
-    down = down64.to(td).contiguous()
+    up = upw.to(td)
+    down = downw.to(td).contiguous()
     err2 = _tail_sq(plan.s, k)
-    if td != torch.float64:
-        da = up.to(torch.float64) - up64  # [m, k]
-        down_st = down.to(torch.float64)
-        db = down_st - down64  # [k, n]
-        gdu = da.T @ u
-        gbd = down_st @ db.T
-        rs = root[:, None] * (db @ db.T) * root[None, :]  # (sqrt(S) dB)(sqrt(S) dB)^T
-        r2 = _dot(da.T @ da, down_st @ down_st.T) + _dot(u.T @ u, rs) + 2.0 * _dot(gdu * root[None, :], gbd)
-        cross = _dot(a.T @ da, b @ db.T) - _dot(s[:, None] * gdu.T, v.T @ db.T)  # <dW - U S Vh, dA dB>
+    if td != u.dtype:
+        da = up.to(u.dtype) - upw  # [m, k]
+        down_st = down.to(u.dtype)
+        db = down_st - downw  # [k, n]
+        gdu = _mm64(da.T, u)
+        gbd = _mm64(down_st, db.T)
+        rs = root[:, None] * _mm64(db, db.T) * root[None, :]  # (sqrt(S) dB)(sqrt(S) dB)^T
+        r2 = (_dot(_mm64(da.T, da), _mm64(down_st, down_st.T)) + _dot(_mm64(u.T, u), rs)
+              + 2.0 * _dot(gdu * root[None, :], gbd))
+        # <dW - U S Vh, dA dB>
+        cross = _dot(_mm64(a.T, da), _mm64(b, db.T)) - _dot(s[:, None] * gdu.T, _mm64(v.T, db.T))
         err2 = err2 + r2 - 2.0 * cross
     return up.contiguous(), down, max(err2, 0.0)
 
@@ -291,7 +345,7 @@ def _raw(t: torch.Tensor) -> np.ndarray:
 
 
 def _lazy(realised: Realised, mp: ModulePlan, i: int, which: int, shape: tuple[int, int]) -> Source:
-    return Computed(shape, realised.dtype, lambda check: _raw(realised.get(mp)[i][which]))
+    return Computed(shape, realised.dtype, lambda: _raw(realised.get(mp)[i][which]))
 
 
 def lowrank_module(mp: ModulePlan, realised: Realised) -> LoraModule:
@@ -305,8 +359,9 @@ def lowrank_module(mp: ModulePlan, realised: Realised) -> LoraModule:
     return LoraModule(mp.name, mp.out_features, mp.in_features, parts, mp.naming)
 
 
-def plan_modules(mps: list[ModulePlan], rule: RankRule, progress: bool, desc: str) -> None:
-    """Pass 1 over every module (in input order), with a progress bar on a terminal."""
+def plan_modules(mps: list[ModulePlan], rule: RankRule, dtype: str, progress: bool, desc: str) -> None:
+    """Pass 1 over every module (in input order), with a progress bar on a terminal; `dtype` is the
+    output's (it sets the working precision, `work_dtype`)."""
     bar = None
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -320,7 +375,8 @@ def plan_modules(mps: list[ModulePlan], rule: RankRule, progress: bool, desc: st
                 for c in mp.cells:
                     stored = fixed_stored(c, rule)
                     # a fixed rank needs no pass before writing: the SVD is done once, as the module is written
-                    mp.plans.append(plan_cell(c, rule, ws, f"module {mp.name}") if stored is None
+                    mp.plans.append(plan_cell(c, rule, ws, f"module {mp.name}", work_dtype(dtype))
+                                    if stored is None
                                     else CellPlan(None, -1, stored, None, None, rule))
                 if bar is not None:
                     bar.update(1)
@@ -331,7 +387,7 @@ def plan_modules(mps: list[ModulePlan], rule: RankRule, progress: bool, desc: st
 
 def output_dtype(requested: str, inputs: Iterable[str]) -> str:
     """The dtype name for the output factors: `keep` = the widest input dtype, else as named."""
-    from ..model.adapter import promote
+    from ..model.sources import promote
 
     if requested not in DTYPES:
         raise LoraError(f"dtype must be one of {', '.join(DTYPES)}, got {requested!r}")

@@ -100,16 +100,28 @@ def _orth(a: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """
     import torch
 
-    g = a.T @ a
-    r = g.shape[0]
+    r = a.shape[1]
     if r and a.shape[0] >= r:
-        c, info = torch.linalg.cholesky_ex(g)
-        if int(info) == 0:
-            d = torch.diagonal(c)
-            if float(d.min()) > 1e-5 * float(d.max()):
-                return None, c.T.contiguous()
+        c = gram_cholesky(a.T @ a)
+        if c is not None:
+            return None, c
     q, rr = torch.linalg.qr(a, mode="reduced")
     return q, rr
+
+
+def gram_cholesky(g: torch.Tensor, min_ratio: float = 1e-5) -> torch.Tensor | None:
+    """R (upper triangular, float64) with R^T R = g for a Gram matrix g = a^T a, or None when g is not
+    positive definite or R's diagonal spans more than 1 / min_ratio (ill conditioned: the Gram route
+    would lose the small directions; the caller takes a QR instead)."""
+    import torch
+
+    c, info = torch.linalg.cholesky_ex(g.to(torch.float64))
+    if int(info) != 0:
+        return None
+    d = torch.diagonal(c)
+    if not float(d.min()) > min_ratio * float(d.max()):
+        return None
+    return c.T.contiguous()
 
 
 def _apply_left(a: torch.Tensor, q: torch.Tensor | None, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -283,4 +295,4 @@ def _size(n: int) -> str:
     return str(n)
 
 
-__all__ = ["ModuleReport", "RankRule", "Report", "dense_svd", "factored_norm2", "factored_svd"]
+__all__ = ["ModuleReport", "RankRule", "Report", "dense_svd", "factored_norm2", "factored_svd", "gram_cholesky"]

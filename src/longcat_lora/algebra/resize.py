@@ -40,7 +40,7 @@ def resize_lora(src: str, out: str, *, rank: int | None = None, energy: float | 
                                   [Cell(p.rows, [Term(p.up, p.down, p.scale)]) for p in parts],
                                   max(p.rank for p in parts)))
         dt = output_dtype(dtype, [s.dtype for m in adapter.modules.values() for p in m.parts for s in (p.up, p.down)])
-        plan_modules(mps, rule, progress, "resize: SVD")
+        plan_modules(mps, rule, dt, progress, "resize: SVD")
         realised = Realised(dt)
         result = build_adapter(mps, realised)
         result.path = src
