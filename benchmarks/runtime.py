@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 import longcat_lora as L
-from longcat_lora.model.adapter import LoraAdapter, LoraModule, Part, TensorSource
+from longcat_lora.model.adapter import LoraAdapter, LoraModule, Part
+from longcat_lora.model.sources import TensorSource
 
 
 def official_forward(base: nn.Linear, down: torch.Tensor, ups: list[torch.Tensor], scale: float, x: torch.Tensor):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from longcat_lora import LoraError, convert, load_lora
-from longcat_lora.model.adapter import LoraAdapter, LoraModule, Part, TensorSource
+from longcat_lora.model.adapter import LoraAdapter, LoraModule, Part
+from longcat_lora.model.sources import TensorSource
 from longcat_lora.algebra.lowrank import ModuleReport, Report
 from longcat_lora.algebra.plot import module_norm2, module_spectrum, plot_lora, plot_resize
 

@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..model import naming
-from ..model.adapter import LoraAdapter, LoraModule, Part, Source
+from ..model.adapter import LoraAdapter, LoraModule, Part
+from ..model.sources import Source, Stored
 from ..errors import LoraError
 from ..formats import FORMATS, check_lora_output, save_lora
 from ..apply.merge import Base, open_base
-from ..io.dtypes import FLOATS, dtype_name, torch_dtype
+from ..io.dtypes import FLOATS, ITEMSIZE, dtype_name, torch_dtype
 from ..io.reader import SafeFile
 from .lowrank import ModuleReport, RankRule, Report, dense_svd
 
@@ -276,28 +277,32 @@ class _Spool:
         while done < mv.nbytes:
             done += os.pwrite(fd, mv[done:], off + done)
         self.end += mv.nbytes
-        return _SpoolSource((int(t.shape[0]), int(t.shape[1])), dtype_name(t.dtype), fd, off, mv.nbytes)
+        return _SpoolSource((int(t.shape[0]), int(t.shape[1])), dtype_name(t.dtype), fd, off)
 
     def close(self) -> None:
         self.f.close()
 
 
-class _SpoolSource(Source):
-    def __init__(self, shape: tuple[int, int], dtype: str, fd: int, offset: int, nbytes: int):
-        self.shape, self.dtype, self.fd, self.offset, self.nbytes = shape, dtype, fd, offset, nbytes
+class _SpoolSource(Stored):
+    """A factor in the spool: rows read back with pread (checked for NaN/Inf as every stored source is)."""
 
-    def raw(self, check: bool = False) -> np.ndarray:
-        buf = bytearray(self.nbytes)
+    def __init__(self, shape: tuple[int, int], dtype: str, fd: int, offset: int):
+        super().__init__(shape, dtype)
+        self.fd, self.offset = fd, offset
+
+    def fetch(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        item = ITEMSIZE[self.dtype]
+        width = self.shape[1] * item
+        n, start = (r1 - r0) * width, self.offset + r0 * width
+        buf = bytearray(n)
         mv, got = memoryview(buf), 0
-        while got < self.nbytes:
-            n = os.preadv(self.fd, [mv[got:]], self.offset + got)
-            if n <= 0:
-                raise LoraError(f"extract: spool file truncated at byte {self.offset + got}")
-            got += n
-        a = np.frombuffer(buf, dtype=np.uint8).reshape(self.shape[0], -1)
-        from ..model.adapter import _checked
-
-        return _checked(a, self.dtype, check)
+        while got < n:
+            k = os.preadv(self.fd, [mv[got:]], start + got)
+            if k <= 0:
+                raise LoraError(f"extract: spool file truncated at byte {start + got}")
+            got += k
+        a = np.frombuffer(buf, dtype=np.uint8).reshape(r1 - r0, width)
+        return a if (c0, c1) == (0, self.shape[1]) else np.ascontiguousarray(a[:, c0 * item:c1 * item])
 
 
 @dataclass

@@ -149,7 +149,8 @@ def _lora_placement(model: nn.Module, module: nn.Module) -> tuple[torch.device, 
 
 
 def _materialised(t: Target):
-    from ..model.adapter import LoraModule, Part, TensorSource
+    from ..model.adapter import LoraModule, Part
+    from ..model.sources import TensorSource
 
     parts = [Part(p.rows, TensorSource(p.down.load().clone()), TensorSource(p.up.load().clone()), p.scale)
              for p in t.module.parts]

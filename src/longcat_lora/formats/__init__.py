@@ -110,7 +110,7 @@ def save_lora(adapter: LoraAdapter, path: str, format: str, *, overwrite: bool =
     if format not in FORMATS:
         raise LoraError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
     mod = FORMATS[format]
-    opts = WriteOptions(skip_unmapped=skip_unmapped, allow_nonfinite=allow_nonfinite)
+    opts = WriteOptions(skip_unmapped=skip_unmapped)
     bar = None
     if progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -120,7 +120,8 @@ def save_lora(adapter: LoraAdapter, path: str, format: str, *, overwrite: bool =
     try:
         with atomic_output(path, overwrite=overwrite, inputs=inputs, **_output_kind(format)) as tmp:
             try:
-                mod.write(adapter, tmp, opts)
+                with adapter.refusing_nonfinite(not allow_nonfinite):
+                    mod.write(adapter, tmp, opts)
                 for f in adapter.files:
                     f.check_unchanged()  # an input rewritten meanwhile: what was read may mix two versions
             except LoraError as e:  # about the adapter's content: name where it came from (not OUT's errors)

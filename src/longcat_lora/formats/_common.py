@@ -7,10 +7,12 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from ..model import naming
-from ..model.adapter import (FileSource, NonFinite, LoraAdapter, LoraModule, Source, parts_from_standard,
-    standard_layer, validate_module)
+from ..model.adapter import LoraAdapter, LoraModule, Part, validate_module
+from ..model.layout import split_diagonal, standard_layer
+from ..model.sources import FileTensor, NonFinite, Source
 from ..errors import LoraError, Param, UnmappedModulesError, q
 from ..io.jsonsafe import field as json_field, is_int, is_number, type_name
 from .patterns import PatternTable
@@ -22,7 +24,6 @@ from ..io.reader import SafeFile
 @dataclass
 class WriteOptions:
     skip_unmapped: bool = False
-    allow_nonfinite: bool = False
     skipped: list[str] = field(default_factory=list)  # filled in by writers: modules left out
     progress: Callable[[int], None] | None = None  # called with bytes written
 
@@ -35,13 +36,13 @@ def in_file_order(adapter: LoraAdapter) -> list[LoraModule]:
     a few large copies instead of one per tensor.
     """
     def key(m: LoraModule) -> tuple[int, str]:
-        where = m.parts[0].down.file_range() if m.parts else None
+        where = m.given[0].down.file_range() if m.given else None
         return (where[1].offset if where else 1 << 62, m.name)
 
     return sorted(adapter.modules.values(), key=key)
 
 
-def weight(sf: SafeFile, key: str) -> FileSource:
+def weight(sf: SafeFile, key: str) -> FileTensor:
     """A lazy 2-D float weight; anything else is refused by name."""
     info = sf.info(key)
     if info.dtype not in FLOATS:
@@ -51,7 +52,7 @@ def weight(sf: SafeFile, key: str) -> FileSource:
         raise LoraError(f"{sf.path}: tensor {key!r} has shape {list(info.shape)}; LoRA weights must be 2-D")
     if 0 in info.shape:
         raise LoraError(f"{sf.path}: tensor {key!r} is empty (shape {list(info.shape)})")
-    return FileSource(sf, key)
+    return FileTensor(sf, key)
 
 
 def scalar(sf: SafeFile, key: str) -> tuple[float, str]:
@@ -68,10 +69,10 @@ def scalar(sf: SafeFile, key: str) -> tuple[float, str]:
 
 
 def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
-    """An output tensor whose values are checked for NaN/Inf as they stream past.
+    """An output tensor; a NaN/Inf its source refuses (see `LoraAdapter.refusing_nonfinite`) names the module.
 
     Bytes that lie unchanged in an input file are copied file-to-file (copy_file_range) after a scan of
-    their bits, never converted; anything else is produced as bytes by its source.
+    their bits while refusing, never converted; anything else is produced as bytes by its source.
     """
 
     def refuse() -> None:
@@ -80,12 +81,12 @@ def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
 
     def produce():
         where = src.file_range()
-        if where is not None:
-            sf, rng = where
-            if not opts.allow_nonfinite and sf.scan_nonfinite(rng, src.dtype):
-                refuse()
-            return rng
-        return checked(src.chunks(check=not opts.allow_nonfinite))
+        if where is None:
+            return checked(src.chunks())
+        tensor, rng = where
+        if tensor.refuse_nonfinite and tensor.file.scan_nonfinite(rng, tensor.dtype):
+            refuse()
+        return rng
 
     def checked(chunks):
         try:
@@ -201,7 +202,7 @@ def add_standard_layer(modules: dict[str, LoraModule], sf: SafeFile, layer: str,
     elif m.out_features != nsplit * h:
         raise LoraError(f"{sf.path}: layer {q(layer)} has {h} outputs but the other parts of {q(name)} "
                         f"imply {m.out_features // nsplit}")
-    m.parts.extend(parts_from_standard(a, b, scale, split * h, chunks))
+    m.add(Part((split * h, (split + 1) * h), a, b, scale), partial(split_diagonal, hint=chunks))
 
 
 @dataclass

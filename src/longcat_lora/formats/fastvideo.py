@@ -17,7 +17,9 @@ import math
 import re
 
 from ..model import naming
-from ..model.adapter import LoraAdapter, folded, standard_layer
+from ..model.adapter import LoraAdapter
+from ..model.layout import standard_layer
+from ..model.sources import folded
 from ..errors import LoraError, q
 from ..io.writer import Entry, write_safetensors
 from ..io.reader import SafeFile

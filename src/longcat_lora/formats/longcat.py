@@ -11,7 +11,8 @@ import re
 from collections import defaultdict
 
 from ..model import naming
-from ..model.adapter import LoraAdapter, LoraModule, Part, native_blocks
+from ..model.adapter import LoraAdapter, LoraModule, Part
+from ..model.layout import native_blocks
 from ..errors import LoraError, q
 from ..io.writer import Entry, write_safetensors
 from ..io.reader import SafeFile
