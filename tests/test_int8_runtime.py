@@ -241,6 +241,40 @@ def test_merge_into_int8_requantizes_reports_and_unmerges_bit_exact(int8_model, 
     assert torch.equal(_run(model), base)
 
 
+def test_fuse_applied_adapters_by_name_into_int8_and_unmerge_bit_exact(int8_model, loras):
+    """merge_lora(names=...) on INT8 layers: both applied adapters' changes requantized once per layer
+    (the official scheme on the exact float64 merged weight), the error reported; unmerge restores the
+    buffers bit for bit and the adapters are back in the forward."""
+    model = copy.deepcopy(int8_model)
+    before = _int8_buffers(model)
+    both = _official(model, [(loras["ref"], 0.7), (loras["cfg"], -1.3)])
+    L.apply_lora(model, loras["ref.fastvideo"], 0.7, name="a")
+    L.apply_lora(model, loras["cfg"], -1.3, name="b")
+    report = L.merge_lora(model, names=["a", "b"])
+    assert L.active_loras(model) == {} and not any(m._forward_hooks for m in model.modules())
+    da, db = official_delta(loras["ref"]), official_delta(loras["cfg"])
+    after = _int8_buffers(model)
+    assert set(report.requantized) == (set(da) | set(db)) - {"final_layer.linear"}
+    for layer in report.requantized:
+        q0, s0 = before[layer]
+        exact = ref_dequant64(q0, s0) + 0.7 * da.get(layer, 0) - 1.3 * db.get(layer, 0)
+        rq, rs = ref_quantize(exact.float())
+        q, s = after[layer]
+        assert torch.allclose(s, rs, rtol=1e-6, atol=0), layer
+        assert (q.int() - rq.int()).abs().max().item() <= 1, layer
+        steps = ((ref_dequant64(q, s) - exact).abs() / s.double()[:, None]).max().item()
+        assert report.requantized[layer].worst_steps == pytest.approx(steps, abs=1e-4), layer
+        assert steps <= HALF_STEP, layer
+    assert 1e-6 < rel_err(both, _run(model)) < 2e-2  # lossy, close
+    L.unmerge_lora(model)
+    restored = _int8_buffers(model)
+    assert all(torch.equal(restored[k][0], before[k][0]) and torch.equal(restored[k][1], before[k][1])
+               for k in before)
+    assert L.active_loras(model) == {"a": 0.7, "b": -1.3}
+    assert rel_err(both, _run(model)) <= 1e-5
+    L.remove_lora(model)
+
+
 # ------------------------------------------------------------------ layers the runtime cannot adapt
 
 

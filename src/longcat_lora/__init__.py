@@ -13,6 +13,8 @@ from .formats import FORMATS, convert, detect_format, load_lora, save_lora  # no
 _LAZY = {
     "apply_lora": "apply.runtime", "set_lora_strength": "apply.runtime", "remove_lora": "apply.runtime",
     "merge_lora": "apply.runtime", "unmerge_lora": "apply.runtime", "active_loras": "apply.runtime",
+    "enable_loras": "apply.runtime", "disable_loras": "apply.runtime", "set_adapters": "apply.runtime",
+    "list_loras": "apply.runtime",
     "merge_checkpoint": "apply.merge",
     "resize_lora": "algebra.resize", "combine_loras": "algebra.combine", "extract_lora": "algebra.extract",
     "plot_lora": "algebra.plot",

@@ -1,13 +1,16 @@
 """Apply LoRAs to a live PyTorch model, in LongCat's naming or FastVideo's, from any format.
 
-Adapters are injected with forward hooks, so the model's modules and state_dict never change while
-they are active. Per adapted layer and adapter the forward does one down product and one up product
-per up block, added in place into the layer's output rows (`addmm_`), in the official dtype handling:
-LoRA weights live in the layer's dtype and device, the input is cast to it and the result cast back.
-Several adapters may be active at once; their outputs add, as with the official `enable_loras`.
+Adapters are named and injected with forward hooks (`layers`), so the model's modules and state_dict
+never change while they are applied. Each is read once, when applied; afterwards it is switched on and
+off (`enable_loras` / `disable_loras`, or diffusers' `set_adapters` shape), re-weighted
+(`set_lora_strength`) or removed (`remove_lora`) without reading anything again. Several enabled
+adapters add, as with the official `enable_loras`; a disabled one costs nothing in the forward (a layer
+with no enabled adapter has no hook at all).
 
-`merge_lora` folds a weight change into the weights (fp32, cast once); `unmerge_lora` restores the
-original weights bit for bit.
+`merge_lora` folds a weight change into the weights (fp32, cast once; `fuse`): a LoRA file's, or the
+adapters already applied (by name, like diffusers' `fuse_lora(adapter_names=...)`), whose hooks then
+stand down. `unmerge_lora` restores the original weights bit for bit and puts merged adapters back in
+the forward. `_State.merged` is the record of what is folded in.
 
 INT8 layers (LongCat's `QuantizedLinear`: `weight_int8` + `weight_scale`, no `weight`; see `int8`) are
 targets too. Unmerged, the LoRA is added to the layer's output exactly as for any other layer; its
@@ -21,50 +24,82 @@ reported, and `unmerge_lora` restores `weight_int8` and `weight_scale` bit for b
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..model.adapter import LoraAdapter
-from ..model import naming
 from ..errors import LoraError
 from ..formats import load_lora
-from .int8 import dequantize, is_int8_layer, quantize_rows, requant_error
+from ..model import naming
+from ..model.adapter import LoraAdapter
+from . import fuse
+from .fuse import MergeReport
+from .layers import HookedLayer, LayerAdapter, adaptable_layers, layer_shape, placement, why_not
 from .targets import Target, find_targets
 
 _STATE = "_longcat_lora_state"
 
 
 @dataclass
-class _Block:
-    rows: tuple[int, int]  # output rows of the layer
-    cols: tuple[int, int]  # columns of the down output feeding this block
-    up: torch.Tensor
-    scale: float
+class _Adapter:
+    strength: float
+    layers: list[str]  # the layers it is applied to
+    enabled: bool = True
 
 
-@dataclass
-class _Active:
-    name: str
-    down: torch.Tensor  # all parts' downs stacked: one down product
-    blocks: list[_Block]
-
-
-@dataclass
-class _Layer:
-    module: nn.Module
-    handle: torch.utils.hooks.RemovableHandle | None = None
-    active: list[_Active] = field(default_factory=list)
+@dataclass(frozen=True)
+class _Merge:
+    what: str  # an applied adapter's name, or the LoRA file (or adapter) merged from outside
+    strength: float
+    applied: bool  # an applied adapter fused by name: its hooks stand down while it is merged
 
 
 @dataclass
 class _State:
-    strengths: dict[str, float] = field(default_factory=dict)  # active adapters
-    layers: dict[str, _Layer] = field(default_factory=dict)
-    # weights before any merge: the weight, or (weight_int8, weight_scale) of an INT8 layer
-    originals: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    merged: list[str] = field(default_factory=list)
+    adapters: dict[str, _Adapter] = field(default_factory=dict)
+    layers: dict[str, HookedLayer] = field(default_factory=dict)
+    originals: fuse.Originals = field(default_factory=dict)  # weights before the first merge
+    merged: list[_Merge] = field(default_factory=list)  # what is folded into the weights, in order
+
+    def is_merged(self, name: str) -> bool:
+        return any(m.applied and m.what == name for m in self.merged)
+
+    def active(self) -> dict[str, float]:
+        """Adapters the forward adds (enabled, not merged) and their strengths."""
+        return {n: a.strength for n, a in self.adapters.items() if a.enabled and not self.is_merged(n)}
+
+    def sync(self) -> None:
+        """Make every layer's hook add exactly the active adapters."""
+        active = self.active()
+        for layer in self.layers.values():
+            layer.sync(active)
+
+    def names(self, names: str | Iterable[str] | None, unmerged: bool = False) -> list[str]:
+        """`names` (one name, several, or None for every applied adapter) checked against the applied
+        adapters; with `unmerged`, refused when one of them is merged into the weights."""
+        wanted = list(self.adapters) if names is None else [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in wanted if n not in self.adapters]
+        if unknown:
+            raise LoraError(f"names: no adapter named {', '.join(map(repr, unknown))} is applied "
+                            f"(applied: {sorted(self.adapters)})")
+        merged = [n for n in wanted if unmerged and self.is_merged(n)]
+        if merged:
+            raise LoraError(f"adapter {', '.join(map(repr, merged))} is merged into the weights: "
+                            "call unmerge_lora(model) first")
+        return wanted
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """An applied adapter's state (`list_loras`)."""
+
+    strength: float
+    enabled: bool
+    merged: bool
 
 
 def _state(model: nn.Module) -> _State:
@@ -75,257 +110,199 @@ def _state(model: nn.Module) -> _State:
     return st
 
 
-def _is_float_linear(m: nn.Module) -> bool:
-    """nn.Linear, and Linear-like layers such as FastVideo's ReplicatedLinear (a 2-D weight [out, in])."""
-    w = getattr(m, "weight", None)
-    return isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(m, nn.Embedding)
-
-
-def _layer_shape(m: nn.Module) -> tuple[int, int]:
-    """(out, in) of an adaptable layer (float Linear-like or INT8)."""
-    w = m.weight_int8 if is_int8_layer(m) else m.weight
-    return tuple(w.shape)  # type: ignore[return-value]
-
-
-def _why_not(m: nn.Module) -> str:
-    """Why the runtime cannot adapt a module that a LoRA names (it is neither a Linear-like layer with a
-    2-D weight nor an INT8 layer)."""
-    w = getattr(m, "weight", None)
-    if isinstance(m, nn.Embedding):
-        return "an Embedding, not a Linear layer"
-    if isinstance(w, torch.Tensor):
-        return f"weight is {w.dim()}-D, not [out, in]"
-    q = getattr(m, "weight_int8", None)
-    if q is None:
-        return "no weight and no weight_int8" if w is None else f"weight is a {type(w).__name__}, not a tensor"
-    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or q.dim() != 2:
-        return (f"weight_int8 is {q.dtype} {list(q.shape)}, not 2-D int8" if isinstance(q, torch.Tensor)
-                else f"weight_int8 is a {type(q).__name__}, not a tensor")
-    sc = getattr(m, "weight_scale", None)
-    if not isinstance(sc, torch.Tensor):
-        return "weight_int8 but no weight_scale tensor"
-    return f"weight_scale is {sc.dtype} {list(sc.shape)}, not float32 [{q.shape[0]}]"
-
-
-def _resolve(model: nn.Module, lora: str | os.PathLike | LoraAdapter, skip_missing: bool
-             ) -> tuple[list[Target], dict[str, nn.Module], list[str]]:
+@contextmanager
+def _targets(model: nn.Module, lora: str | os.PathLike | LoraAdapter, skip_missing: bool
+             ) -> Iterator[tuple[list[Target], dict[str, nn.Module]]]:
+    """The targets of `lora` in the model and its adaptable layers by name, the LoRA's file open while
+    inside. Raises before yielding if a target cannot be adapted, does not fit, or is missing (unless
+    skip_missing)."""
     modules = dict(model.named_modules())
-    linears = {n: m for n, m in modules.items() if _is_float_linear(m) or is_int8_layer(m)}
+    layers = adaptable_layers(model)
 
     def shape(name: str) -> tuple[int, int] | None:
-        m = linears.get(name)
-        return None if m is None else _layer_shape(m)
+        return layer_shape(layers[name]) if name in layers else None
 
-    def find(adapter: LoraAdapter) -> tuple[list[Target], list[str]]:
+    def find(adapter: LoraAdapter) -> list[Target]:
         targets, missing = find_targets(adapter, shape, True, "the model")
         unfit = []  # present in the model, but not a layer the runtime can adapt: say why
         for name in missing:
-            layers = [name, *(naming.fastvideo_layers(name) or ())]
-            unfit += [f"{layer} ({_why_not(modules[layer])})" for layer in layers if layer in modules]
+            names = [name, *(naming.fastvideo_layers(name) or ())]
+            unfit += [f"{n} ({why_not(modules[n])})" for n in names if n in modules]
         if unfit:
             raise LoraError(f"{len(unfit)} layers the LoRA targets cannot be adapted: " + "; ".join(unfit[:5]))
         if missing and not skip_missing:  # raise as find_targets does
             find_targets(adapter, shape, False, "the model")
-        return targets, missing
+        return targets
 
     if isinstance(lora, LoraAdapter):
-        targets, missing = find(lora)
+        yield find(lora), layers
     else:
         with load_lora(str(lora)) as adapter:
-            targets, missing = find(adapter)
-            for t in targets:  # materialise before the file closes
-                t.module = _materialised(t)
-    return targets, linears, missing
+            yield find(adapter), layers
 
 
-def _lora_placement(model: nn.Module, module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype the LoRA weights for a layer live in: the layer's weight's, as the official
-    code casts them to the model's; for an INT8 layer (no float weight), the model's dtype as the
-    official `enable_loras` uses it (its first floating-point parameter; float32 if none)."""
-    if not is_int8_layer(module):
-        return module.weight.device, module.weight.dtype
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return module.weight_int8.device, dtype
-
-
-def _materialised(t: Target):
-    from ..model.adapter import LoraModule, Part
-    from ..model.sources import TensorSource
-
-    parts = [Part(p.rows, TensorSource(p.down.load().clone()), TensorSource(p.up.load().clone()), p.scale)
-             for p in t.module.parts]
-    return LoraModule(t.module.name, t.module.out_features, t.module.in_features, parts, t.module.naming)
-
-
-def _hook(layer: _Layer, st: _State):
-    def hook(module: nn.Module, args: tuple, output):
-        x = args[0]
-        y = output[0] if isinstance(output, tuple) else output  # FastVideo layers return (out, bias)
-        out2 = y.reshape(-1, y.shape[-1])
-        for a in layer.active:
-            s = st.strengths.get(a.name, 0.0)
-            if s == 0.0:
-                continue
-            h = x.reshape(-1, x.shape[-1]).to(a.down.dtype) @ a.down.T
-            for b in a.blocks:
-                hb = h[:, b.cols[0]:b.cols[1]]
-                dst = out2[:, b.rows[0]:b.rows[1]]
-                if b.up.dtype == y.dtype == hb.dtype:  # (autocast may have changed one of them)
-                    dst.addmm_(hb, b.up.T, alpha=b.scale * s)
-                else:
-                    dst += (hb @ b.up.T).to(y.dtype) * (b.scale * s)
-        return output
-
-    return hook
+def _default_name(st: _State, lora: str | os.PathLike | LoraAdapter) -> str:
+    """The file's stem (a PEFT directory's name; "lora" for an adapter with no path), made unique."""
+    path = lora.path if isinstance(lora, LoraAdapter) else lora
+    base = Path(os.fspath(path)).stem if path else "lora"
+    name, k = base or "lora", 1
+    while name in st.adapters:
+        k += 1
+        name = f"{base}_{k}"
+    return name
 
 
 def apply_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter, strength: float = 1.0,
                name: str | None = None, skip_missing: bool = False) -> str:
-    """Inject a LoRA (path in any format, or a LoraAdapter) without changing base weights.
+    """Inject a LoRA (path in any format, or a LoraAdapter) without changing base weights; it is
+    enabled. Returns its name: `name`, or by default the file's stem (made unique with a suffix).
 
     Works on models with LongCat's original Linear names (fused qkv...) and on models with FastVideo's
     split names, on float Linear-like layers and on INT8 ones (weight_int8 + weight_scale). Targets the
     model lacks raise a LoraError listing them, unless skip_missing; targets it has but cannot adapt
     (no weight and no weight_int8, a 1-D weight, ...) always raise, naming each with the reason. Shapes
-    are checked before anything is touched. Returns the adapter's name.
+    are checked before anything is touched. The LoRA is read here, once.
     """
     st = _state(model)
-    if name is None:
-        base = os.path.basename(str(getattr(lora, "path", None) or lora)).split(".")[0] or "lora"
-        name, k = base, 1
-        while name in st.strengths:
-            k += 1
-            name = f"{base}_{k}"
-    elif name in st.strengths:
-        raise LoraError(f"an adapter named {name!r} is already applied")
-    targets, linears, _ = _resolve(model, lora, skip_missing)
-    prepared = []
-    for t in targets:
-        module = linears[t.layer]
-        device, dtype = _lora_placement(model, module)
-        parts = t.parts()
-        downs, blocks, col = [], [], 0
-        for p in parts:
-            downs.append(p.down.load().to(device=device, dtype=dtype))
-            blocks.append(_Block(p.rows, (col, col + p.rank), p.up.load().to(device=device, dtype=dtype),
-                                 p.scale))
-            col += p.rank
-        prepared.append((t.layer, module, _Active(name, torch.cat(downs, 0), blocks)))
-    st.strengths[name] = float(strength)
-    for layer_name, module, active in prepared:
-        layer = st.layers.get(layer_name)
-        if layer is None:
-            layer = st.layers[layer_name] = _Layer(module)
-            layer.handle = module.register_forward_hook(_hook(layer, st))
-        layer.active.append(active)
+    if name is not None and name in st.adapters:
+        raise LoraError(f"name: an adapter named {name!r} is already applied (remove_lora it, or pick another name)")
+    name = name if name is not None else _default_name(st, lora)
+    with _targets(model, lora, skip_missing) as (targets, layers):
+        prepared = [(t.layer, LayerAdapter.from_parts(name, t.parts(), *placement(model, layers[t.layer])))
+                    for t in targets]
+    for layer_name, adapter in prepared:
+        st.layers.setdefault(layer_name, HookedLayer(layers[layer_name])).adapters.append(adapter)
+    st.adapters[name] = _Adapter(float(strength), [layer for layer, _ in prepared])
+    st.sync()
     return name
 
 
 def set_lora_strength(model: nn.Module, name: str, strength: float) -> None:
+    """Change an applied, unmerged adapter's strength (the official multiplier)."""
     st = _state(model)
-    if name not in st.strengths:
-        raise LoraError(f"no active adapter named {name!r} (active: {sorted(st.strengths)})")
-    st.strengths[name] = float(strength)
+    st.adapters[st.names(name, unmerged=True)[0]].strength = float(strength)
+    st.sync()
+
+
+def enable_loras(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
+    """Put applied adapters (None: all) back in the forward; the others keep their state. Nothing is
+    read again."""
+    st = _state(model)
+    for n in st.names(names, unmerged=True):
+        st.adapters[n].enabled = True
+    st.sync()
+
+
+def disable_loras(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
+    """Take applied adapters (None: all, like the official `disable_all_loras()`) out of the forward,
+    keeping them loaded; a layer with no enabled adapter left runs its own forward only."""
+    st = _state(model)
+    for n in st.names(names, unmerged=True):
+        st.adapters[n].enabled = False
+    st.sync()
+
+
+def set_adapters(model: nn.Module, names: str | Iterable[str],
+                 weights: float | Iterable[float] | None = None) -> None:
+    """diffusers' shape: exactly `names` enabled (every other applied adapter disabled), with
+    `weights` as their strengths (one for all, or one per name; None keeps each strength)."""
+    st = _state(model)
+    wanted = st.names(names, unmerged=True)
+    if weights is not None:
+        ws = [float(weights)] * len(wanted) if isinstance(weights, (int, float)) else [float(w) for w in weights]
+        if len(ws) != len(wanted):
+            raise LoraError(f"weights: {len(ws)} given for {len(wanted)} names")
+        for n, w in zip(wanted, ws):
+            st.adapters[n].strength = w
+    others = [n for n in st.adapters if n not in wanted]
+    st.names(others, unmerged=True)  # a merged adapter cannot be disabled: refuse before changing anything
+    for n in st.adapters:
+        st.adapters[n].enabled = n in wanted
+    st.sync()
 
 
 def active_loras(model: nn.Module) -> dict[str, float]:
-    """Active (unmerged) adapters and their strengths."""
-    return dict(_state(model).strengths)
+    """Adapters in the forward (applied, enabled, not merged) and their strengths."""
+    return _state(model).active()
 
 
-def remove_lora(model: nn.Module, name: str | None = None) -> None:
-    """Remove one active adapter, or (None) every adapter, merged ones included: afterwards the model's
-    outputs and state_dict are exactly what they were."""
+def list_loras(model: nn.Module) -> dict[str, LoraInfo]:
+    """Every applied adapter, enabled or not, merged or not."""
     st = _state(model)
-    if name is not None and name not in st.strengths:
-        raise LoraError(f"no active adapter named {name!r} (active: {sorted(st.strengths)})")
+    return {n: LoraInfo(a.strength, a.enabled, st.is_merged(n)) for n, a in st.adapters.items()}
+
+
+def remove_lora(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
+    """Remove applied adapters by name, or (None) every adapter, merged ones included: afterwards the
+    model's outputs and state_dict are exactly what they were. An adapter merged by name cannot be
+    removed alone (unmerge_lora first)."""
+    st = _state(model)
+    if names is None:
+        unmerge_lora(model)
+    gone = set(st.names(names, unmerged=True))
     for layer_name in list(st.layers):
         layer = st.layers[layer_name]
-        layer.active = [a for a in layer.active if name is not None and a.name != name]
-        if not layer.active:
-            layer.handle.remove()
+        layer.adapters = [a for a in layer.adapters if a.name not in gone]
+        if not layer.adapters:
+            layer.sync({})  # removes the hook
             del st.layers[layer_name]
-    if name is None:
-        st.strengths.clear()
-        unmerge_lora(model)
-    else:
-        del st.strengths[name]
+    for n in gone:
+        del st.adapters[n]
+    st.sync()
 
 
-@dataclass(frozen=True)
-class RequantError:
-    """How far a requantized INT8 weight is from the exact merged weight (`int8.requant_error`)."""
+def merge_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter | None = None, strength: float = 1.0,
+               skip_missing: bool = False, names: str | Iterable[str] | None = None) -> MergeReport:
+    """Fold a weight change into the weights: W += strength * dW, computed in fp32 and cast once to W's
+    dtype. An INT8 layer's weight is dequantized, changed in fp32 and requantized per row (official
+    scheme, new scales). `unmerge_lora` restores the original weights bit for bit.
 
-    rel_frobenius: float  # ||dequant(q, scale) - exact|| / ||exact||
-    worst_steps: float  # worst |element error| in units of its row's quantization step (<= 0.5)
-
-
-@dataclass
-class MergeReport:
-    """What `merge_lora` did: the layers it changed, and for each INT8 layer the requantization error
-    against the exact merged weight `dequant(W) + strength * dW` (fp32). Float layers are cast once
-    from fp32 to their dtype and are not listed in `requantized`."""
-
-    layers: list[str] = field(default_factory=list)
-    requantized: dict[str, RequantError] = field(default_factory=dict)
-
-    def worst(self) -> tuple[str, RequantError] | None:
-        """The INT8 layer with the largest relative error (None if no INT8 layer was merged)."""
-        if not self.requantized:
-            return None
-        layer = max(self.requantized, key=lambda k: (self.requantized[k].rel_frobenius, k))
-        return layer, self.requantized[layer]
-
-    def worst_steps(self) -> float:
-        """The largest element error over every requantized layer, in quantization steps (0 if none)."""
-        return max((e.worst_steps for e in self.requantized.values()), default=0.0)
-
-
-def merge_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter, strength: float = 1.0,
-               skip_missing: bool = False) -> MergeReport:
-    """Fold a LoRA's weight change into the weights: W += strength * dW, computed in fp32 and cast
-    once to W's dtype. An INT8 layer's weight is dequantized, changed in fp32 and requantized per row
-    (official scheme, new scales). `unmerge_lora` restores the original weights bit for bit.
+    With `lora` (a path in any format, or a LoraAdapter), that LoRA's change is merged. Without it,
+    applied adapters are fused (like diffusers' `fuse_lora(adapter_names=...)`): `names`, or None for
+    every active one, each at its strength times `strength`, from the weights as applied (in the
+    layer's dtype; nothing is read again); their hooks stand down until `unmerge_lora`.
 
     Returns a MergeReport with each INT8 layer's requantization error (callers may ignore it)."""
     st = _state(model)
-    targets, linears, _ = _resolve(model, lora, skip_missing)
     report = MergeReport()
-    updates = []
-    for t in targets:  # compute everything first: nothing is touched if anything fails
-        m = linears[t.layer]
-        if is_int8_layer(m):
-            q0, s0 = m.weight_int8, m.weight_scale
-            exact = dequantize(q0.detach(), s0.detach()) + strength * t.delta(torch.float32).to(q0.device)
-            q, sc = quantize_rows(exact)
-            report.requantized[t.layer] = RequantError(*requant_error(exact, q, sc))
-            updates.append((t.layer, (q0, s0), (q, sc)))
-        else:
-            w = m.weight
-            new = (w.detach().float() + strength * t.delta(torch.float32).to(w.device)).to(w.dtype)
-            updates.append((t.layer, (w,), (new,)))
-        report.layers.append(t.layer)
-    with torch.no_grad():
-        for layer, dsts, news in updates:
-            if layer not in st.originals:
-                clones = tuple(d.detach().clone() for d in dsts)
-                st.originals[layer] = clones if len(clones) > 1 else clones[0]
-            for d, new in zip(dsts, news):
-                d.copy_(new)
-    st.merged.append(str(getattr(lora, "path", None) or lora))
+    if lora is not None:
+        if names is not None:
+            raise LoraError("names: give either a LoRA to merge (lora) or applied adapters' names, not both")
+        with _targets(model, lora, skip_missing) as (targets, layers):  # everything computed before any write
+            updates = [fuse.plan(t.layer, layers[t.layer], strength * t.delta(torch.float32), report)
+                       for t in targets]
+        merges = [_Merge(os.fspath(lora.path or "LoraAdapter") if isinstance(lora, LoraAdapter)
+                         else os.fspath(lora), float(strength), False)]
+    else:
+        chosen = st.names(names, unmerged=True) if names is not None else list(st.active())
+        if not chosen:
+            raise LoraError("nothing to merge: no adapter is applied and enabled (give lora, or apply_lora first)")
+        updates = [fuse.plan(layer_name, layer.module, _fused_delta(layer, st, chosen, strength), report)
+                   for layer_name, layer in st.layers.items()
+                   if any(a.name in chosen for a in layer.adapters)]
+        merges = [_Merge(n, st.adapters[n].strength * strength, True) for n in chosen]
+    fuse.write(updates, st.originals)
+    st.merged += merges
+    st.sync()
     return report
 
 
+def _fused_delta(layer: HookedLayer, st: _State, chosen: list[str], strength: float) -> torch.Tensor:
+    """The float32 weight change of the `chosen` adapters on one layer, each at its strength times
+    `strength`, from their weights as applied."""
+    out = layer_shape(layer.module)[0]
+    total = None
+    for a in layer.adapters:
+        if a.name in chosen:
+            d = (st.adapters[a.name].strength * strength) * a.delta(out)
+            total = d if total is None else total + d
+    return total
+
+
 def unmerge_lora(model: nn.Module) -> None:
-    """Restore every merged weight to its value before the first merge, bit for bit."""
+    """Restore every merged weight to its value before the first merge, bit for bit; adapters that were
+    fused by name are back in the forward (if enabled)."""
     st = _state(model)
-    linears = dict(model.named_modules())
-    with torch.no_grad():
-        for layer, original in st.originals.items():
-            if isinstance(original, tuple):  # an INT8 layer
-                linears[layer].weight_int8.copy_(original[0])
-                linears[layer].weight_scale.copy_(original[1])
-            else:
-                linears[layer].weight.copy_(original)
-    st.originals.clear()
+    fuse.restore(model, st.originals)
     st.merged.clear()
+    st.sync()
