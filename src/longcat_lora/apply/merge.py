@@ -175,8 +175,7 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
             d = b.shards[b.tensors[tensor]].info(tensor).dtype
             if d not in FLOATS and not tensor.endswith(".weight_int8"):
                 raise LoraError(f"{base}: tensor {tensor!r} has dtype {d}; cannot add a LoRA to it")
-        device = resolve_device(device, sum(gflop(adds, layer_shape(k.rsplit(".", 1)[0])[1])  # type: ignore[index]
-                                            for k, adds in per_weight.items()))
+        device = resolve_device(device, sum(gflop(adds) for adds in per_weight.values()))
         bar = _progress(b, progress)
         q8 = None
         if int8 is not None:

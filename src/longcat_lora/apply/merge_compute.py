@@ -68,9 +68,10 @@ class Job:
         return LoraError(f"{self.sf.path}: merging gives non-finite values in {self.name!r} (as {self.out_dtype})")
 
 
-def gflop(adds: Sequence[tuple[Target, float]], cols: int) -> float:
-    """The LoRA products' arithmetic on one weight of `cols` columns: 2 * rows * cols * rank per part."""
-    return sum(2.0 * (p.rows[1] - p.rows[0]) * cols * p.up.shape[1] for t, _ in adds for p in t.parts()) / 1e9
+def gflop(adds: Sequence[tuple[Target, float]]) -> float:
+    """The LoRA products' arithmetic on one weight: 2 * rows * columns * rank per part, in GFLOP."""
+    return sum(2.0 * (p.rows[1] - p.rows[0]) * t.module.in_features * p.up.shape[1]
+               for t, _ in adds for p in t.parts()) / 1e9
 
 
 def resolve_device(device: str, work_gflop: float) -> str:
