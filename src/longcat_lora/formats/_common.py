@@ -6,7 +6,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from ..model import naming
@@ -18,7 +18,7 @@ from ..io.jsonsafe import field as json_field, is_int, is_number, type_name
 from .patterns import PatternTable
 from ..io.dtypes import FLOATS, INTS, decode_scalar, encode_scalar, representable
 from ..io.writer import Entry
-from ..io.reader import SafeFile
+from ..io.reader import SafeFile, nonfinite_check
 
 
 @dataclass
@@ -71,8 +71,9 @@ def scalar(sf: SafeFile, key: str) -> tuple[float, str]:
 def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
     """An output tensor; a NaN/Inf its source refuses (see `LoraAdapter.refusing_nonfinite`) names the module.
 
-    Bytes that lie unchanged in an input file are copied file-to-file (copy_file_range) after a scan of
-    their bits while refusing, never converted; anything else is produced as bytes by its source.
+    Bytes that lie unchanged in an input file are copied file-to-file (copy_file_range), their bits
+    scanned while refusing in the same pass as the copy (`FileRange.check`), never converted; anything
+    else is produced as bytes by its source.
     """
 
     def refuse() -> None:
@@ -84,9 +85,10 @@ def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
         if where is None:
             return checked(src.chunks())
         tensor, rng = where
-        if tensor.refuse_nonfinite and tensor.file.scan_nonfinite(rng, tensor.dtype):
-            refuse()
-        return rng
+        if not tensor.refuse_nonfinite:
+            return rng
+        # scanned in the same pass as the kernel copies it (io.writer._Copier), not in a pass before
+        return replace(rng, check=nonfinite_check(tensor.dtype, refuse))
 
     def checked(chunks):
         try:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import gc
 import json
 import math
-import mmap
 import os
 import stat
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -420,29 +419,16 @@ class SafeFile:
         return self._fd
 
     def scan_nonfinite(self, rng: FileRange, dtype: str) -> bool:
-        """Scan a byte range of this file for Inf/NaN bits through a read-only map (no copy).
+        """Whether a byte range of this file holds Inf/NaN bits: read through one small reused buffer.
 
-        The map is released after the scan, so resident memory stays at one tensor's pages.
+        Never a memory map: a file truncated while mapped would kill the process (SIGBUS) when touched,
+        and faulting in every page costs more than the read. Resident memory stays at one buffer.
         """
         if dtype not in _NONFINITE or rng.nbytes == 0:
             return False
-        gran = mmap.ALLOCATIONGRANULARITY
-        start = rng.offset - rng.offset % gran
-        size = os.fstat(self._fd).st_size  # a map past the end would fault (SIGBUS) when touched
-        if size < rng.offset + rng.nbytes:
-            raise short_read(self.path, rng.name, rng.nbytes, max(0, size - rng.offset))
-        try:
-            mm = mmap.mmap(self._fd, rng.offset - start + rng.nbytes, access=mmap.ACCESS_READ, offset=start)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, self.path) from e
-        try:
-            a = np.frombuffer(mm, dtype=np.uint8, count=rng.nbytes, offset=rng.offset - start)
-            try:
-                return nonfinite(a, dtype)
-            finally:
-                del a
-        finally:
-            mm.close()
+        buf = np.empty(SCAN_CHUNK, dtype=np.uint8)
+        rng = replace(rng, path=rng.path or self.path)  # a short file names itself
+        return any(nonfinite(piece, dtype) for piece in range_pieces(rng, buf))
 
 
 @dataclass(frozen=True)
@@ -454,6 +440,50 @@ class FileRange:
     nbytes: int
     path: str = ""  # the input file, named when it turns out shorter than promised
     name: str = ""  # the tensor these bytes belong to, if one
+    # Run on these bytes (uint8, whole items, SCAN_CHUNK at a time) while they are copied; raises to refuse
+    # them (a NaN/Inf scan: see `nonfinite_check`). The output is a temp file, so a refusal loses nothing.
+    check: Callable[[np.ndarray], None] | None = None
+
+
+# Bytes read per piece when a range is scanned: a multiple of every item size, small enough to stay in
+# the CPU cache between the read and the scan.
+SCAN_CHUNK = 1 << 20
+
+
+def range_pieces(rng: FileRange, buf: np.ndarray) -> Iterator[np.ndarray]:
+    """A range's bytes, read into `buf` (uint8) a piece at a time; each piece is valid until the next.
+
+    Every piece but the last fills `buf`, so pieces hold whole items. Short reads are resumed; an end of
+    file before `rng.nbytes` is the truncation error naming the tensor, with the bytes that were there.
+    """
+    mv = memoryview(buf)
+    done = 0
+    while done < rng.nbytes:
+        want = min(buf.size, rng.nbytes - done)
+        got = 0
+        while got < want:
+            try:
+                n = os.preadv(rng.fd, [mv[got:want]], rng.offset + done + got)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, rng.path or None) from e
+            if n <= 0:
+                raise short_read(rng.path, rng.name, rng.nbytes, done + got)
+            got += n
+        yield buf[:want]
+        done += want
+
+
+def nonfinite_check(dtype: str, refuse: Callable[[], None]) -> Callable[[np.ndarray], None] | None:
+    """A `FileRange.check` that calls `refuse` (which raises) where the bytes hold Inf/NaN bits of `dtype`
+    (None for a dtype that has no such values)."""
+    if dtype not in _NONFINITE:
+        return None
+
+    def check(piece: np.ndarray) -> None:
+        if nonfinite(piece, dtype):
+            refuse()
+
+    return check
 
 
 def short_read(path: str, name: str, expected: int, got: int) -> LoraError:

@@ -6,7 +6,9 @@ import errno
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dtypes import ITEMSIZE
-from .reader import FileRange, short_read
+from .reader import SCAN_CHUNK, FileRange, range_pieces, short_read
 
 
 @dataclass
@@ -61,9 +63,9 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         # Produce tensor i+1 (read, scan, assemble) on a second thread while tensor i is written:
         # numpy, pread, write and copy_file_range all release the GIL. At most two tensors in memory.
         # (Merging runs its own read / compute pipeline ahead of the writer and passes pipelined=False.)
-        # Unchanged byte ranges that follow each other in the input are copied in one call.
-        run: list[FileRange] = []  # contiguous ranges of one input, copied in one go
-        with ThreadPoolExecutor(1) as pool:
+        # Unchanged byte ranges are copied by the kernel, adjacent ones in one call, and checked on a
+        # second thread in the same pass (`_Copier`).
+        with ThreadPoolExecutor(1) as pool, _Copier(fd) as copier:
             submit = pool.submit if pipelined else _Done
             pending = submit(entries[0].produce) if entries else None
             for i, e in enumerate(entries):
@@ -72,19 +74,13 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
                 if isinstance(data, FileRange):
                     if data.nbytes != e.nbytes:
                         raise AssertionError(f"{e.name}: {data.nbytes} bytes produced, {e.nbytes} declared")
-                    if run and not (run[-1].fd == data.fd and run[-1].offset + run[-1].nbytes == data.offset):
-                        _copy_run(run, fd)
-                        run = []
-                    run.append(data)
+                    copier.add(data)
                 else:
-                    if run:
-                        _copy_run(run, fd)
-                        run = []
+                    copier.flush()
                     _write_entry(fd, e, data)
                 if progress is not None:
                     progress(e.nbytes)
-            if run:
-                _copy_run(run, fd)
+            copier.finish()
         written = os.fstat(fd).st_size
         if written != 8 + len(raw) + offset:  # the file must be exactly what its header promises
             raise AssertionError(f"{path}: {written} bytes written, the header promises {8 + len(raw) + offset}")
@@ -175,3 +171,83 @@ def _copy_run(parts: list[FileRange], fd: int) -> None:
                 break
             done -= p.nbytes
         raise short_read(p.path, p.name, p.nbytes, done) from None
+
+
+class _Copier:
+    """Appends file ranges to an output in one pass: adjacent ranges of one input are coalesced into one
+    kernel copy (`_copy_run`), and each range's check (a NaN/Inf scan) runs on a second thread that reads
+    the same bytes through a small buffer while the kernel copies them (both release the GIL), instead of
+    a pass over every byte before the copy.
+
+    A check that refuses is raised at the next flush, stopping the copy there (the output is a temp file,
+    discarded); `finish` waits for every check. An error of the copy itself is raised where it happens.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.run: list[FileRange] = []
+        self.scanner: _Scanner | None = None
+
+    def add(self, r: FileRange) -> None:
+        last = self.run[-1] if self.run else None
+        if last is not None and not (last.fd == r.fd and last.offset + last.nbytes == r.offset):
+            self.flush()
+        self.run.append(r)
+        if r.check is not None:
+            if self.scanner is None:
+                self.scanner = _Scanner()
+            self.scanner.queue.put(r)  # read ahead of the copy: it brings cold pages in for it
+
+    def flush(self) -> None:
+        if self.run:
+            run, self.run = self.run, []
+            _copy_run(run, self.fd)
+        if self.scanner is not None:
+            self.scanner.raise_error()
+
+    def finish(self) -> None:
+        """Copy what is left and wait for every check to pass."""
+        self.flush()
+        if self.scanner is not None:
+            self.scanner.queue.put(None)
+            self.scanner.join()
+            self.scanner.raise_error()
+
+    def __enter__(self) -> _Copier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.scanner is not None:  # stopped early on an error; no-op after finish
+            self.scanner.stop()
+
+
+class _Scanner(threading.Thread):
+    """Runs queued ranges' checks over their bytes, read a piece at a time into one reused buffer."""
+
+    def __init__(self):
+        super().__init__(daemon=True, name="longcat-lora-scan")
+        self.queue: queue.SimpleQueue[FileRange | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        buf = np.empty(SCAN_CHUNK, dtype=np.uint8)
+        while (r := self.queue.get()) is not None:
+            try:
+                for piece in range_pieces(r, buf):
+                    if self._halt.is_set() or self.error is not None:
+                        break
+                    r.check(piece)
+            except BaseException as e:  # handed to the copying thread, which raises it
+                self.error = e
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """Stop early (the write failed or was interrupted) and wait for the thread to end."""
+        self._halt.set()
+        self.queue.put(None)
+        self.join()
