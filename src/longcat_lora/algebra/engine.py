@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..model.adapter import LoraAdapter, LoraModule, Part
+from ..model.adapter import LoraAdapter, LoraModule, Naming, Part
 from ..model.sources import Computed, Source
 from ..errors import NAME_ONLY, LoraError, Param
 from ..io.dtypes import FLOATS, torch_dtype
@@ -95,7 +95,7 @@ class ModulePlan:
     name: str
     out_features: int
     in_features: int
-    naming: str
+    naming: Naming
     cells: list[Cell]
     rank_before: int
     plans: list[CellPlan] | None = None  # None: exact (no truncation), parts written as they are

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..model import naming
-from ..model.adapter import LoraAdapter, LoraModule, Part
+from ..model.adapter import LoraAdapter, LoraModule, Naming, Part
 from ..errors import LoraError, UnmappedModulesError, q
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def find_targets(adapter: LoraAdapter, layer_shape: Callable[[str], tuple[int, i
         fused = layer_shape(m.name)
         if fused is not None:
             layers: tuple[str, ...] = (m.name,)
-        elif m.naming == "longcat":
+        elif m.naming is Naming.LONGCAT:
             layers = naming.fastvideo_layers(m.name) or ()
         else:
             layers = ()

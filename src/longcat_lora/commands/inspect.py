@@ -7,7 +7,7 @@ import os
 from collections import Counter, defaultdict
 
 from ..model import naming
-from ..model.adapter import LoraAdapter
+from ..model.adapter import LoraAdapter, Naming
 from ..errors import q
 from ..formats import load_lora
 from ..io.reader import FileRange
@@ -99,7 +99,7 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             for p in m.parts:
                 ranks[p.rank] += 1
                 scales[p.scale] += 1
-            kind = naming.kind_of(m.name) if m.naming == "longcat" else None
+            kind = naming.kind_of(m.name) if m.naming is Naming.LONGCAT else None
             if kind is None:
                 unknown.append(m.name)
                 continue
@@ -135,7 +135,7 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
                             f"{_sizes(off, False)}")
         if audio_kinds:
             n_audio = sum(1 for m in a.modules.values()
-                          if m.naming == "longcat" and (k := naming.kind_of(m.name)) and k[0].avatar)
+                          if m.naming is Naming.LONGCAT and (k := naming.kind_of(m.name)) and k[0].avatar)
             findings.append(
                 f"{n_audio} modules are LongCat-Video-Avatar audio modules ({', '.join(sorted(audio_kinds))}): "
                 + ("a LoRA for the Avatar DiT (base plus audio modules); " if kinds - audio_kinds else "")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from ..errors import LoraError, q
@@ -45,6 +46,13 @@ class Part:
 Refine = Callable[[Part], list[Part]]
 
 
+class Naming(StrEnum):
+    """Which names a module's name is in."""
+
+    LONGCAT = "longcat"  # LongCat's original module names (what the naming table knows): the normal case
+    FASTVIDEO = "fastvideo"  # a FastVideo layer name the naming table cannot translate, kept as read
+
+
 class LoraModule:
     """All LoRA parts that adapt one base weight (named in LongCat's original naming).
 
@@ -54,12 +62,11 @@ class LoraModule:
     """
 
     def __init__(self, name: str, out_features: int, in_features: int, parts: Iterable[Part] = (),
-                 naming: str = "longcat"):
+                 naming: Naming = Naming.LONGCAT):
         self.name = name
         self.out_features = out_features
         self.in_features = in_features
-        # "longcat" normally; "fastvideo" for a FastVideo layer the naming table cannot translate
-        self.naming = naming
+        self.naming = Naming(naming)
         self._given: list[tuple[Part, Refine | None]] = [(p, None) for p in parts]
         self._parts: list[Part] | None = None
 
