@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from longcat_lora import convert, load_lora
+from longcat_lora import LoraError, convert, load_lora
+from longcat_lora.model.adapter import Naming
 from conftest import DIMS, cli
 from linear_bag import LinearBag
 from reference import lora_delta, official_delta, rel_err, worst
@@ -322,4 +323,118 @@ def test_fastvideo_names_in_other_formats_map_to_longcat_modules(tmp_path):
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 3, "lora_alpha": 3}))
     convert(str(tmp_path / "p"), str(tmp_path / "again"), "peft")
     with load_lora(str(tmp_path / "again")) as a:
-        assert a.modules["blocks.0.audio_attn.q"].naming == "longcat"
+        assert a.modules["blocks.0.audio_attn.q"].naming is Naming.LONGCAT
+
+
+# ------------------------------------------------------------------ the format interface and registry
+
+# key -> the one format that owns it (None: no format's), spelled out from each format's documented keys
+OWNERS = {
+    "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv.lora_down.weight": "longcat",
+    "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___ffn___lorahyphen___w1.alpha_scale": "longcat",
+    "lora___lorahyphen___x.lora_A": "longcat",  # the native prefix decides, whatever the suffix
+    "lora___lorahyphen___x.alpha": "longcat",
+    "blocks.0.self_attn.to_q.lora_A": "fastvideo",
+    "diffusion_model.blocks.0.ffn.w1.lora_B.weight": "fastvideo",
+    "blocks.0.ffn.w1.lora_alpha": "fastvideo",
+    "base_model.model.blocks.0.attn.qkv.lora_A.weight": "peft",
+    "base_model.model.blocks.0.attn.qkv.lora_alpha": "peft",
+    "transformer.blocks.0.attn.qkv.lora_B.weight": "diffusers",
+    "diffusion_model.blocks.0.attn.qkv.lora_down.weight": "comfyui",
+    "blocks.0.attn.qkv.lora_up.weight": "comfyui",
+    "transformer.blocks.0.attn.qkv.alpha": "comfyui",
+    "blocks.0.attn.qkv.weight": None,
+    "blocks.0.attn.qkv.lora_A.bias": None,
+    "transformer.blocks.0.attn.qkv.weight": None,
+    "blocks.0.attn.qkv.lora_alphas": None,
+}
+
+
+def test_each_key_has_at_most_one_owner_and_detection_asks_the_formats():
+    from longcat_lora.formats import FORMATS, Format
+    from longcat_lora.formats.registry import detect, owner
+
+    assert list(FORMATS) == ["longcat", "fastvideo", "peft", "diffusers", "comfyui"]  # registration order
+    assert [f.name for f in FORMATS.values() if f.fallback] == ["fastvideo", "comfyui"]  # keys without a prefix
+    for key, want in OWNERS.items():
+        got = owner(key)
+        assert (got and got.name) == want, key
+        for fallback in (False, True):  # exclusive within each kind
+            assert sum(f.owns_key(key) for f in FORMATS.values() if f.fallback is fallback) <= 1, key
+        if want:
+            assert detect([key, "stray.weight"], "f.safetensors").name == want
+    assert all(isinstance(f, Format) and f.directory == (f.name == "peft") for f in FORMATS.values())
+    with pytest.raises(LoraError, match=r"^f: mixed formats in one file: comfyui \('a.alpha'\) and fastvideo "
+                                        r"\('b.lora_A'\)$"):
+        detect(["a.alpha", "b.lora_A", "c.lora_B"], "f")
+    with pytest.raises(LoraError, match=r"^f: no LoRA tensors found \(e.g. 'x.y'\)$"):
+        detect(["x.y"], "f")
+    with pytest.raises(LoraError, match=r"^f: looks like a base model checkpoint"):
+        detect(["blocks.0.attn.qkv.weight"], "f")
+    with pytest.raises(LoraError, match=r"^f: holds no tensors$"):
+        detect([], "f")
+
+
+def _toy_format():
+    """A sixth format written as a format module would be: `toy.<module>.down/.up/.alpha`, LongCat names."""
+    from longcat_lora.formats import Format, WriteOptions
+    from longcat_lora.formats import _common as c
+    from longcat_lora.io.writer import write_safetensors
+    from longcat_lora.model.adapter import LoraAdapter
+
+    patterns = [(re.compile(rf"^toy\.(?P<layer>.+)\.{s}$"), role) for s, role in (("down", "a"), ("up", "b"),
+                                                                                  ("alpha", "alpha"))]
+
+    def read(sf) -> LoraAdapter:
+        adapter = LoraAdapter({}, "toy", sf.path, files=[sf])
+        for layer, keys in c.group_keys(sf, patterns, "toy LoRA").items():
+            alpha = c.scalar(sf, keys.alpha)[0]
+            c.add_standard_layer(adapter.modules, sf, layer, keys, lambda r, alpha=alpha: alpha / r,
+                                 naming_=Naming.LONGCAT)
+        return c.finish(adapter, sf.path)
+
+    def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
+        entries, infos = c.standard_entries(adapter, opts, lambda m: f"toy.{m}.down", lambda m: f"toy.{m}.up", "toy")
+        entries += [c.scalar_entry(f"toy.{i.module}.alpha", i.alpha, "F64") for i in infos]
+        write_safetensors(path, entries, c.metadata(adapter), opts.progress)
+
+    return Format("toy", lambda key: key.startswith("toy."), read, write)
+
+
+def test_a_new_format_is_one_module_and_one_registration(native, tmp_path, capsys):
+    """Registering a format is all it takes for detection, load/save/convert and the CLI's --to to know it;
+    its output holds the native LoRA's exact weight change (float64 reference from the native file)."""
+    from longcat_lora.commands import cli as cli_module
+    from longcat_lora.formats import FORMATS, Format, detect_format, register
+    from longcat_lora.formats import registry
+
+    src = native("cfg_step", rank=3)
+    toy = _toy_format()
+    try:
+        assert register(toy) is toy and FORMATS["toy"] is toy
+        with pytest.raises(ValueError, match="already registered"):
+            register(toy)
+        assert cli_module.main(["convert", src, str(tmp_path / "t.safetensors"), "--to", "toy"]) == 0
+        assert detect_format(str(tmp_path / "t.safetensors")) == "toy"
+        with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+            got = {}
+            for k in f.keys():
+                if k.endswith(".down"):
+                    m = k[len("toy."):-len(".down")]
+                    a, b = f.get_tensor(k).double(), f.get_tensor(f"toy.{m}.up").double()
+                    got[m] = f.get_tensor(f"toy.{m}.alpha").item() / a.shape[0] * (b @ a)
+        want = official_delta(src)
+        assert set(got) == set(want) and worst(want, got) <= 1e-15
+        convert(str(tmp_path / "t.safetensors"), str(tmp_path / "back.safetensors"), "longcat")
+        back = official_delta(str(tmp_path / "back.safetensors"))
+        assert worst(want, back) <= 1e-15
+    finally:
+        registry._REGISTRY.pop("toy", None)
+    assert "toy" not in FORMATS
+    with pytest.raises(LoraError, match=r"unknown format 'toy' \(choose from longcat, fastvideo, peft, diffusers, "
+                                        r"comfyui\)"):
+        convert(src, str(tmp_path / "x"), "toy")
+    with pytest.raises(TypeError, match="exactly for a directory format"):
+        Format("bad", toy.owns_key, toy.read, toy.write, directory=True)
+    with pytest.raises(TypeError, match="exactly for a directory format"):
+        Format("bad", toy.owns_key, toy.read, toy.write, describe="a bad directory")

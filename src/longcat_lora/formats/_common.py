@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 
 from ..model import naming
-from ..model.adapter import LoraAdapter, LoraModule, Part, validate_module
+from ..model.adapter import LoraAdapter, LoraModule, Naming, Part, validate_module
 from ..model.layout import split_diagonal, standard_layer
 from ..model.sources import FileTensor, NonFinite, Source
 from ..errors import LoraError, Param, UnmappedModulesError, q
@@ -146,6 +146,13 @@ def unmapped(modules: list[str], opts: WriteOptions, target: str) -> None:
 
 # ------------------------------------------------------------------ standard A/B/alpha layers
 
+_STANDARD = re.compile(r"\.lora_(A|B|alpha)(\.weight)?$")
+
+
+def standard_key(key: str) -> bool:
+    """Whether a key names a standard tensor: `.lora_A`, `.lora_B` or `.lora_alpha`, each with or without `.weight`."""
+    return _STANDARD.search(key) is not None
+
 
 @dataclass
 class StdKeys:
@@ -178,11 +185,11 @@ def group_keys(sf: SafeFile, patterns: list[tuple[re.Pattern[str], str]], what: 
 
 
 def add_standard_layer(modules: dict[str, LoraModule], sf: SafeFile, layer: str, keys: StdKeys,
-                       scale_of: Callable[[int], float], naming_: str) -> None:
+                       scale_of: Callable[[int], float], naming_: Naming) -> None:
     """Add one A/B layer to `modules`, mapped to its LongCat module (splits and block-diagonals undone).
 
     FastVideo layer names are recognised in every format; a name the table does not know keeps the
-    format's own naming (`naming_`: "longcat", or "fastvideo" for FastVideo files)."""
+    format's own naming (`naming_`: LONGCAT, or FASTVIDEO for FastVideo files)."""
     a, b = weight(sf, keys.a), weight(sf, keys.b)
     if b.shape[1] != a.shape[0]:
         raise LoraError(f"{sf.path}: layer {q(layer)}: up/B {list(b.shape)} and down/A {list(a.shape)} "
@@ -192,10 +199,10 @@ def add_standard_layer(modules: dict[str, LoraModule], sf: SafeFile, layer: str,
     mapped = naming.from_fastvideo(layer)
     if mapped is not None:
         name, split, nsplit = mapped
-        naming_ = "longcat"
+        naming_ = Naming.LONGCAT
     elif naming.kind_of(layer) is not None:
-        naming_ = "longcat"
-    found = naming.kind_of(name) if naming_ == "longcat" else None
+        naming_ = Naming.LONGCAT
+    found = naming.kind_of(name) if naming_ is Naming.LONGCAT else None
     chunks = found[0].chunks // nsplit if found and found[0].chunks % nsplit == 0 else 1
     h = b.shape[0]
     m = modules.get(name)
@@ -217,10 +224,10 @@ class LayerInfo:
 def standard_entries(adapter: LoraAdapter, opts: WriteOptions, a_key: Callable[[str], str],
                      b_key: Callable[[str], str], target: str) -> tuple[list[Entry], list[LayerInfo]]:
     """One standard LoRA per module in LongCat naming (block-diagonal up matrix where it has parts)."""
-    unmapped([m.name for m in adapter.modules.values() if m.naming != "longcat"], opts, target)
+    unmapped([m.name for m in adapter.modules.values() if m.naming is not Naming.LONGCAT], opts, target)
     out, infos = [], []
     for m in in_file_order(adapter):
-        if m.naming != "longcat":
+        if m.naming is not Naming.LONGCAT:
             continue
         std = standard_layer(m, 0, m.out_features)
         out.append(entry(a_key(m.name), std.a, opts, m.name))

@@ -11,12 +11,13 @@ import json
 import re
 
 from ..io import jsonsafe
-from ..model.adapter import LoraAdapter
+from ..model.adapter import LoraAdapter, Naming
 from ..errors import LoraError
 from ..io.reader import SafeFile
 from ..io.writer import write_safetensors
 from ._common import (WriteOptions, add_standard_layer, finish, group_keys, metadata, peft_config, peft_scales,
-                      standard_entries)
+                      standard_entries, standard_key)
+from .base import Format
 
 NAME = "diffusers"
 PREFIX = "transformer."
@@ -25,8 +26,8 @@ _PATTERNS = [(re.compile(rf"^{re.escape(PREFIX)}(?P<layer>.+)\.lora_{x}\.weight$
              for x, role in (("A", "a"), ("B", "b"))]
 
 
-def detect(keys: list[str]) -> bool:
-    return any(k.startswith(PREFIX) for k in keys)
+def owns_key(key: str) -> bool:
+    return key.startswith(PREFIX) and standard_key(key)
 
 
 def read(sf: SafeFile) -> LoraAdapter:
@@ -43,7 +44,7 @@ def read(sf: SafeFile) -> LoraAdapter:
     scale = peft_scales(config, sf.path) if config else None
     for layer, keys in group_keys(sf, _PATTERNS, "diffusers LoRA").items():
         fn = (lambda r: 1.0) if scale is None else (lambda r, layer=layer: scale(layer, r))
-        add_standard_layer(adapter.modules, sf, layer, keys, fn, naming_="longcat")
+        add_standard_layer(adapter.modules, sf, layer, keys, fn, naming_=Naming.LONGCAT)
     return finish(adapter, sf.path)
 
 
@@ -54,3 +55,6 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     config.pop("peft_type")
     meta = json.dumps({PREFIX + k: v for k, v in config.items()}, sort_keys=True)
     write_safetensors(path, entries, metadata(adapter, **{METADATA_KEY: meta}), opts.progress)
+
+
+FORMAT = Format(NAME, owns_key, read, write)

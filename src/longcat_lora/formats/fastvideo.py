@@ -17,14 +17,15 @@ import math
 import re
 
 from ..model import naming
-from ..model.adapter import LoraAdapter
+from ..model.adapter import LoraAdapter, Naming
 from ..model.layout import standard_layer
 from ..model.sources import folded
 from ..errors import LoraError, q
 from ..io.writer import Entry, write_safetensors
 from ..io.reader import SafeFile
 from ._common import (WriteOptions, add_standard_layer, entry, finish, group_keys, in_file_order, metadata, scalar,
-                      scalar_entry, unmapped)
+                      scalar_entry, standard_key, unmapped)
+from .base import Format
 
 NAME = "fastvideo"
 _PATTERNS = [(re.compile(rf"^(?:diffusion_model\.)?(?P<layer>.+)\.{s}$"), role)
@@ -32,9 +33,9 @@ _PATTERNS = [(re.compile(rf"^(?:diffusion_model\.)?(?P<layer>.+)\.{s}$"), role)
                              (r"lora_alpha(?:\.weight)?", "alpha"))]
 
 
-def detect(keys: list[str]) -> bool:
-    return any(re.search(r"\.lora_(A|B|alpha)(\.weight)?$", k) for k in keys) and not any(
-        k.startswith(("transformer.", "base_model.model.")) for k in keys)
+def owns_key(key: str) -> bool:
+    """Standard A/B/alpha keys (a fallback: those of a format with a prefix are that format's)."""
+    return standard_key(key)
 
 
 def loader_scale(alpha: float | None, rank: int) -> float:
@@ -53,7 +54,7 @@ def read(sf: SafeFile) -> LoraAdapter:
         if alpha is not None and alpha != int(alpha):
             truncated.append(f"{q(layer)} ({alpha:g} -> {int(alpha)})")
         add_standard_layer(adapter.modules, sf, layer, keys,
-                           lambda rank, alpha=alpha: loader_scale(alpha, rank), naming_="fastvideo")
+                           lambda rank, alpha=alpha: loader_scale(alpha, rank), naming_=Naming.FASTVIDEO)
     if truncated:
         adapter.notes.append(f"{len(truncated)} layers have a non-integer lora_alpha that FastVideo's loader "
                              f"truncates, read as FastVideo applies it: e.g. {truncated[0]}")
@@ -66,7 +67,7 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     todo = []
     missing = []
     for m in in_file_order(adapter):
-        layers = (m.name,) if m.naming == "fastvideo" else naming.fastvideo_layers(m.name)
+        layers = (m.name,) if m.naming is Naming.FASTVIDEO else naming.fastvideo_layers(m.name)
         if layers is None:
             missing.append(m.name)
         else:
@@ -92,3 +93,6 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
             alphas.append(scalar_entry(f"{layer}.lora_alpha", alpha, "F32"))
         out += a_entries + b_entries
     write_safetensors(path, out + alphas, metadata(adapter), opts.progress)
+
+
+FORMAT = Format(NAME, owns_key, read, write, fallback=True)

@@ -11,13 +11,14 @@ import re
 from collections import defaultdict
 
 from ..model import naming
-from ..model.adapter import LoraAdapter, LoraModule, Part
+from ..model.adapter import LoraAdapter, LoraModule, Naming, Part
 from ..model.layout import native_blocks
 from ..errors import LoraError, q
 from ..io.writer import Entry, write_safetensors
 from ..io.reader import SafeFile
 from ._common import (WriteOptions, entry, exact_dtype, finish, in_file_order, metadata, scalar, scalar_entry,
                       unmapped, weight)
+from .base import Format
 
 NAME = "longcat"
 PREFIX = "lora___lorahyphen___"
@@ -29,8 +30,8 @@ def encode(module: str) -> str:
     return PREFIX + module.replace(".", SEP)
 
 
-def detect(keys: list[str]) -> bool:
-    return any(k.startswith(PREFIX) for k in keys)
+def owns_key(key: str) -> bool:
+    return key.startswith(PREFIX)
 
 
 def read(sf: SafeFile) -> LoraAdapter:
@@ -100,9 +101,9 @@ def read(sf: SafeFile) -> LoraAdapter:
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     out: list[Entry] = []
     scales: list[Entry] = []
-    unmapped([m.name for m in adapter.modules.values() if m.naming != "longcat"], opts, "LongCat naming")
+    unmapped([m.name for m in adapter.modules.values() if m.naming is not Naming.LONGCAT], opts, "LongCat naming")
     for m in in_file_order(adapter):
-        if m.naming != "longcat":
+        if m.naming is not Naming.LONGCAT:
             continue
         if SEP in m.name or not m.name:  # would read back as another module (or none)
             raise LoraError(f"module {q(m.name)}: the native format cannot name it ({SEP!r} stands for '.')")
@@ -117,3 +118,6 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
         dt = exact_dtype(scale, adapter.scale_dtype or down.dtype)
         scales.append(scalar_entry(f"{base}.alpha_scale", scale, dt))
     write_safetensors(path, out + scales, metadata(adapter), opts.progress)
+
+
+FORMAT = Format(NAME, owns_key, read, write)

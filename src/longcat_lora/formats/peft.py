@@ -13,16 +13,16 @@ import os
 import re
 
 from ..io import jsonsafe
-from ..model.adapter import LoraAdapter
+from ..model.adapter import LoraAdapter, Naming
 from ..errors import LoraError
 from ..io.reader import SafeFile
 from ..io.outputs import dir_problem
 from ..io.writer import write_safetensors
 from ._common import (WriteOptions, add_standard_layer, finish, group_keys, metadata, peft_config, peft_scales,
-                      standard_entries)
+                      standard_entries, standard_key)
+from .base import Format
 
 NAME = "peft"
-DIRECTORY = True
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
@@ -40,14 +40,24 @@ def paths(path: str) -> tuple[str, str] | None:
     return None
 
 
+def owns_path(path: str) -> str | None:
+    """The weights file of a PEFT adapter directory (one with an adapter config), None for another directory."""
+    found = paths(path)
+    if found is None:
+        return None
+    if not os.path.isfile(found[0]):
+        raise LoraError(f"{os.path.dirname(found[0])}: PEFT adapter directory has no {WEIGHTS}")
+    return found[0]
+
+
+def owns_key(key: str) -> bool:
+    return key.startswith(PREFIX) and standard_key(key)
+
+
 def replaceable(path: str) -> str | None:
-    """Why an existing directory is not an earlier PEFT output (None if it is): `--overwrite` replaces only
-    a directory holding the adapter's two files (and PEFT's own README.md), all regular files."""
+    """Why an existing directory is not an earlier PEFT output (None if it is): `overwrite=True` replaces
+    only a directory holding the adapter's two files (and PEFT's own README.md), all regular files."""
     return dir_problem(path, {n: "a regular file" for n in (WEIGHTS, CONFIG, "README.md")}, {WEIGHTS, CONFIG})
-
-
-def detect(keys: list[str]) -> bool:
-    return any(k.startswith(PREFIX) for k in keys)
 
 
 def read_config(path: str) -> dict:
@@ -58,14 +68,18 @@ def read_config(path: str) -> dict:
     return config
 
 
-def read(sf: SafeFile, config_path: str) -> LoraAdapter:
+def read(sf: SafeFile) -> LoraAdapter:
+    found = paths(sf.path)
+    if found is None:
+        raise LoraError(f"{sf.path}: PEFT weights without an {CONFIG} beside them")
+    config_path = found[1]
     scale = peft_scales(read_config(config_path), config_path)
     adapter = LoraAdapter({}, NAME, os.path.dirname(sf.path), files=[sf])
     for layer, keys in group_keys(sf, _PATTERNS, "PEFT adapter").items():
         if keys.alpha is not None:
             raise LoraError(f"{sf.path}: unexpected tensor {keys.alpha!r}")
         add_standard_layer(adapter.modules, sf, layer, keys, lambda r, layer=layer: scale(layer, r),
-                           naming_="longcat")
+                           naming_=Naming.LONGCAT)
     return finish(adapter, sf.path)
 
 
@@ -76,3 +90,7 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     with open(os.path.join(path, CONFIG), "w", encoding="utf-8") as f:
         json.dump(peft_config(infos), f, indent=2)
         f.write("\n")
+
+
+FORMAT = Format(NAME, owns_key, read, write, directory=True, owns_path=owns_path,
+                describe=f"a PEFT adapter (no {CONFIG})", replaceable=replaceable)
