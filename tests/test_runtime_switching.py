@@ -16,7 +16,7 @@ from longcat_lora.testing.dit import TINY, LongCatDiT, LongCatDiTSplit, convert_
 from longcat_lora.testing.fixtures import write_native_lora
 from longcat_lora.testing.official import disable_official_loras, enable_official_loras
 
-from reference import official_delta, rel_err
+from reference import half_ulp, official_delta, rel_err
 
 CFG = TINY
 
@@ -243,3 +243,28 @@ def test_unknown_duplicate_and_conflicting_names_are_clear_errors(model, files):
     with pytest.raises(L.LoraError, match=r"^nothing to merge"):
         L.merge_lora(model)
     assert L.list_loras(model)["r"] == runtime.LoraInfo(0.7, False, False)
+
+
+def test_fuse_by_name_on_bf16_is_fp32_cast_once(tmp_path):
+    """A bf16 model and a bf16 LoRA (so the weights as applied are the file's, exactly): fusing by
+    name gives each weight within half a bf16 ulp of the exact float64 W + strength * dW; unmerge is
+    bit-exact."""
+    torch.manual_seed(3)
+    m = LongCatDiT(CFG).cast(torch.bfloat16)
+    path = write_native_lora(str(tmp_path / "r.safetensors"), "refinement", dims=CFG.dims, rank=4,
+                             dtype=torch.bfloat16, alpha_scale=0.5, seed=5)
+    orig = {k: v.clone() for k, v in m.state_dict().items()}
+    L.apply_lora(m, path, 0.9, name="r")
+    L.merge_lora(m, names="r")
+    delta = official_delta(path)
+    for module in ("blocks.3.attn.qkv", "blocks.1.ffn.w2"):
+        w = orig[module + ".weight"]
+        want = w.double() + 0.9 * delta[module]
+        got = m.state_dict()[module + ".weight"]
+        assert got.dtype == torch.bfloat16
+        assert ((got.double() - want).abs() <= half_ulp(want, torch.bfloat16) * (1 + 2 ** -10)
+                + 2e-7 * (w.double().abs() + delta[module].abs())).all(), module
+        assert not torch.equal(got, w), module
+    L.unmerge_lora(m)
+    assert all(torch.equal(orig[k], v) for k, v in m.state_dict().items())
+    L.remove_lora(m)
