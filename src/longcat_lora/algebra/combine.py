@@ -13,12 +13,16 @@ import math
 from collections.abc import Iterable
 from contextlib import ExitStack
 
+import numpy as np
+
 from ..model.adapter import LoraAdapter, LoraModule, Part
-from ..model.sources import cat_rows, folded, placed
+from ..model.sources import Computed, NonFinite, Source, cat_rows, placed, promote
 from ..errors import LoraError
 from ..formats import load_lora, save_lora
 from ..formats._common import in_file_order
-from .engine import Cell, ModulePlan, Term, Realised, build_adapter, output_dtype, plan_modules, write_report
+from ..io.dtypes import torch_dtype
+from .engine import (Cell, ModulePlan, Term, Realised, build_adapter, output_dtype, plan_modules, single_threaded,
+                     write_report)
 from .lowrank import RankRule, Report
 from .resize import check_target
 
@@ -39,17 +43,53 @@ def _cells(name: str, found: list[tuple[str, LoraModule, float]]) -> list[Cell]:
     return cells
 
 
+def _folded_ups(ups: list[tuple[Source, float]]) -> Source:
+    """Up blocks side by side, each multiplied by its ratio: one pass into the output buffer per cell.
+
+    A ratio of 1 is a widening copy (exact); any other is computed in float64 and rounded once to the
+    output dtype (float32, or float64 for float64 inputs), the one rounding of an exact combine. An
+    input's values were checked for Inf/NaN as they were read; a product can only overflow if |ratio| > 1,
+    so only then is the result scanned (under the same flag as the reads)."""
+    h = ups[0][0].shape[0]
+    cols = sum(u.shape[1] for u, _ in ups)
+    dtype = promote("F32", *(u.dtype for u, _ in ups))
+
+    def make() -> np.ndarray:
+        import torch
+
+        out = torch.empty((h, cols), dtype=torch_dtype(dtype))
+        c = 0
+        with single_threaded():  # memory-bound passes: a thread pool only adds waits on a busy machine
+            for u, ratio in ups:
+                dst = out[:, c:c + u.shape[1]]
+                c += u.shape[1]
+                if ratio == 1.0:
+                    dst.copy_(u.load())
+                    continue
+                dst.copy_(u.load().to(torch.float64) * ratio)
+                if (abs(ratio) > 1.0 and any(s.refuse_nonfinite for s in u.stored())
+                        and not bool(torch.isfinite(dst).all())):
+                    raise NonFinite("non-finite values (NaN/Inf)")
+        return out.view(torch.uint8).numpy()
+
+    return Computed((h, cols), dtype, make, tuple(u for u, _ in ups))
+
+
 def _exact_module(mp: ModulePlan) -> LoraModule:
-    """Ranks concatenated per cell; factors folded into the ups relative to one common scale."""
+    """Ranks concatenated per cell; factors folded into the ups relative to one common scale (the first
+    input's, so a module with one input, or inputs of equal strength x scale, is copied as it is)."""
     parts = []
     for cell in mp.cells:
         scale = next((t.factor for t in cell.terms if t.factor != 0.0), 0.0)
-        ups, col = [], 0
-        for t in cell.terms:
-            up = t.up if t.factor == scale else folded(t.up, t.factor / scale if scale else 0.0)
-            ups.append((0, col, up))
-            col += t.down.shape[0]
-        up = ups[0][2] if len(ups) == 1 else placed((cell.rows[1] - cell.rows[0], col), ups)
+        ratios = [t.factor / scale if scale else 0.0 for t in cell.terms]
+        if all(r == 1.0 for r in ratios):
+            ups, col = [], 0
+            for t in cell.terms:
+                ups.append((0, col, t.up))
+                col += t.down.shape[0]
+            up = ups[0][2] if len(ups) == 1 else placed((cell.rows[1] - cell.rows[0], col), ups)
+        else:
+            up = _folded_ups([(t.up, r) for t, r in zip(cell.terms, ratios)])
         parts.append(Part(cell.rows, cat_rows([t.down for t in cell.terms]), up, scale))
     return LoraModule(mp.name, mp.out_features, mp.in_features, parts, mp.naming)
 
