@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from ..errors import LoraError
+from ..errors import NAME_ONLY, LoraError, Param
 
 if TYPE_CHECKING:
     import torch
@@ -47,13 +47,13 @@ class RankRule:
                             + (f" (got {', '.join(given)})" if given else ""))
         if rank is not None:
             if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise LoraError(f"rank must be an integer >= 1, got {rank!r}")
+                raise LoraError(Param("rank", NAME_ONLY), f" must be an integer >= 1, got {rank!r}")
         if energy is not None:
             if not (isinstance(energy, (int, float)) and 0.0 < energy <= 1.0):
-                raise LoraError(f"energy must be in (0, 1], got {energy!r}")
+                raise LoraError(Param("energy", NAME_ONLY), f" must be in (0, 1], got {energy!r}")
         if max_error is not None:
             if not (isinstance(max_error, (int, float)) and 0.0 <= max_error < 1.0):
-                raise LoraError(f"max_error must be in [0, 1), got {max_error!r}")
+                raise LoraError(Param("max_error", NAME_ONLY), f" must be in [0, 1), got {max_error!r}")
         return cls(rank=rank, energy=None if energy is None else float(energy),
                    max_error=None if max_error is None else float(max_error))
 

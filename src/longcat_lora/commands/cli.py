@@ -66,7 +66,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _rank_flags(args: argparse.Namespace, required: bool):
     """The RankRule of --rank / --energy / --max-error (None when none is given and none is required);
-    errors name the flags."""
+    errors name the flags (RankRule.parse's name its parameters, which `main` spells as flags)."""
     from ..algebra.lowrank import RankRule
 
     given = [f for f, v in (("--rank", args.rank), ("--energy", args.energy), ("--max-error", args.max_error))
@@ -76,10 +76,7 @@ def _rank_flags(args: argparse.Namespace, required: bool):
     if len(given) != 1:
         raise LoraError("give exactly one of --rank R, --energy F, --max-error E"
                         + (f" (got {' and '.join(given)})" if given else ""))
-    try:
-        return RankRule.parse(args.rank, args.energy, args.max_error)
-    except LoraError as e:
-        raise LoraError("--" + str(e).replace("max_error", "max-error")) from None
+    return RankRule.parse(args.rank, args.energy, args.max_error)
 
 
 def _print_report(args: argparse.Namespace, report) -> None:
@@ -250,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The library names its parameters in messages (`errors.Param`); the command shows the flag that sets each.
 FLAGS = {"overwrite": "--overwrite", "skip_unmapped": "--skip-unmapped", "allow_nonfinite": "--allow-nonfinite",
-         "dtype": "--dtype"}
+         "dtype": "--dtype", "rank": "--rank", "energy": "--energy", "max_error": "--max-error"}
 
 
 def spell(p: Param) -> str:
