@@ -438,3 +438,22 @@ def test_a_new_format_is_one_module_and_one_registration(native, tmp_path, capsy
         Format("bad", toy.owns_key, toy.read, toy.write, directory=True)
     with pytest.raises(TypeError, match="exactly for a directory format"):
         Format("bad", toy.owns_key, toy.read, toy.write, describe="a bad directory")
+
+
+def test_two_formats_claiming_one_key_is_caught_not_decided_by_order(monkeypatch):
+    """Claims are exclusive within each kind: a second prefixed format claiming native keys is a bug that
+    detection reports, while a fallback format's claim yields to a prefixed one."""
+    from longcat_lora.formats import FORMATS, Format
+    from longcat_lora.formats import registry
+
+    native_key = "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv.lora_down.weight"
+    greedy = Format("greedy", lambda key: key.endswith(".weight"), FORMATS["longcat"].read, FORMATS["longcat"].write)
+    monkeypatch.setitem(registry._REGISTRY, "greedy", greedy)
+    with pytest.raises(AssertionError, match=r"claimed by formats \['longcat', 'greedy'\]"):
+        registry.owner(native_key)
+    monkeypatch.setitem(registry._REGISTRY, "greedy", Format("greedy", greedy.owns_key, greedy.read, greedy.write,
+                                                             fallback=True))
+    assert registry.owner(native_key).name == "longcat"  # a fallback yields to a prefixed format
+    assert registry.owner("blocks.0.attn.qkv.weight").name == "greedy"
+    with pytest.raises(AssertionError, match=r"claimed by formats \['comfyui', 'greedy'\]"):
+        registry.owner("blocks.0.attn.qkv.lora_up.weight")  # two fallbacks
