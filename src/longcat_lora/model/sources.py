@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import LoraError
-from ..io.dtypes import ITEMSIZE, dtype_name, nonfinite, torch_dtype
+from ..io.dtypes import ITEMSIZE, dtype_name, nonfinite, tensor_bytes, torch_dtype
 from ..io.reader import FileRange, SafeFile
 
 if TYPE_CHECKING:
@@ -140,9 +140,7 @@ class TensorSource(Stored):
         super().__init__(tuple(self.tensor.shape), dtype_name(self.tensor.dtype))  # type: ignore[arg-type]
 
     def fetch(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        import torch
-
-        return self.tensor[r0:r1, c0:c1].contiguous().view(torch.uint8).numpy().reshape(r1 - r0, -1)
+        return _bytes(self.tensor[r0:r1, c0:c1])
 
 
 class Slice(Source):
@@ -234,9 +232,8 @@ def promote(*dtypes: str) -> str:
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
-    import torch
-
-    return t.contiguous().view(torch.uint8).numpy().reshape(t.shape[0], -1)
+    """A 2-D tensor's bytes as uint8 [rows, cols * itemsize]."""
+    return tensor_bytes(t).reshape(t.shape[0], t.shape[1] * t.element_size())
 
 
 def cast(src: Source, dtype: str) -> Source:
