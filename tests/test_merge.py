@@ -207,7 +207,8 @@ def test_cuda_device_without_cuda_is_a_clean_error(setup, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present (tests/test_merge_cuda.py compares it with the CPU path)")
     p = cli("merge", bases["longcat"], tmp_path / "o", "--lora", loras["ref"], "--device", "cuda", check=2)
-    assert "no CUDA device" in p.stderr and not (tmp_path / "o").exists()
+    assert p.stderr.strip() == "longcat-lora: error: --device cuda: no CUDA device is available", p.stderr
+    assert not (tmp_path / "o").exists()
 
 
 # ---- the pipeline: order, bounds, errors, shutdown --------------------------------------------------

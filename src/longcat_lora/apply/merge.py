@@ -24,7 +24,7 @@ import numpy as np
 
 from ..io import jsonsafe
 from ..model.adapter import LoraAdapter
-from ..errors import LoraError
+from ..errors import LoraError, Param
 from ..formats import load_lora
 from .merge_compute import CpuStages, DeviceStages, Job, exact_fp32, gflop, resolve_device
 from .merge_int8 import Int8Merge, Requant, check_fit, scan
@@ -137,7 +137,7 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
     merge_compute.AUTO_CUDA_GFLOP); `MergeReport.device` says which ran.
     """
     if dtype not in DTYPES:
-        raise LoraError(f"dtype={dtype!r}: must be one of {', '.join(map(repr, DTYPES))}")
+        raise LoraError(Param("dtype", dtype), f": must be one of {', '.join(map(repr, DTYPES))}")
     if device != "auto":
         resolve_device(device, 0.0)  # refuses cuda without CUDA before anything is read
     out_dtype = DTYPES[dtype]

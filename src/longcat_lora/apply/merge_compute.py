@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import LoraError
+from ..errors import LoraError, Param
 from ..io.dtypes import ITEMSIZE, nonfinite, torch_dtype
 from ..io.reader import SafeFile
 from .targets import Target
@@ -84,9 +84,9 @@ def resolve_device(device: str, work_gflop: float) -> str:
     except (RuntimeError, ValueError, TypeError):
         kind = None
     if kind not in ("cpu", "cuda"):
-        raise LoraError(f"device={device!r}: must be cpu, cuda, cuda:N or auto")
+        raise LoraError(Param("device", device), ": must be cpu, cuda, cuda:N or auto")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise LoraError(f"device={device!r}: no CUDA device is available")
+        raise LoraError(Param("device", device), ": no CUDA device is available")
     return "cpu" if kind == "cpu" else device
 
 

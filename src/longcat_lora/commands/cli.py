@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The library names its parameters in messages (`errors.Param`); the command shows the flag that sets each.
 FLAGS = {"overwrite": "--overwrite", "skip_unmapped": "--skip-unmapped", "allow_nonfinite": "--allow-nonfinite",
-         "dtype": "--dtype", "rank": "--rank", "energy": "--energy", "max_error": "--max-error"}
+         "dtype": "--dtype", "rank": "--rank", "energy": "--energy", "max_error": "--max-error",
+         "device": "--device"}
 
 
 def spell(p: Param) -> str:
