@@ -25,7 +25,7 @@ from _util import run, settle  # noqa: E402
 
 COMMON = """
 import zlib, torch
-from longcat_lora import naming
+from longcat_lora.model import naming
 RANK, RMS, NOISE = {rank}, 0.01, 1e-5
 
 def known(module, i, h, w):
