@@ -41,7 +41,8 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = "src/longcat_lora"
 CORE = ["formats/__init__.py", "formats/_common.py", "formats/longcat.py", "formats/fastvideo.py",
-        "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "model/adapter.py", "io/dtypes.py",
+        "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "model/adapter.py", "model/sources.py",
+        "model/layout.py", "io/dtypes.py",
         "io/reader.py", "io/writer.py", "io/outputs.py", "apply/runtime.py", "apply/merge.py", "commands/verify.py",
         "model/naming.py", "apply/targets.py"]
 
@@ -80,7 +81,10 @@ _MERGE = ["tests/test_merge.py::test_parse_lora_arg", "tests/test_merge.py::test
           "tests/test_merge.py::test_merged_checkpoint_reproduces_apply_lora[longcat]"]
 SUBSETS = {
     "formats": _FORMATS,
-    "model/adapter.py": _FORMATS + [R + "test_layer_whose_first_rows_have_no_part_writes_the_zero_band"],
+    "model/adapter.py": _FORMATS + ["tests/test_lazy.py"],
+    "model/sources.py": _FORMATS + [R + "test_layer_whose_first_rows_have_no_part_writes_the_zero_band",
+                                    "tests/test_lazy.py"],
+    "model/layout.py": _FORMATS + [R + "test_layer_whose_first_rows_have_no_part_writes_the_zero_band"],
     "model/naming.py": ["tests/test_fixtures_and_naming.py", "tests/test_runtime.py::test_split_and_fused_models_agree_and_convert"]
     + _FORMATS[:9] + _RUNTIME[3:5],
     "io": [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_alpha_scale_shapes_and_dtypes",
@@ -127,8 +131,8 @@ class Mutant:
 # ------------------------------------------------------------------ hand-made mutants (issue 8)
 
 HAND = [  # (file, exact old text, new text, the bug it stands for)
-    ("model/adapter.py", "t = (_torch(src, check).to(torch.float64) * factor)",
-     "t = (_torch(src, check).to(torch.float32) * factor)", "fold a scale into lora_B in fp32, not fp64"),
+    ("model/sources.py", "t = (x.to(torch.float64) * factor)",
+     "t = (x.to(torch.float32) * factor)", "fold a scale into lora_B in fp32, not fp64"),
     ("formats/fastvideo.py", "return a / rank if a else 1.0", "return a / rank if a else 0.0",
      "FastVideo lora_alpha < 1 read as scale 0"),
     ("formats/fastvideo.py", "    a = int(alpha)\n", "    a = alpha\n", "FastVideo lora_alpha not truncated"),
