@@ -7,7 +7,7 @@ runs after `settle` (inputs in the page cache, no dirty pages) and includes the 
 
 Sections (`--sections`, default all), each a function registered with @section:
 - resize: `resize --rank 32` of one file vs `cp` of it (target <= 3x, peak RSS <= 500 MiB), and vs its
-  arithmetic floor (the float64 Gram matrices the exact SVD needs, no I/O); beside it, one full-matrix SVD of a single qkv weight change (12288 x 4096, float32, the kohya way), which
+  arithmetic floor (the float32 Gram matrices the exact SVD needs for a bf16 output, no I/O); beside it, one full-matrix SVD of a single qkv weight change (12288 x 4096, float32, the kohya way), which
   resize replaces by factored SVDs of every module.
 - combine: exact `combine` of two files vs `cp` of both (target <= 3x), at strengths 1 and 1 (factors
   copied as they are) and 1 and 0.8 (the second file's up blocks folded to float32).
@@ -105,8 +105,8 @@ print(time.perf_counter() - t0, *dW.shape)
 """
 
 
-# The arithmetic floor of an exact resize: the two Gram matrices of every up block's factors (float64,
-# one thread, as resize runs them), with reading and conversion off the clock. Prints seconds.
+# The arithmetic floor of an exact resize: the two Gram matrices of every up block's factors (float32,
+# one thread, as resize runs them for a bf16 output), with reading and conversion off the clock. Prints seconds.
 GRAM_FLOOR = """
 import time, torch
 from longcat_lora.formats import load_lora
@@ -115,7 +115,7 @@ total = 0.0
 with load_lora({src!r}) as a:
     for m in a.modules.values():
         for p in m.parts:
-            up, down = p.up.load().double(), p.down.load().double()
+            up, down = p.up.load().float(), p.down.load().float()
             t0 = time.perf_counter()
             up.T @ up
             down @ down.T
@@ -137,7 +137,7 @@ def bench_resize(ctx: Ctx) -> None:
     print("  runs: cp", [round(x, 2) for x in t_cp], " resize", [round(x, 2) for x in t_cmd])
     print(f"resize  cfg_step {os.path.getsize(src) / 1e9:.2f} GB bf16 rank 128 -> 32: cp {cp:.2f}s  resize {t:.2f}s  "
           f"ratio {t / cp:.2f}x (target <= 3x)  peak RSS {rss} MiB (target <= {RSS_TARGET})")
-    print(f"        arithmetic floor (float64 Gram matrices of every up block's factors, no I/O): {floor:.2f}s; "
+    print(f"        arithmetic floor (float32 Gram matrices of every up block's factors, no I/O): {floor:.2f}s; "
           f"resize = {t / floor:.2f}x that floor")
     print(f"        one full-matrix SVD of blocks.0.attn.qkv's dW ({rows} x {cols}, float32, the kohya way): "
           f"{svd:.2f}s = {svd / t:.2f}x this whole-file resize (the file has 336 such modules)")

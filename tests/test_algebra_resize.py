@@ -396,3 +396,39 @@ def test_nonfinite_input_and_fp16_overflow_exit_2_naming_the_module(native, tmp_
         assert len(p.stderr.strip().splitlines()) == 1 and "blocks.7.attn.proj" in p.stderr and what in p.stderr
         assert not out.exists()
     cli("resize", huge_path, tmp_path / "ok.safetensors", "--rank", "1")  # fits in its own fp32
+
+
+def test_bf16_resize_is_optimal_on_both_paths_well_and_ill_conditioned(native, tmp_path):
+    """A bf16 file is resized with float32 thin products; an up block whose columns span 1000x in size
+    (Cholesky diagonal ratio far below 0.1) is redone in float64: both stay the optimum, truly reported."""
+    src0 = native("cfg_step", rank=RANK, dtype=torch.bfloat16, name="ill0.safetensors")
+    sd = load_file(src0)
+    k = f"lora{SEP}blocks{SEP}2{SEP}attn{SEP}proj.lora_up.weight"
+    sd[k] = (sd[k].float() * torch.logspace(0, -3, RANK)).to(torch.bfloat16)
+    src = str(tmp_path / "ill.safetensors")
+    save_file(sd, src)
+    ref, nblocks = official_delta(src), up_blocks(src)
+    out = str(tmp_path / "ill_r2.safetensors")
+    report = resize_lora(src, out, rank=2)
+    errs, rep = true_errors(ref, out), report_errors(report)
+    for m in ("blocks.2.attn.proj", "blocks.2.attn.qkv", "blocks.1.ffn.w2"):
+        # the bf16 rounding of the new factors adds ~1e-3 of the kept part to the truncation error
+        assert errs[m] == pytest.approx(optimum(ref[m], [2] * nblocks[m]), rel=2e-3), m
+        assert rep[m] == pytest.approx(errs[m], rel=1e-4), m
+    s = block_svals(ref["blocks.2.attn.proj"], 1)[0]
+    assert float(s[0] / s[RANK - 1]) > 100  # the scaled block really is ill conditioned
+
+
+def test_exact_combine_refuses_a_strength_whose_fold_overflows(native, tmp_path):
+    """A strength ratio of 1e30 on up values up to ~5e11 overflows float32: one line, exit 2, nothing written."""
+    a = native("cfg_step", rank=2, dtype=torch.float32, name="a.safetensors")
+    sd = load_file(a)
+    k = f"lora{SEP}blocks{SEP}4{SEP}ffn{SEP}w2.lora_up.weight"
+    sd[k] = sd[k] * 1e12
+    b = str(tmp_path / "b.safetensors")
+    save_file(sd, b)
+    out = tmp_path / "sum.safetensors"
+    p = cli("combine", out, "--lora", a, "--lora", f"{b}:1e30", check=2)
+    assert len(p.stderr.strip().splitlines()) == 1 and "NaN/Inf" in p.stderr, p.stderr
+    assert not out.exists()
+    cli("combine", out, "--lora", a, "--lora", f"{b}:1e20")  # 1e30 at most: fits in float32

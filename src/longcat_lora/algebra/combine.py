@@ -136,7 +136,7 @@ def combine_loras(out: str, loras: Iterable[tuple[str, float]], *, rank: int | N
             dt = output_dtype(dtype, [s.dtype for ad in adapters for m in ad.modules.values() for p in m.parts
                                       for s in (p.up, p.down)])
             plan_modules(mps, rule, dt, progress, "combine: SVD")
-            realised = Realised(dt)
+            realised = stack.enter_context(Realised(dt))
         result = build_adapter(mps, realised, _exact_module)
         result.path = out
         skipped = save_lora(result, out, format, overwrite=overwrite, skip_unmapped=skip_unmapped, inputs=paths,

@@ -25,6 +25,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -306,35 +307,74 @@ def single_threaded():
 # ---------------------------------------------------------------- lazy output modules
 
 
+Factors = list[tuple["torch.Tensor", "torch.Tensor"]]
+
+
 class Realised:
     """Each module's output factors, computed on first use, kept for the last two modules (the writer
-    produces the next tensor on a second thread while it writes this one)."""
+    produces the next tensor on a second thread while it writes this one).
+
+    After `follow(order)` (the modules in the order a writer asks for them), a helper thread computes
+    the next module while the current one is used, so a second core works too. A guess that misses
+    costs nothing but doing that module early: its result waits until asked for (one at most)."""
 
     def __init__(self, dtype: str, keep: int = 2):
         self.dtype = dtype
         self.keep = keep
-        self.cache: OrderedDict[str, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.cache: OrderedDict[str, Factors] = OrderedDict()
         self.errors: dict[str, list[float]] = {}
         self.lock = threading.Lock()
         self.ws = Workspace()
+        self.spare = Workspace()  # the helper thread's buffers
+        self.next: dict[str, ModulePlan] = {}
+        self.ahead: tuple[str, Future] | None = None
+        self.pool: ThreadPoolExecutor | None = None
 
-    def get(self, mp: ModulePlan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def follow(self, order: list[ModulePlan]) -> None:
+        self.next = {a.name: b for a, b in zip(order, order[1:])}
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="lowrank")
+
+    def close(self) -> None:
+        """Stop the helper thread (waiting for a module it is computing)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def __enter__(self) -> Realised:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _compute(self, mp: ModulePlan, ws: Workspace) -> tuple[Factors, list[float]]:
+        assert mp.plans is not None
+        got, errs = [], []
+        with single_threaded():
+            for cell, plan in zip(mp.cells, mp.plans):
+                up, down, err2 = realise(cell, plan, self.dtype, f"module {mp.name}", ws)
+                got.append((up, down))
+                errs.append(err2)
+        return got, errs
+
+    def get(self, mp: ModulePlan) -> Factors:
         with self.lock:
             got = self.cache.get(mp.name)
             if got is not None:
                 self.cache.move_to_end(mp.name)
                 return got
-            assert mp.plans is not None
-            got, errs = [], []
-            with single_threaded():
-                for cell, plan in zip(mp.cells, mp.plans):
-                    up, down, err2 = realise(cell, plan, self.dtype, f"module {mp.name}", self.ws)
-                    got.append((up, down))
-                    errs.append(err2)
+            if self.ahead is not None and self.ahead[0] == mp.name:
+                got, errs = self.ahead[1].result()
+                self.ahead = None
+            else:
+                got, errs = self._compute(mp, self.ws)
             self.errors[mp.name] = errs
             self.cache[mp.name] = got
             while len(self.cache) > self.keep:
                 self.cache.popitem(last=False)
+            nxt = self.next.get(mp.name)
+            if self.pool is not None and self.ahead is None and nxt is not None and nxt.name not in self.errors:
+                self.ahead = (nxt.name, self.pool.submit(self._compute, nxt, self.spare))
             return got
 
 
@@ -454,6 +494,8 @@ def build_adapter(mps: list[ModulePlan], realised: Realised | None,
     """The output adapter: truncated modules computed on demand through `realised`, exact ones by
     `exact_module`."""
     modules = {}
+    if realised is not None:
+        realised.follow([mp for mp in mps if mp.plans is not None])
     for mp in mps:
         if mp.plans is not None:
             assert realised is not None

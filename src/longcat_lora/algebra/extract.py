@@ -472,7 +472,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
             h = rows // n
             blocks: list[tuple[int, _Block]] = []
             # one thread: on a shared machine a pool's threads wait on each other far longer than the
-            # 2x a free second core could give (measured: the same extraction 127-366 s with the pool)
+            # 2x a free second core could give (a 4096 x 128 Gram: 3.5 ms on one thread, 17 ms on two)
             with single_threaded():
                 for i in range(n):
                     d = ws.change(pb, pt, i * h, (i + 1) * h)

@@ -41,14 +41,14 @@ def resize_lora(src: str, out: str, *, rank: int | None = None, energy: float | 
                                   max(p.rank for p in parts)))
         dt = output_dtype(dtype, [s.dtype for m in adapter.modules.values() for p in m.parts for s in (p.up, p.down)])
         plan_modules(mps, rule, dt, progress, "resize: SVD")
-        realised = Realised(dt)
-        result = build_adapter(mps, realised)
-        result.path = src
-        result.scale_dtype = None
-        skipped = save_lora(result, out, format, overwrite=overwrite, skip_unmapped=skip_unmapped, inputs=[src],
-                            progress=progress)
-        kept = [mp for mp in mps if mp.name not in set(skipped)]
-        report = write_report("resize", rule.describe(), kept, realised, [src], out, format)
+        with Realised(dt) as realised:
+            result = build_adapter(mps, realised)
+            result.path = src
+            result.scale_dtype = None
+            skipped = save_lora(result, out, format, overwrite=overwrite, skip_unmapped=skip_unmapped,
+                                inputs=[src], progress=progress)
+            kept = [mp for mp in mps if mp.name not in set(skipped)]
+            report = write_report("resize", rule.describe(), kept, realised, [src], out, format)
     report.skipped = list(skipped)
     if dt != "F64":
         report.notes.append(f"factors stored as {dt}; the errors include that rounding")
