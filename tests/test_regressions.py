@@ -730,3 +730,65 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path
     assert path.read_bytes()[:2] == b"\x80\x03"
     with L.load_lora(str(path)) as a:
         assert a.modules["blocks.0.ffn.w1"].in_features == 2
+
+
+# ------------------------------------------------------------------ header rules found by tests/test_reader_property.py
+
+
+def _header_file(tmp_path, header: str, nbytes: int) -> str:
+    raw = header.encode("utf-8", "surrogatepass")
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * nbytes)
+    return str(path)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ('"\\ud800"', "not valid Unicode"),  # a lone surrogate in an unknown field, not only in a name
+    ('{"\\udc00":1}', "not valid Unicode"),
+    ("[" * 126 + "]" * 126, "nested deeper than 127"),  # the header is level 1, the entry level 2
+    ("9" * 309, "out of range"),  # an integer past the largest double, as serde_json reads it
+    (str(int(1.7976931348623157e308)), "out of range"),  # the largest double itself, as 309 digits
+    ("1.7976931348623158e308", "out of range"),  # finite for Python, infinite for serde_json
+])
+def test_an_unknown_field_serde_json_refuses_is_refused(tmp_path, extra, needle):
+    """The library refuses these headers while Python's json read them: we accepted them."""
+    from longcat_lora.errors import LoraError
+    from longcat_lora.io.reader import SafeFile
+
+    path = _header_file(tmp_path, '{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":' + extra + "}}", 8)
+    with pytest.raises(LoraError, match=needle):
+        SafeFile(path)
+
+
+def test_an_unknown_field_serde_json_reads_is_read(tmp_path):
+    """The neighbours of those edges stay readable: 125 levels, 308 digits, two equal unknown fields."""
+    from longcat_lora.io.reader import SafeFile
+
+    for extra in ("[" * 125 + "]" * 125, "9" * 308, '"\\ud83d\\ude00"', "1.7976931348623157e308"):
+        path = _header_file(tmp_path, '{"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":' + extra
+                            + ',"x":-0}}', 8)
+        with SafeFile(path) as f:
+            assert f.info("t").shape == (2,) and f.read_raw("t").tobytes() == b"\0" * 8
+
+
+@pytest.mark.parametrize("shape, offsets, nbytes", [("[-0,2]", "[0,0]", 0), ("[2]", "[-0,8]", 8)])
+def test_negative_zero_is_not_an_integer(tmp_path, shape, offsets, nbytes):
+    """serde_json reads `-0` as a float, so the library refuses it as a dimension or offset; we read 0."""
+    from longcat_lora.errors import LoraError
+    from longcat_lora.io.reader import SafeFile
+
+    path = _header_file(tmp_path, f'{{"t":{{"dtype":"F32","shape":{shape},"data_offsets":{offsets}}}}}', nbytes)
+    with pytest.raises(LoraError, match="shape|data_offsets"):
+        SafeFile(path)
+
+
+@pytest.mark.parametrize("shape", ["[0,4611686018427387904]", "[4611686018427387904,0]"])
+def test_an_empty_tensor_numpy_cannot_hold_is_refused(tmp_path, shape):
+    """[0, 2**62] F32 made `read_raw` fail with numpy's ValueError (not a LoraError); [2**62, 0] was read
+    though numpy (the library's "np") refuses it. Both are refused at the header now."""
+    from longcat_lora.errors import LoraError
+    from longcat_lora.io.reader import SafeFile
+
+    path = _header_file(tmp_path, f'{{"t":{{"dtype":"F32","shape":{shape},"data_offsets":[0,0]}}}}', 0)
+    with pytest.raises(LoraError, match="2\\*\\*63 bytes"):
+        SafeFile(path)

@@ -5,6 +5,10 @@ toward the process's resident memory until the map is closed, so converting a 1.
 1.6 GB peak. Here each tensor (or row range) is read with one `pread` into a fresh buffer and released
 after use, so peak memory is the largest tensor, not the file. The header is validated before any data is
 read (offsets, sizes, dtypes), and nothing is ever unpickled. Files written by `writer` load with `safetensors`.
+
+One module of about 480 lines because it is one thing: every byte read from a safetensors input passes
+here (the open checks, sniffing, the header parser, reads of the ranges it validated). The rules where
+Python's json is looser than the library's parser live apart, in `serdejson`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from ..errors import LoraError
 from .dtypes import ITEMSIZE, _NONFINITE, nonfinite, torch_dtype
+from .serdejson import json_float, json_int_no_negative_zero, refusal
 
 if TYPE_CHECKING:
     import torch
@@ -34,22 +39,6 @@ MAX_HEADER = 100_000_000
 
 def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
-
-
-def _unicode(text: str) -> bool:
-    """False for a string holding a lone surrogate (JSON allows the escape; UTF-8 cannot hold it)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} out of range")
-    return value
 
 
 class TensorInfo(NamedTuple):
@@ -68,6 +57,7 @@ class TensorInfo(NamedTuple):
 _U64 = 1 << 64  # safetensors reads offsets and sizes as usize (u64)
 _DIM = 1 << 63  # a dimension must fit torch's int64
 _DTYPE = {k: k for k in ITEMSIZE}  # one shared string per dtype name
+_FIELDS = ("dtype", "shape", "data_offsets")  # an entry's fields; others are ignored
 
 
 class _Obj(list):
@@ -109,7 +99,7 @@ def _header_hook(base: int) -> Callable[[list], object]:
             nbytes *= s
             if nbytes >= _U64 * itemsize[dtype]:
                 return obj(pairs)
-        if nbytes != hi - lo:
+        if nbytes != hi - lo or not nbytes:  # no elements: `_entry` checks the other dimensions' size
             return obj(pairs)
         t = tuple(shape)
         return info(intern[dtype], shapes.setdefault(t, t), base + lo, base + hi)
@@ -221,9 +211,11 @@ class SafeFile:
         """Parse and validate the header as the safetensors library does, in one pass of json.
 
         Refused, naming the tensor: a header over MAX_HEADER bytes (the library's own cap), text that is
-        not UTF-8 or not strict JSON, nesting past the parser's limit, a name given twice (the library
-        silently keeps the last one), a non-object entry, a missing field, an unknown dtype, a shape that
-        is not a list of integers in [0, 2**63) or whose element count overflows 64 bits, offsets that
+        not UTF-8 or not JSON as the library's parser reads it (`serdejson`: numbers it finds out of range,
+        `-0` as an integer, lone surrogates, nesting past 127 levels), a name given twice (the library
+        silently keeps the last one), a non-object entry, a missing field or one given twice, an unknown
+        dtype, a shape that is not a list of integers in [0, 2**63), whose element count overflows 64 bits
+        or (with no elements) whose other dimensions span 2**63 bytes (numpy cannot hold it), offsets that
         are not two integers 0 <= begin <= end < 2**64 (booleans and 1.0 are not integers), a byte count
         that does not match the shape, and data that does not tile the rest of the file exactly.
         Time and memory are linear in the header: no dict per entry, the garbage collector paused.
@@ -243,8 +235,9 @@ class SafeFile:
             try:
                 text = raw.decode("utf-8")
                 del raw  # the bytes are not needed while the text is parsed
-                header = json.loads(text, object_pairs_hook=_header_hook(base),
-                                    parse_constant=_no_constant, parse_float=_finite_float)
+                header = json.loads(text, object_pairs_hook=_header_hook(base), parse_constant=_no_constant,
+                                    parse_float=json_float,
+                                    parse_int=json_int_no_negative_zero if "-0" in text else None)
             except UnicodeDecodeError:
                 raise LoraError(f"{self.path}: not a safetensors file: its header is not UTF-8") from None
             except RecursionError:
@@ -255,6 +248,9 @@ class SafeFile:
             del text
             if type(header) is not _Obj:
                 raise LoraError(f"{self.path}: corrupt safetensors header: not a JSON object")
+            why = refusal(_Obj(kv for kv in header if type(kv[1]) is not TensorInfo or not kv[0].isascii()), 1, _Obj)
+            if why is not None:  # what the library's JSON parser refuses and Python's takes (see serdejson)
+                raise LoraError(f"{self.path}: corrupt safetensors header: {why}")
             infos: dict[str, object] = dict(header)
             if len(infos) != len(header):
                 seen: set[str] = set()
@@ -262,9 +258,6 @@ class SafeFile:
                 raise LoraError(f"{self.path}: corrupt safetensors header: {dup!r} appears twice")
             del header
             metadata = self._metadata(infos.pop("__metadata__", None))
-            for text in [k for k in infos if not k.isascii()] + [t for kv in metadata.items() for t in kv]:
-                if not _unicode(text):  # a lone surrogate (\ud800): safetensors refuses the header
-                    raise LoraError(f"{self.path}: corrupt safetensors header: {text[:80]!r} is not valid Unicode")
             for name in [k for k, v in infos.items() if type(v) is not TensorInfo]:
                 infos[name] = self._entry(name, infos[name], base)
         finally:
@@ -290,10 +283,10 @@ class SafeFile:
 
         if type(entry) is not _Obj:
             raise bad("not an object")
-        fields = dict(entry)  # unknown fields are ignored, as safetensors ignores them
-        if len(fields) != len(entry):
+        fields = dict(entry)  # unknown fields are ignored (even twice), as safetensors ignores them
+        if sum(k in _FIELDS for k, _ in entry) > sum(f in fields for f in _FIELDS):
             raise bad("a field appears twice")
-        for f in ("dtype", "shape", "data_offsets"):
+        for f in _FIELDS:
             if f not in fields:
                 raise bad(f"no {f}")
         dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
@@ -308,6 +301,8 @@ class SafeFile:
         nbytes = _nbytes(shape, dtype)
         if nbytes is None:
             raise bad("its shape has more than 2**64 elements")
+        if not nbytes and math.prod(s for s in shape if s) * ITEMSIZE[dtype] >= _DIM:
+            raise bad("its shape spans 2**63 bytes or more, dimensions of 0 aside (no array can hold it)")
         if nbytes != hi - lo:
             raise LoraError(f"{self.path}: tensor {name!r}: {hi - lo} bytes stored for shape "
                             f"{shape if len(shape) <= 8 else shape[:8] + ['...']} {dtype} (corrupt header)")
