@@ -40,11 +40,11 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = "src/longcat_lora"
-CORE = ["formats/__init__.py", "formats/_common.py", "formats/longcat.py", "formats/fastvideo.py",
-        "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "model/adapter.py", "model/sources.py",
-        "model/layout.py", "io/dtypes.py",
-        "io/reader.py", "io/writer.py", "io/outputs.py", "apply/runtime.py", "apply/merge.py", "commands/verify.py",
-        "model/naming.py", "apply/targets.py"]
+CORE = ["formats/__init__.py", "formats/_common.py", "formats/base.py", "formats/registry.py", "formats/longcat.py",
+        "formats/fastvideo.py", "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "model/adapter.py",
+        "model/sources.py", "model/layout.py", "model/naming.py", "io/dtypes.py", "io/reader.py", "io/serdejson.py",
+        "io/writer.py", "io/outputs.py", "apply/runtime.py", "apply/layers.py", "apply/fuse.py", "apply/targets.py",
+        "apply/merge.py", "apply/pipeline.py", "apply/merge_compute.py", "commands/verify.py"]
 
 # Fast subsets (pytest node ids), per core module, the quickest and most telling first (`-x` stops a
 # killed mutant at its first failure; a survivor runs the whole subset: 30-90 s each on 2 shared cores).
@@ -99,10 +99,15 @@ SUBSETS = {
               R + "test_zero_size_dimension_on_the_header_fast_path", R + "test_a_two_byte_pickle_is_named_a_pickle",
               R + "test_nonfinite_scan_of_an_empty_tensor_at_the_end_of_a_page_aligned_file",
               R + "test_input_swapped_for_a_fifo_after_the_type_check_never_hangs",
-              R + "test_a_header_length_that_starts_like_a_pickle_is_still_safetensors"],
-    "apply/runtime.py": _RUNTIME,
+              R + "test_a_header_length_that_starts_like_a_pickle_is_still_safetensors",
+           "tests/test_copy_scan.py", "tests/test_reader_property.py"],
+    "apply/runtime.py": _RUNTIME + ["tests/test_runtime_switching.py"],
+    "apply/layers.py": _RUNTIME + ["tests/test_runtime_switching.py"],
+    "apply/fuse.py": _RUNTIME + ["tests/test_runtime_switching.py"],
     "apply/targets.py": _RUNTIME[:5] + _MERGE[:3],
     "apply/merge.py": _MERGE,
+    "apply/pipeline.py": _MERGE + ["tests/test_merge.py"],
+    "apply/merge_compute.py": _MERGE + ["tests/test_merge.py"],
     "commands/verify.py": [R + "test_verify_when_the_two_sides_split_rows_differently",
                   R + "test_verify_reports_the_reference_relative_error",
                   "tests/test_cli.py::test_verify_exit_codes_and_worst_location"],
@@ -137,13 +142,12 @@ HAND = [  # (file, exact old text, new text, the bug it stands for)
      "FastVideo lora_alpha < 1 read as scale 0"),
     ("formats/fastvideo.py", "    a = int(alpha)\n", "    a = alpha\n", "FastVideo lora_alpha not truncated"),
     ("formats/fastvideo.py", "and int(alpha) != 0\n", "\n", "FastVideo writer keeps lora_alpha < 1"),
-    ("apply/merge.py", "return Entry(name, dt, info.shape, lambda: ws.merged(sf, name, adds, dt))",
-     "return Entry(name, 'F32', info.shape, lambda: ws.merged(sf, name, adds, 'F32'))",
-     "merge writes touched weights as F32"),
+    ("apply/merge_compute.py", "out = self.out[slot][:job.out_bytes].view(torch_dtype(job.out_dtype))",
+     "out = self.out[slot][:job.out_bytes].view(torch_dtype('F32'))", "merge computes touched weights into F32 bytes"),
     ("apply/merge.py", '"fp16": "F16"', '"fp16": "BF16"', "merge --dtype fp16 mapped to bf16"),
-    ("apply/runtime.py", "dst += (hb @ b.up.T).to(y.dtype) * (b.scale * s)", "dst += (hb @ b.up.T).to(y.dtype) * b.scale",
+    ("apply/layers.py", "dst += (hb @ b.up.T).to(y.dtype) * (b.scale * s)", "dst += (hb @ b.up.T).to(y.dtype) * b.scale",
      "runtime mixed-dtype branch ignores strength"),
-    ("apply/runtime.py", "if layer not in st.originals:", "if True:", "second merge_lora overwrites the saved originals"),
+    ("apply/fuse.py", "if u.layer not in originals:", "if True:", "second merge_lora overwrites the saved originals"),
     ("io/outputs.py", "tmp = _create_temp(parent, base, directory)", "tmp = out if not directory else _create_temp(parent, base, directory)",
      "file output written straight to OUT"),
     ("io/outputs.py", "real_out = os.path.realpath(out)", "real_out = out", "OUT == input compared as strings (out)"),
