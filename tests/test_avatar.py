@@ -15,10 +15,10 @@ import longcat_lora as L
 from longcat_lora.model import naming
 from longcat_lora.testing.dit import TINY_AVATAR, LongCatAvatarDiT
 from longcat_lora.testing.fixtures import write_native_lora
-from longcat_lora.testing.official import disable_official_loras, enable_official_loras
 
 from conftest import cli
 from int8_reference import ref_quantize_model
+from dit_runs import DitRuns
 from reference import official_delta, rel_err, worst
 
 CFG = dataclasses.replace(TINY_AVATAR, depth=4)
@@ -162,17 +162,8 @@ def _inputs():
     return x, t, y, None, audio
 
 
-def _run(model):
-    with torch.no_grad():
-        return model(*_inputs())
-
-
-def _official(model, specs):
-    enable_official_loras(model, specs)
-    try:
-        return _run(model)
-    finally:
-        disable_official_loras(model)
+_RUNS = DitRuns(_inputs)
+_run, _official = _RUNS.run, _RUNS.official
 
 
 @pytest.fixture(scope="module")

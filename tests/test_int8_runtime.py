@@ -2,6 +2,7 @@
 checked against an INT8 layer and quantizer written independently from the spec (int8_reference.py)
 and the official LoRA semantics (longcat_lora.official) on the same INT8 model."""
 
+from functools import partial
 import copy
 import dataclasses
 
@@ -16,9 +17,9 @@ from longcat_lora.testing.dit import (TINY, LongCatDiT, LongCatDiTSplit, Quantiz
     quantize_dit)
 from longcat_lora.errors import LoraError
 from longcat_lora.testing.fixtures import write_native_lora
-from longcat_lora.testing.official import disable_official_loras, enable_official_loras
 
 from int8_reference import RefQuantizedLinear, ref_dequant64, ref_quantize, ref_quantize_model
+from dit_runs import DitRuns, dit_batch
 from reference import official_delta, rel_err
 
 CFG = dataclasses.replace(TINY, depth=4)
@@ -27,26 +28,11 @@ SEP = "___lorahyphen___"
 HALF_STEP = 0.5 + 127 * 2.0 ** -24
 
 
-def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, CFG.in_channels, 2, 4, 4, generator=g)
-    t = torch.tensor([800.0, 150.0])
-    y = torch.randn(2, 1, 6, CFG.caption_channels, generator=g)
-    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
-    return x, t, y, mask
+_inputs = partial(dit_batch, CFG)
 
 
-def _run(model):
-    with torch.no_grad():
-        return model(*_inputs())
-
-
-def _official(model, specs):
-    enable_official_loras(model, specs)
-    try:
-        return _run(model)
-    finally:
-        disable_official_loras(model)
+_RUNS = DitRuns(_inputs)
+_run, _official = _RUNS.run, _RUNS.official
 
 
 def _int8_buffers(model):

@@ -1,6 +1,7 @@
 """Runtime: apply / strength / remove / merge / unmerge on the reference DiT in both namings, against
 the official LoRANetwork semantics (longcat_lora.official)."""
 
+from functools import partial
 import pytest
 import torch
 from torch import nn
@@ -9,20 +10,14 @@ import longcat_lora as L
 from longcat_lora.model import naming
 from longcat_lora.testing.dit import TINY, LongCatDiT, LongCatDiTSplit, convert_state_dict
 from longcat_lora.testing.fixtures import write_native_lora
-from longcat_lora.testing.official import disable_official_loras, enable_official_loras
 
+from dit_runs import DitRuns, dit_batch
 from reference import half_ulp, official_delta, rel_err
 
 CFG = TINY
 
 
-def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, CFG.in_channels, 2, 4, 4, generator=g)
-    t = torch.tensor([800.0, 150.0])
-    y = torch.randn(2, 1, 6, CFG.caption_channels, generator=g)
-    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
-    return x, t, y, mask
+_inputs = partial(dit_batch, CFG)
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +44,8 @@ def loras(tmp_path_factory):
     return out
 
 
-def _official(model, specs):
-    enable_official_loras(model, specs)
-    try:
-        with torch.no_grad():
-            return model(*_inputs())
-    finally:
-        disable_official_loras(model)
-
-
-def _run(model):
-    with torch.no_grad():
-        return model(*_inputs())
+_RUNS = DitRuns(_inputs)
+_run, _official = _RUNS.run, _RUNS.official
 
 
 def test_split_and_fused_models_agree_and_convert(models):

@@ -3,6 +3,7 @@ set_adapters (diffusers shape), re-weighted, removed by name, fused by name and 
 The oracle is the official LoRANetwork semantics (longcat_lora.testing.official) on the same model,
 and the float64 weight changes of tests/reference.py."""
 
+from functools import partial
 import os
 import shutil
 
@@ -14,33 +15,18 @@ import longcat_lora as L
 from longcat_lora.apply import runtime
 from longcat_lora.testing.dit import TINY, LongCatDiT, LongCatDiTSplit, convert_state_dict
 from longcat_lora.testing.fixtures import write_native_lora
-from longcat_lora.testing.official import disable_official_loras, enable_official_loras
 
+from dit_runs import DitRuns, dit_batch
 from reference import half_ulp, official_delta, rel_err
 
 CFG = TINY
 
 
-def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, CFG.in_channels, 2, 4, 4, generator=g)
-    t = torch.tensor([800.0, 150.0])
-    y = torch.randn(2, 1, 6, CFG.caption_channels, generator=g)
-    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
-    return x, t, y, mask
+_inputs = partial(dit_batch, CFG)
 
 
-def _run(model):
-    with torch.no_grad():
-        return model(*_inputs())
-
-
-def _official(model, specs):
-    enable_official_loras(model, specs)
-    try:
-        return _run(model)
-    finally:
-        disable_official_loras(model)
+_RUNS = DitRuns(_inputs)
+_run, _official = _RUNS.run, _RUNS.official
 
 
 @pytest.fixture(scope="module")
