@@ -314,9 +314,11 @@ class Realised:
     """Each module's output factors, computed on first use, kept for the last two modules (the writer
     produces the next tensor on a second thread while it writes this one).
 
-    After `follow(order)` (the modules in the order a writer asks for them), a helper thread computes
-    the next module while the current one is used, so a second core works too. A guess that misses
-    costs nothing but doing that module early: its result waits until asked for (one at most)."""
+    After `follow(order)` (the modules in the order a writer asks for them), `AHEAD` helper threads
+    compute the next modules while the current one is written, so both cores work. A guess that misses
+    costs nothing but doing that module early: its result waits until asked for."""
+
+    AHEAD = 2
 
     def __init__(self, dtype: str, keep: int = 2):
         self.dtype = dtype
@@ -324,16 +326,17 @@ class Realised:
         self.cache: OrderedDict[str, Factors] = OrderedDict()
         self.errors: dict[str, list[float]] = {}
         self.lock = threading.Lock()
-        self.ws = Workspace()
-        self.spare = Workspace()  # the helper thread's buffers
-        self.next: dict[str, ModulePlan] = {}
-        self.ahead: tuple[str, Future] | None = None
+        self.local = threading.local()  # each thread's Workspace
+        self.order: list[ModulePlan] = []
+        self.index: dict[str, int] = {}
+        self.ahead: dict[str, Future] = {}
         self.pool: ThreadPoolExecutor | None = None
 
     def follow(self, order: list[ModulePlan]) -> None:
-        self.next = {a.name: b for a, b in zip(order, order[1:])}
+        self.order = order
+        self.index = {mp.name: i for i, mp in enumerate(order)}
         if self.pool is None:
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="lowrank")
+            self.pool = ThreadPoolExecutor(self.AHEAD, thread_name_prefix="lowrank")
 
     def close(self) -> None:
         """Stop the helper thread (waiting for a module it is computing)."""
@@ -347,8 +350,11 @@ class Realised:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _compute(self, mp: ModulePlan, ws: Workspace) -> tuple[Factors, list[float]]:
+    def _compute(self, mp: ModulePlan) -> tuple[Factors, list[float]]:
         assert mp.plans is not None
+        ws = getattr(self.local, "ws", None)
+        if ws is None:
+            ws = self.local.ws = Workspace()
         got, errs = [], []
         with single_threaded():
             for cell, plan in zip(mp.cells, mp.plans):
@@ -363,19 +369,25 @@ class Realised:
             if got is not None:
                 self.cache.move_to_end(mp.name)
                 return got
-            if self.ahead is not None and self.ahead[0] == mp.name:
-                got, errs = self.ahead[1].result()
-                self.ahead = None
-            else:
-                got, errs = self._compute(mp, self.ws)
+            fut = self.ahead.pop(mp.name, None)
+            got, errs = fut.result() if fut is not None else self._compute(mp)
             self.errors[mp.name] = errs
             self.cache[mp.name] = got
             while len(self.cache) > self.keep:
                 self.cache.popitem(last=False)
-            nxt = self.next.get(mp.name)
-            if self.pool is not None and self.ahead is None and nxt is not None and nxt.name not in self.errors:
-                self.ahead = (nxt.name, self.pool.submit(self._compute, nxt, self.spare))
+            self._look_ahead(mp)
             return got
+
+    def _look_ahead(self, mp: ModulePlan) -> None:
+        """Start the modules after `mp` (in the followed order) until AHEAD are in flight."""
+        i = self.index.get(mp.name)
+        if self.pool is None or i is None:
+            return
+        for nxt in self.order[i + 1:]:
+            if len(self.ahead) >= self.AHEAD:
+                return
+            if nxt.name not in self.errors and nxt.name not in self.ahead:
+                self.ahead[nxt.name] = self.pool.submit(self._compute, nxt)
 
 
 def _raw(t: torch.Tensor) -> np.ndarray:
@@ -493,9 +505,9 @@ def build_adapter(mps: list[ModulePlan], realised: Realised | None,
                   exact_module: Callable[[ModulePlan], LoraModule] | None = None) -> LoraAdapter:
     """The output adapter: truncated modules computed on demand through `realised`, exact ones by
     `exact_module`."""
+    from ..formats._common import in_file_order
+
     modules = {}
-    if realised is not None:
-        realised.follow([mp for mp in mps if mp.plans is not None])
     for mp in mps:
         if mp.plans is not None:
             assert realised is not None
@@ -503,4 +515,8 @@ def build_adapter(mps: list[ModulePlan], realised: Realised | None,
         else:
             assert exact_module is not None
             modules[mp.name] = exact_module(mp)
-    return LoraAdapter(modules, format="memory")
+    adapter = LoraAdapter(modules, format="memory")
+    if realised is not None:  # the helper thread follows the order the writers ask in
+        planned = {mp.name: mp for mp in mps if mp.plans is not None}
+        realised.follow([planned[m.name] for m in in_file_order(adapter) if m.name in planned])
+    return adapter
