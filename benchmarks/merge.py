@@ -43,7 +43,7 @@ write_native_lora({lora!r}, "refinement", dims=c.dims, rank=128, dtype=torch.bfl
 GEMM = """
 import time, torch
 from longcat_lora.formats import load_lora
-from longcat_lora.apply.merge import open_base
+from longcat_lora.apply.base_checkpoint import open_base
 from longcat_lora.apply.targets import find_targets
 dev = {device!r}
 b = open_base({base!r})

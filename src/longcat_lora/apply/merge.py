@@ -1,121 +1,42 @@
 """Bake LoRAs into a base checkpoint: `W' = W + sum_i strength_i * dW_i`, streamed tensor by tensor.
 
-BASE is a safetensors file or a directory of shards with a `*.safetensors.index.json`, in LongCat's
-original naming or FastVideo's split naming (recognised per tensor through the naming table). OUT
-mirrors BASE: same shard names, the same weight_map, every other file copied. Untouched tensors are
-copied byte for byte (copy_file_range); each adapted weight is computed in fp32 (one in-place addmm per
-LoRA part, on the chosen device) and cast once (merge_compute.py). The adapted weights go through a
-pipeline (pipeline.py): the next one is read while the current one is computed and the previous one is
-written, at most DEPTH of each in memory. Everything is validated before anything is written, and OUT
-is built in a temp directory beside it and renamed into place at the end.
+BASE (opened by base_checkpoint.py) is a safetensors file or a directory of shards with a
+`*.safetensors.index.json`, in LongCat's original naming or FastVideo's split naming (recognised per
+tensor through the naming table). OUT mirrors BASE: same shard names, the same weight_map, every other
+file copied (side_files.py). Untouched tensors are copied byte for byte (copy_file_range); each adapted
+weight is computed in fp32 (one in-place addmm per LoRA part, on the chosen device) and cast once
+(merge_compute.py). The adapted weights go through a pipeline (pipeline.py): the next one is read while
+the current one is computed and the previous one is written, at most DEPTH of each in memory.
+Everything is validated before anything is written, and OUT is built in a temp directory beside it and
+renamed into place at the end.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import stat
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..io import jsonsafe
 from ..model.adapter import LoraAdapter
 from ..errors import LoraError, Param
 from ..formats import load_lora
 from .merge_compute import CpuStages, DeviceStages, Job, exact_fp32, gflop, resolve_device
-from .merge_int8 import Int8Merge, Requant, check_fit, scan
+from .base_checkpoint import Base, open_base
+from .int8_layout import check_fit, scan
+from .merge_int8 import Int8Merge, Requant
 from .pipeline import Pipeline
-from ..io.dtypes import FLOATS, ITEMSIZE, tensor_bytes, torch_dtype
+from .side_files import copy_rest, copy_side_file
+from ..io.dtypes import FLOATS, tensor_bytes, torch_dtype
 from ..io.writer import Entry, write_safetensors
 from ..io.reader import FileRange, SafeFile, file_kind
 from ..io.outputs import atomic_output, check_output, dir_problem
 from .targets import Target, find_targets
 
-INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 DEPTH = 2  # adapted weights in flight: one read, one computed, one written (see pipeline.py)
-
-
-@dataclass
-class Base:
-    """A base checkpoint laid out as shards (one, for a single file)."""
-
-    path: str
-    directory: bool
-    shards: dict[str, SafeFile]  # file name -> open file
-    index_name: str | None = None
-    index: dict | None = None
-    tensors: dict[str, str] = field(default_factory=dict)  # tensor -> shard file name
-
-    def shape(self, tensor: str) -> tuple[int, ...] | None:
-        shard = self.tensors.get(tensor)
-        return None if shard is None else self.shards[shard].info(tensor).shape
-
-    def close(self) -> None:
-        for f in self.shards.values():
-            f.close()
-
-
-def open_base(path: str) -> Base:
-    """Open and validate a base checkpoint: index, shards, and every tensor the index names."""
-    path = str(path)
-    if os.path.isfile(path):
-        sf = SafeFile(path)
-        base = Base(path, False, {os.path.basename(path): sf})
-        base.tensors = {k: os.path.basename(path) for k in sf.keys()}
-        return base
-    if not os.path.isdir(path):
-        if os.path.exists(path):
-            raise LoraError(f"{path}: not a regular file or directory ({file_kind(os.stat(path).st_mode)})")
-        raise LoraError(f"{path}: no such file or directory")
-    indexes = [n for n in os.listdir(path) if n.endswith(".safetensors.index.json")]
-    if not indexes:
-        single = [n for n in os.listdir(path) if n.endswith(".safetensors")]
-        if len(single) != 1:
-            raise LoraError(f"{path}: no *.safetensors.index.json and {len(single)} .safetensors files; "
-                            f"cannot tell which are the shards")
-        base = Base(path, True, {single[0]: SafeFile(os.path.join(path, single[0]))})
-        base.tensors = {k: single[0] for k in base.shards[single[0]].keys()}
-        return base
-    preferred = [n for n in INDEX_NAMES if n in indexes]
-    name = preferred[0] if preferred else sorted(indexes)[0]
-    ipath = os.path.join(path, name)
-    if os.path.exists(ipath) and not os.path.isfile(ipath):  # a FIFO would block the read forever
-        raise LoraError(f"{ipath}: not a regular file ({file_kind(os.stat(ipath).st_mode)})")
-    index = jsonsafe.load_file(ipath, "the safetensors index", jsonsafe.MAX_INDEX_BYTES)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        raise LoraError(f"{ipath}: not a valid safetensors index (needs a weight_map object, tensor -> shard)")
-    for tensor, shard in weight_map.items():
-        if not isinstance(shard, str):
-            raise LoraError(f"{ipath}: weight_map[{tensor!r}] must be a shard file name, not "
-                            f"{jsonsafe.type_name(shard)}")
-    if not isinstance(index.get("metadata", {}), dict):
-        raise LoraError(f"{ipath}: the index's metadata must be an object, not {jsonsafe.type_name(index['metadata'])}")
-    base = Base(path, True, {}, name, index)
-    try:
-        for shard in sorted(set(weight_map.values())):
-            spath = os.path.join(path, shard)
-            if not _plain_name(shard):  # a path from a file never leaves BASE
-                raise LoraError(f"{ipath}: shard {shard!r} is not a file name inside {path}; refusing")
-            if not os.path.exists(spath):  # (a FIFO or device is refused by SafeFile, never read)
-                raise LoraError(f"{ipath}: shard {shard!r} is missing from {path}")
-            base.shards[shard] = SafeFile(spath)
-        for tensor, shard in weight_map.items():
-            if tensor not in base.shards[shard].tensors:
-                raise LoraError(f"{ipath}: names tensor {tensor!r} in {shard!r}, which does not hold it")
-        for shard, sf in base.shards.items():
-            for tensor in sf.keys():
-                if base.tensors.setdefault(tensor, shard) != shard:
-                    raise LoraError(f"{path}: tensor {tensor!r} is in both {base.tensors[tensor]!r} and {shard!r}")
-    except BaseException:
-        base.close()
-        raise
-    return base
 
 
 @dataclass
@@ -197,9 +118,9 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
                     write_safetensors(target, entries, sf.metadata or None, bar.update if bar else None,
                                       pipelined=False)
                 if b.directory and q8 is not None and out_dtype is not None:
-                    q8.copy_rest(tmp, lambda src, dst: _copy_side_file(src, dst, b.path))
+                    q8.copy_rest(tmp, lambda src, dst: copy_side_file(src, dst, b.path))
                 elif b.directory:
-                    _copy_rest(b, tmp, out_dtype)
+                    copy_rest(b, tmp, out_dtype)
                 for sf in [*b.shards.values(), *(f for a, _ in loras if isinstance(a, LoraAdapter) for f in a.files),
                            *(f for a in opened for f in a.files)]:
                     sf.check_unchanged()  # an input rewritten meanwhile: what was read may mix two versions
@@ -245,12 +166,6 @@ def _entry(sf: SafeFile, name: str, adds: list[tuple[Target, float]] | None, out
     return Entry(name, dt, info.shape, lambda i=len(jobs) - 1: take(i))
 
 
-def _plain_name(name: object) -> bool:
-    """True for a file name that stays inside its folder (no separator, not '.', '..' or empty, no NUL)."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and os.sep not in name
-            and "\0" not in name)
-
-
 def _earlier_output(base: str):
     """The `--overwrite` rule for an existing OUT directory: it must look like an earlier merge of BASE.
 
@@ -279,61 +194,6 @@ def _earlier_output(base: str):
     return problem
 
 
-def _copy_side_file(src: str, dst: str, root: str) -> None:
-    """Copy one non-shard entry of BASE: a regular file, a directory (recursively), or a symlink as a link.
-
-    Links are never followed: a link whose target stays inside BASE (`root`) keeps its text (it resolves
-    the same way in OUT, which mirrors BASE); one pointing out of BASE becomes a link to the same absolute
-    target.
-    Nothing is read through a link, so a link to `/` or to a secret never copies its contents into OUT.
-    FIFOs, sockets and devices are refused (copying one would block or read forever).
-    """
-    mode = os.lstat(src).st_mode
-    if stat.S_ISLNK(mode):
-        target = os.readlink(src)
-        inside = _inside(os.path.join(os.path.dirname(src), target), root)
-        os.symlink(target if inside else os.path.realpath(src), dst)
-    elif stat.S_ISDIR(mode):
-        os.mkdir(dst, 0o777)
-        for n in sorted(os.listdir(src)):
-            _copy_side_file(os.path.join(src, n), os.path.join(dst, n), root)
-        shutil.copystat(src, dst, follow_symlinks=False)
-    elif stat.S_ISREG(mode):
-        shutil.copy2(src, dst, follow_symlinks=False)
-    else:
-        raise LoraError(f"{src}: {file_kind(mode)} in the base checkpoint; refusing to copy it")
-
-
-def _inside(path: str, folder: str) -> bool:
-    """True if `path`, resolved through every link, lies in `folder` (also resolved)."""
-    real, top = os.path.realpath(path), os.path.realpath(folder)
-    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
-
-
-def _copy_rest(b: Base, tmp: str, out_dtype: str | None) -> None:
-    """Every file of BASE that is not a shard, the index rewritten only where sizes changed (see _copy_side_file)."""
-    for entry in os.listdir(b.path):
-        src, dst = os.path.join(b.path, entry), os.path.join(tmp, entry)
-        if entry in b.shards:
-            continue
-        if entry == b.index_name and b.index is not None:
-            index = json.loads(json.dumps(b.index))
-            if out_dtype is not None:
-                total = sum(_out_nbytes(sf, k, out_dtype) for sf in b.shards.values() for k in sf.keys())
-                index.setdefault("metadata", {})["total_size"] = total
-            with open(dst, "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-        else:
-            _copy_side_file(src, dst, b.path)
-
-
-def _out_nbytes(sf: SafeFile, name: str, out_dtype: str) -> int:
-    info = sf.info(name)
-    dt = out_dtype if info.dtype in FLOATS else info.dtype
-    return info.nbytes // ITEMSIZE[info.dtype] * ITEMSIZE[dt]
-
-
 def _progress(b: Base, enabled: bool):
     if not (enabled and sys.stderr.isatty()):
         return None
@@ -354,4 +214,4 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     return arg, 1.0
 
 
-__all__ = ["merge_checkpoint", "open_base", "parse_lora_arg", "MergeReport"]
+__all__ = ["merge_checkpoint", "parse_lora_arg", "MergeReport"]

@@ -1,8 +1,5 @@
-"""Merging LoRAs into LongCat's INT8 checkpoints (the official `base_model_int8/` layout).
-
-An INT8 checkpoint (spec section 5) holds, per quantized Linear `<m>`, `<m>.weight_int8` (int8
-[out, in]), `<m>.weight_scale` (float32 [out]) and `<m>.bias`; everything else is ordinary. A LoRA
-module lands on `<m>.weight_int8` when the checkpoint has no `<m>.weight`.
+"""Merging LoRAs into LongCat's INT8 checkpoints (the official `base_model_int8/` layout, which
+int8_layout.py reads and validates): the entries of each shard and the requantizing arithmetic behind them.
 
 Two outputs (`merge_checkpoint` decides by `dtype`):
 
@@ -37,20 +34,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..model.adapter import LoraAdapter
 from ..errors import LoraError
 from .int8 import quantize_rows
+from .int8_layout import INT8, PLAIN_STEM, QUANT_CONFIG, SCALE, Int8Layer, plain_name, shard_path, split_name
 from ..io.dtypes import ITEMSIZE, nonfinite, torch_dtype
 from ..io.writer import Entry
 from ..io.reader import SafeFile
 
-if TYPE_CHECKING:  # merge imports this module
-    from .merge import Base
+if TYPE_CHECKING:
+    from .base_checkpoint import Base
     from .targets import Target
 
-INT8, SCALE = ".weight_int8", ".weight_scale"
-QUANT_CONFIG = "quantization_config.json"
-QUANT_STEM, PLAIN_STEM = "quantized_model", "diffusion_pytorch_model"
 CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row chunk (4 MiB), as in merge.py
 
 
@@ -60,77 +54,6 @@ class Requant:
 
     rel: float  # ||dequant(q', s') - W'||_F / ||W'||_F, W' the merged weight in fp32
     steps: float  # worst |dequant(q', s') - W'| element, in units of its row's new scale (<= 0.5)
-
-
-@dataclass(frozen=True)
-class Int8Layer:
-    """Where one quantized Linear's two tensors live."""
-
-    name: str
-    shape: tuple[int, int]
-    q_shard: str
-    s_shard: str
-
-
-def scan(b: Base) -> dict[str, Int8Layer] | None:
-    """The INT8 layers of a base checkpoint, validated; None when it has none.
-
-    Checks every pair before anything is written: weight_int8 2-D int8, weight_scale float32 [out]
-    present, every scale positive and finite (the scales are read: out x 4 bytes per layer, released
-    after the check), no scale without its int8 weight, no layer with both `.weight` and `.weight_int8`.
-    """
-    names = [t for t in b.tensors if t.endswith(INT8) or t.endswith(SCALE)]
-    if not names:
-        return None
-    layers: dict[str, Int8Layer] = {}
-    for t in names:
-        if t.endswith(SCALE) and t[:-len(SCALE)] + INT8 not in b.tensors:
-            raise LoraError(f"{_path(b, t)}: tensor {t!r} has no {t[:-len(SCALE)] + INT8!r} in {b.path}")
-    for t in names:
-        if not t.endswith(INT8):
-            continue
-        m = t[:-len(INT8)]
-        info = b.shards[b.tensors[t]].info(t)
-        if info.dtype != "I8" or len(info.shape) != 2:
-            raise LoraError(f"{_path(b, t)}: tensor {t!r} is {info.dtype} {list(info.shape)}; an INT8 weight "
-                            f"must be 2-D I8 [out, in]")
-        if m + ".weight" in b.tensors:
-            raise LoraError(f"{_path(b, t)}: layer {m!r} has both {m + '.weight'!r} and {t!r}")
-        s = m + SCALE
-        if s not in b.tensors:
-            raise LoraError(f"{_path(b, t)}: tensor {t!r} has no {s!r} in {b.path}")
-        sf = b.shards[b.tensors[s]]
-        sinfo = sf.info(s)
-        if sinfo.dtype != "F32" or sinfo.shape != info.shape[:1]:
-            raise LoraError(f"{sf.path}: tensor {s!r} is {sinfo.dtype} {list(sinfo.shape)}; the scales of "
-                            f"{t!r} {list(info.shape)} must be F32 {list(info.shape[:1])}")
-        scales = sf.read(s)
-        bad = ~(torch.isfinite(scales) & (scales > 0))
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise LoraError(f"{sf.path}: tensor {s!r} row {row} is {float(scales[row])!r}; every scale must be "
-                            f"positive and finite")
-        layers[m] = Int8Layer(m, info.shape, b.tensors[t], b.tensors[s])  # type: ignore[arg-type]
-    return layers
-
-
-def check_fit(layers: dict[str, Int8Layer], b: Base, adapter: LoraAdapter, lora: str) -> None:
-    """Refuse a LoRA module whose [out, in] does not match the INT8 layer it names."""
-    for m in sorted(adapter.modules.values(), key=lambda m: m.name):
-        layer = layers.get(m.name)
-        if layer is not None and layer.shape != (m.out_features, m.in_features):
-            t = m.name + INT8
-            raise LoraError(f"{_path(b, t)}: tensor {t!r} is {list(layer.shape)}; LoRA {lora} module {m.name} "
-                            f"needs {[m.out_features, m.in_features]}")
-
-
-def _path(b: Base, tensor: str) -> str:
-    return b.shards[b.tensors[tensor]].path
-
-
-def plain_name(name: str) -> str:
-    """Output file name of a shard or index in a dequantized checkpoint (diffusers' names)."""
-    return PLAIN_STEM + name[len(QUANT_STEM):] if name.startswith(QUANT_STEM) else name
 
 
 class Int8Merge:
@@ -169,7 +92,7 @@ class Int8Merge:
         weight_int8 when both are in this shard; `plain(name)` makes the entry of any other tensor."""
         out: list[Entry] = []
         for name in sorted(sf.keys(), key=lambda k: sf.info(k).start):
-            layer, kind = _split(name)
+            layer, kind = split_name(name)
             if layer not in self.layers:
                 out.append(plain(name))
             elif self.out_dtype is not None:  # dequantized: <m>.weight where <m>.weight_int8 was
@@ -217,7 +140,7 @@ class Int8Merge:
         for r0, r1, w in self._merged_rows(layer):
             q, s = quantize_rows(w)
             if not bool(torch.isfinite(s).all()):
-                raise LoraError(f"{_path(self.b, layer + INT8)}: merging gives non-finite values in {layer + INT8}")
+                raise LoraError(f"{shard_path(self.b, layer + INT8)}: merging gives non-finite values in {layer + INT8}")
             out[r0:r1].copy_(q)
             scale[r0:r1].copy_(s)
             # error q * s - W' in fp32, in place in a reused buffer (float64 temporaries cost more than the
@@ -243,7 +166,7 @@ class Int8Merge:
             out[r0:r1].copy_(w)
         data = out.view(torch.uint8).reshape(-1).numpy()
         if nonfinite(data, dt):
-            raise LoraError(f"{_path(self.b, layer + INT8)}: dequantizing {layer + INT8} gives non-finite values "
+            raise LoraError(f"{shard_path(self.b, layer + INT8)}: dequantizing {layer + INT8} gives non-finite values "
                             f"as {dt}")
         return data
 
@@ -309,7 +232,7 @@ class Int8Merge:
         weight_map: dict[str, str] = {}
         total = 0
         for name, shard in self.b.index["weight_map"].items():
-            layer, kind = _split(name)
+            layer, kind = split_name(name)
             shape = None
             if layer in self.layers:
                 if kind != INT8:
@@ -343,12 +266,4 @@ class Int8Merge:
                 f"at {worst} (worst element {self.report[far].steps:.2f} steps, at {far})")
 
 
-def _split(name: str) -> tuple[str, str]:
-    """(layer, ".weight_int8" | ".weight_scale") of an INT8 tensor name, or (name, "") otherwise."""
-    for kind in (INT8, SCALE):
-        if name.endswith(kind):
-            return name[:-len(kind)], kind
-    return name, ""
-
-
-__all__ = ["Requant", "Int8Layer", "Int8Merge", "scan", "check_fit", "plain_name"]
+__all__ = ["Requant", "Int8Merge"]
