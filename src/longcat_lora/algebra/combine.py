@@ -21,8 +21,9 @@ from ..errors import LoraError
 from ..formats import load_lora, save_lora
 from ..formats._common import in_file_order
 from ..io.dtypes import torch_dtype
-from .engine import (Cell, ModulePlan, Term, Realised, build_adapter, output_dtype, plan_modules, single_threaded,
-                     write_report)
+from .cells import Cell, ModulePlan, Term, single_threaded
+from .engine import build_adapter, output_dtype, plan_modules, write_report
+from .realised import Realised
 from .lowrank import RankRule, Report
 from .resize import check_target
 

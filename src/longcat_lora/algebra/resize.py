@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from ..formats import check_lora_output, load_lora, save_lora
 from ..formats._common import in_file_order
-from .engine import Cell, ModulePlan, Term, Realised, build_adapter, output_dtype, plan_modules, write_report
+from .cells import Cell, ModulePlan, Term
+from .engine import build_adapter, output_dtype, plan_modules, write_report
+from .realised import Realised
 from .lowrank import RankRule, Report
 
 

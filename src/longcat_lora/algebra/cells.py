@@ -1,0 +1,297 @@
+"""The exact SVD of a cell under resize and combine: planned before writing, realised while writing.
+
+A *cell* is one row range of one module whose weight change is a sum of factored terms,
+
+    dW[rows] = sum_i factor_i * up_i @ down_i,
+
+(one term per up block for resize, one per input for combine). Its exact SVD comes from the stacked
+factors [f_1 up_1 | f_2 up_2 | ...] @ [down_1; down_2; ...] through `factored_svd`'s orthogonalisation,
+never from the product. Work is done in two passes so memory stays at one module:
+
+1. `plan_cell` (before writing, because the file header needs every shape): the singular values, the
+   rank the rule picks, and the two small r x k transforms that turn the stacked factors into the
+   leading singular vectors (U = up_stack @ X, V = down_stack.T @ Y).
+2. `realise` (while the writer streams the module): the output factors up' = U sqrt(S), down' =
+   sqrt(S) Vh rounded once to the output dtype, and the TRUE error of what is stored,
+   ||dW - up' @ down'||_F, computed from the factors without cancellation (see `realise`).
+
+Outputs carry scale 1 (alpha_scale 1, alpha = rank): the singular values are split symmetrically between
+the two factors, so both have the same magnitude whatever the input's alpha.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..model.adapter import Naming
+from ..model.sources import Source
+from ..errors import NAME_ONLY, LoraError, Param
+from ..io.dtypes import torch_dtype
+from .lowrank import RankRule, factored_svd, gram_cholesky
+
+if TYPE_CHECKING:  # torch is imported when the arithmetic starts
+    import torch
+
+
+@dataclass
+class Term:
+    """factor * up @ down on a cell's rows."""
+
+    up: Source  # [rows, r]
+    down: Source  # [r, in]
+    factor: float
+
+
+@dataclass
+class Cell:
+    rows: tuple[int, int]
+    terms: list[Term]
+
+    @property
+    def rank(self) -> int:
+        return sum(t.down.shape[0] for t in self.terms)
+
+
+@dataclass
+class CellPlan:
+    """What the SVD of a cell gave: all singular values, the chosen and stored rank, the transforms.
+
+    A plan made before writing (`plan_cell`) has everything; a *deferred* plan (fixed rank, where the
+    stored rank is known from the shapes alone) only has `stored` until `realise` fills it in, so the
+    factors are read once."""
+
+    s: torch.Tensor | None  # float64, descending (None while deferred)
+    k: int  # chosen by the rule (0 for a zero change)
+    stored: int  # the rank written: max(k, 1), or min(rank, q) for a fixed rank
+    x: torch.Tensor | None  # U = up_stack @ x   (None: recompute by QR, ill-conditioned factors)
+    y: torch.Tensor | None  # V = down_stack.T @ y
+    rule: RankRule | None = None  # set while deferred
+
+    @property
+    def total(self) -> float:
+        assert self.s is not None
+        return float((self.s * self.s).sum())
+
+    @property
+    def kept(self) -> float:
+        assert self.s is not None
+        return float((self.s[:self.k] ** 2).sum())
+
+
+@dataclass
+class ModulePlan:
+    name: str
+    out_features: int
+    in_features: int
+    naming: Naming
+    cells: list[Cell]
+    rank_before: int
+    plans: list[CellPlan] | None = None  # None: exact (no truncation), parts written as they are
+
+
+def work_dtype(dtype: str) -> torch.dtype:
+    """The precision of the thin (m x r) products for an output dtype: float32 where the output is a
+    16-bit float (its rounding, ~1e-3 relative, dwarfs float32's ~1e-7, and float32 products run twice as
+    fast), float64 otherwise. The small r x r work (Cholesky, core SVD, the error sums) is always float64."""
+    import torch
+
+    return torch.float32 if dtype in ("BF16", "F16") else torch.float64
+
+
+# Cholesky of a float32 Gram matrix is used only when R's diagonal spans less than this (the Gram's
+# float32 rounding, ~1e-7 relative, grows by its condition number in the small directions: at most
+# ~1e-5 here, well inside the 1e-4 the reported errors are held to); otherwise the cell is redone in float64.
+F32_MIN_RATIO = 0.1
+
+
+class Workspace:
+    """Reused buffers for the stacked factors: one allocation for the whole run instead of two fresh
+    m x r matrices per cell (which fragment the heap and fault in new pages every time)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        buf = self.bufs.get((name, dtype))
+        if buf is None or buf.numel() < rows * cols:
+            buf = self.bufs[(name, dtype)] = torch.empty(rows * cols, dtype=dtype)
+        return buf[:rows * cols].view(rows, cols)
+
+
+def stacked(cell: Cell, ws: Workspace, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up_stack [rows, R], down_stack [R, in]) in `work` dtype with each term's factor folded into its up.
+
+    The results live in `ws` and are valid until its next use. Not checked for Inf/NaN here: `plan_cell`
+    does it through the Gram diagonals it computes anyway (a column with Inf/NaN has a non-finite norm)."""
+    h = cell.rows[1] - cell.rows[0]
+    n = cell.terms[0].down.shape[1]
+    a = ws.take("up", h, cell.rank, work)
+    b = ws.take("down", cell.rank, n, work)
+    c = 0
+    for t in cell.terms:
+        r = t.down.shape[0]
+        a[:, c:c + r].copy_(t.up.load())
+        if t.factor != 1.0:
+            a[:, c:c + r].mul_(t.factor)
+        b[c:c + r].copy_(t.down.load())
+        c += r
+    return a, b
+
+
+def check_finite(a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+    """LoraError when the stacked factors hold Inf/NaN (after strength x scale)."""
+    import torch
+
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise LoraError(f"{where}: non-finite values (NaN/Inf) in its LoRA weights (or strength x scale)")
+
+
+def _cholesky_pair(a: torch.Tensor, b: torch.Tensor, where: str
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(Ra, Rb), float64, with a = Qa Ra and b.T = Qb Rb (Qa, Qb orthonormal, never formed), from the Gram
+    matrices computed in a's dtype; None when either is ill conditioned for that dtype or overflows.
+    Refuses Inf/NaN in the factors (found through the Gram diagonals, or a full scan if those overflow)."""
+    import torch
+
+    ga = a.T @ a
+    gb = b @ b.T
+    if not (bool(torch.isfinite(torch.diagonal(ga)).all()) and bool(torch.isfinite(torch.diagonal(gb)).all())):
+        check_finite(a, b, where)
+        return None  # finite factors whose squares overflow: the QR route
+    ratio = F32_MIN_RATIO if a.dtype == torch.float32 else 1e-5
+    ra = gram_cholesky(ga, ratio)
+    rb = gram_cholesky(gb, ratio) if ra is not None else None
+    return None if rb is None else (ra, rb)
+
+
+def fixed_stored(cell: Cell, rule: RankRule) -> int | None:
+    """The rank a fixed-rank rule stores for a cell, known from the shapes alone (None for other rules)."""
+    if rule.rank is None:
+        return None
+    n = cell.terms[0].down.shape[1]
+    return min(rule.rank, cell.rows[1] - cell.rows[0], cell.rank, n)
+
+
+def plan_cell(cell: Cell, rule: RankRule, ws: Workspace, where: str, work: torch.dtype,
+              stored: int | None = None, loaded: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellPlan:
+    """The exact singular values of a cell's change, the rank the rule picks, and the transforms to the
+    leading singular vectors (`stored` of them: max(k, 1) unless given). The thin products run in `work`;
+    a cell whose factors are ill conditioned for it gets no transforms (`realise` redoes it by QR in float64)."""
+    import torch
+
+    a, b = loaded if loaded is not None else stacked(cell, ws, work)
+    m, r = a.shape
+    n = b.shape[1]
+    if r <= min(m, n):
+        got = _cholesky_pair(a, b, where)
+        if got is not None:  # well conditioned: Cholesky factors, Q = a @ R^-1 never formed
+            ra, rb = got
+            uc, s, vch = torch.linalg.svd(ra @ rb.T)
+            k = rule.choose(s)
+            keep = max(k, 1) if stored is None else stored
+            x = torch.linalg.solve_triangular(ra, uc[:, :keep].contiguous(), upper=True)
+            y = torch.linalg.solve_triangular(rb, vch[:keep].T.contiguous(), upper=True)
+            return CellPlan(s, k, keep, x, y)
+    else:
+        check_finite(a, b, where)
+    _, s, _ = factored_svd(a, b, k=0)
+    k = rule.choose(s)
+    return CellPlan(s, k, max(k, 1) if stored is None else stored, None, None)
+
+
+def _tail_sq(s: torch.Tensor, k: int) -> float:
+    """sum(s[k:]^2), summed from the small end."""
+    import torch
+
+    t = s[k:]
+    return float(torch.flip(t * t, [0]).sum()) if t.numel() else 0.0
+
+
+def _dot(p1: torch.Tensor, q1: torch.Tensor) -> float:
+    """<A, B> = tr(A^T B) for A = x1 @ y1, B = x2 @ y2, given p1 = x1^T x2 and q1 = y1 @ y2^T (float64)."""
+    return float((p1 * q1).sum())
+
+
+def _mm64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y in their dtype (a thin product over the long dimension), the small result in float64."""
+    import torch
+
+    return (x @ y).to(torch.float64)
+
+
+def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
+            ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(up' [rows, stored], down' [stored, in]) in `dtype` and the true ||dW - up' down'||_F^2.
+
+    With U S Vh the truncated SVD and dA, dB the rounding of the stored factors (up' = U sqrt(S) + dA,
+    down' = sqrt(S) Vh + dB), the error is E = T - R with T = dW - U S Vh (the discarded tail, ||T||^2 =
+    the sum of the discarded s^2) and R = dA down' + U sqrt(S) dB (the rounding). T is orthogonal to U
+    and to Vh, so <T, R> = <T, dA dB> and
+        ||E||^2 = ||T||^2 + ||R||^2 - 2 <dW - U S Vh, dA dB>,
+    every term from small Gram matrices of thin factors: nothing large cancels, so the result is
+    accurate even when the error is tiny (full rank, rounding only).
+    """
+    import torch
+
+    work = work_dtype(dtype)
+    a, b = stacked(cell, ws, work)
+    if plan.rule is not None:  # deferred (fixed rank): plan now, from the factors already loaded
+        done = plan_cell(cell, plan.rule, ws, where, work, plan.stored, (a, b))
+        plan.s, plan.k, plan.x, plan.y, plan.rule = done.s, done.k, done.x, done.y, None
+    assert plan.s is not None
+    k = plan.stored
+    if plan.x is not None:
+        u = a @ plan.x.to(work)
+        v = b.T @ plan.y.to(work)
+        s = plan.s[:k]
+    else:  # ill conditioned for the Gram route: QR, all in float64
+        a, b = a.to(torch.float64), b.to(torch.float64)
+        u, s, vh = factored_svd(a, b, k=k)
+        s, v = s[:k], vh.T
+    root = s.sqrt()
+    rootw = root.to(u.dtype)
+    upw = u * rootw
+    downw = (v * rootw).T
+    td = torch_dtype(dtype)
+    # the factors' entries are at most sqrt(s_max) in size (U and V have unit columns): they can only
+    # overflow the output dtype if sqrt(s_max) does, so one comparison replaces a scan of every value
+    if not float(root[0]) < torch.finfo(td).max / 2:
+        raise LoraError(f"{where}: the new factors overflow {dtype} (choose a wider ", Param("dtype", NAME_ONLY), ")")
+    up = upw.to(td)
+    down = downw.to(td).contiguous()
+    err2 = _tail_sq(plan.s, k)
+    if td != u.dtype:
+        da = up.to(u.dtype) - upw  # [m, k]
+        down_st = down.to(u.dtype)
+        db = down_st - downw  # [k, n]
+        gdu = _mm64(da.T, u)
+        gbd = _mm64(down_st, db.T)
+        rs = root[:, None] * _mm64(db, db.T) * root[None, :]  # (sqrt(S) dB)(sqrt(S) dB)^T
+        r2 = (_dot(_mm64(da.T, da), _mm64(down_st, down_st.T)) + _dot(_mm64(u.T, u), rs)
+              + 2.0 * _dot(gdu * root[None, :], gbd))
+        # <dW - U S Vh, dA dB>
+        cross = _dot(_mm64(a.T, da), _mm64(b, db.T)) - _dot(s[:, None] * gdu.T, _mm64(v.T, db.T))
+        err2 = err2 + r2 - 2.0 * cross
+    return up.contiguous(), down, max(err2, 0.0)
+
+
+@contextmanager
+def single_threaded():
+    """Run torch on one thread inside: the work is many small factorisations (r x r SVDs, thin Grams),
+    where a thread pool costs more than it gains, and is pathologically slow on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+__all__ = ["Cell", "CellPlan", "ModulePlan", "Term", "Workspace", "fixed_stored", "plan_cell", "realise",
+           "single_threaded", "work_dtype"]
