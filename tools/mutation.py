@@ -12,11 +12,11 @@ failure ends the run) against that copy (PYTHONPATH points at the copy's src, so
 the mutant too). A mutant is killed when the subset fails or runs past its timeout.
 
 Mutants are generated from the AST of each core module (formats/, model/, io/, apply/runtime.py,
-apply/merge.py, apply/targets.py, commands/verify.py): comparison and arithmetic operators, and/or, `not`,
-small integer and float constants, True/False, dtype names ("F64" <-> "F32", "F16" <-> "BF16",
-torch.float64 <-> torch.float32). Lines that only build messages, docstrings and type hints are left
-alone. `EQUIVALENT` lists mutants that cannot change behaviour, each with the reason; the score is
-killed / (mutants run - equivalent ones).
+apply/merge.py with base_checkpoint.py and side_files.py, apply/targets.py, commands/verify.py):
+comparison and arithmetic operators, and/or, `not`, small integer and float constants, True/False,
+dtype names ("F64" <-> "F32", "F16" <-> "BF16", torch.float64 <-> torch.float32). Lines that only
+build messages, docstrings and type hints are left alone. `EQUIVALENT` lists mutants that cannot
+change behaviour, each with the reason; the score is killed / (mutants run - equivalent ones).
 
 Why not mutmut (3.8 is installed): it rewrites the package into trampolines in a mutants/ folder of
 the checkout (others work there), needs one run of the whole suite (3+ minutes here) to record which
@@ -44,7 +44,8 @@ CORE = ["formats/__init__.py", "formats/_common.py", "formats/base.py", "formats
         "formats/fastvideo.py", "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "model/adapter.py",
         "model/sources.py", "model/layout.py", "model/naming.py", "io/dtypes.py", "io/reader.py", "io/serdejson.py",
         "io/writer.py", "io/outputs.py", "apply/runtime.py", "apply/layers.py", "apply/fuse.py", "apply/targets.py",
-        "apply/merge.py", "apply/pipeline.py", "apply/merge_compute.py", "commands/verify.py"]
+        "apply/merge.py", "apply/base_checkpoint.py", "apply/side_files.py", "apply/pipeline.py",
+        "apply/merge_compute.py", "commands/verify.py"]
 
 # Fast subsets (pytest node ids), per core module, the quickest and most telling first (`-x` stops a
 # killed mutant at its first failure; a survivor runs the whole subset: 30-90 s each on 2 shared cores).
@@ -106,6 +107,8 @@ SUBSETS = {
     "apply/fuse.py": _RUNTIME + ["tests/test_runtime_switching.py"],
     "apply/targets.py": _RUNTIME[:5] + _MERGE[:3],
     "apply/merge.py": _MERGE,
+    "apply/base_checkpoint.py": _MERGE,  # moved out of merge.py (issue 9): the subset it had there
+    "apply/side_files.py": _MERGE,
     "apply/pipeline.py": _MERGE + ["tests/test_merge.py"],
     "apply/merge_compute.py": _MERGE + ["tests/test_merge.py"],
     "commands/verify.py": [R + "test_verify_when_the_two_sides_split_rows_differently",
