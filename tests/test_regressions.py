@@ -792,3 +792,98 @@ def test_an_empty_tensor_numpy_cannot_hold_is_refused(tmp_path, shape):
     path = _header_file(tmp_path, f'{{"t":{{"dtype":"F32","shape":{shape},"data_offsets":[0,0]}}}}', 0)
     with pytest.raises(LoraError, match="2\\*\\*63 bytes"):
         SafeFile(path)
+
+
+# --------------------------------------------------------------- review of the restructuring (issue 9)
+
+def test_set_adapters_refusal_changes_no_strength(tmp_path):
+    """set_adapters that refuses (another adapter is merged) must leave every strength as it was."""
+    model = _one_layer_model(nn.Linear(8, 6, bias=False))
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    _w1_lora(a, 8, 6), _w1_lora(b, 8, 6, scale=0.25)
+    L.apply_lora(model, a, name="a")
+    L.apply_lora(model, b, name="b")
+    L.merge_lora(model, names="b")
+    with pytest.raises(L.LoraError, match="merged"):
+        L.set_adapters(model, "a", weights=0.3)
+    assert {n: i.strength for n, i in L.list_loras(model).items()} == {"a": 1.0, "b": 1.0}
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e39])
+def test_runtime_refuses_strengths_and_merges_beyond_float32(tmp_path, bad):
+    model = _one_layer_model(nn.Linear(8, 6, bias=False))
+    before = model.blocks[0].ffn.w1.weight.detach().clone()
+    path = str(tmp_path / "a.safetensors")
+    _w1_lora(path, 8, 6)
+    if bad != 1e39:  # a finite 1e39 is a valid Python float: refused only where it overflows float32
+        with pytest.raises(L.LoraError, match="strength: must be a finite number"):
+            L.apply_lora(model, path, strength=bad)
+        assert L.list_loras(model) == {}
+    name = L.apply_lora(model, path)
+    if bad != 1e39:
+        with pytest.raises(L.LoraError, match="strength: must be a finite number"):
+            L.set_lora_strength(model, name, bad)
+    else:
+        L.set_lora_strength(model, name, bad)
+        with pytest.raises(L.LoraError, match="non-finite values"):
+            L.merge_lora(model, names=name)
+    with pytest.raises(L.LoraError, match="non-finite|finite number"):
+        L.merge_lora(model, path, strength=bad)
+    assert torch.equal(model.blocks[0].ffn.w1.weight, before)  # nothing merged
+
+
+def test_runtime_refuses_a_lora_with_nan(tmp_path):
+    model = _one_layer_model(nn.Linear(8, 6, bias=False))
+    path = str(tmp_path / "nan.safetensors")
+    g = torch.Generator().manual_seed(1)
+    down = torch.randn(3, 8, generator=g)
+    down[1, 2] = float("nan")
+    save_file({f"{enc('blocks.0.ffn.w1')}.lora_down.weight": down,
+               f"{enc('blocks.0.ffn.w1')}.lora_up.weight": torch.randn(6, 3, generator=g),
+               f"{enc('blocks.0.ffn.w1')}.alpha_scale": torch.tensor(0.5)}, path)
+    with pytest.raises(L.LoraError, match="NaN/Inf"):
+        L.apply_lora(model, path)
+    assert L.list_loras(model) == {}
+    with pytest.raises(L.LoraError, match="non-finite"):
+        L.merge_lora(model, path)
+
+
+def test_fastvideo_alpha_not_representable_in_float32_is_folded_exactly(tmp_path):
+    """alpha = scale * rank = 2**24 + 1 is an integer, but FastVideo's lora_alpha is stored as F32, where it
+    rounds to 2**24: the scale must be folded into lora_B instead (a wrong scale otherwise)."""
+    src, out = str(tmp_path / "a.safetensors"), str(tmp_path / "fv.safetensors")
+    want = _w1_lora(src, 8, 6, rank=4, scale=(2 ** 24 + 1) / 4)
+    assert cli("convert", src, out, "--to", "fastvideo").returncode == 0
+    got = fastvideo_delta(out)["blocks.0.ffn.w1"]
+    assert rel_err(got, want) < 1e-6
+
+
+def test_fastvideo_alpha_beyond_float32_is_refused_not_written_as_inf(tmp_path):
+    src, out = str(tmp_path / "a.safetensors"), tmp_path / "fv.safetensors"
+    _w1_lora(src, 8, 6, rank=4, scale=3e38)
+    p = cli("convert", src, out, "--to", "fastvideo", check=2)
+    assert p.stderr.count("\n") == 1 and "non-finite values (NaN/Inf)" in p.stderr, p.stderr
+    assert not out.exists()
+
+
+def test_combine_nonfinite_refusal_offers_no_flag_combine_lacks(tmp_path):
+    bad, ok, out = str(tmp_path / "bad.safetensors"), str(tmp_path / "ok.safetensors"), tmp_path / "c.safetensors"
+    g = torch.Generator().manual_seed(2)
+    down = torch.randn(3, 8, generator=g)
+    down[0, 0] = float("inf")
+    save_file({f"{enc('blocks.0.ffn.w1')}.lora_down.weight": down,
+               f"{enc('blocks.0.ffn.w1')}.lora_up.weight": torch.randn(6, 3, generator=g),
+               f"{enc('blocks.0.ffn.w1')}.alpha_scale": torch.tensor(0.5)}, bad)
+    _w1_lora(ok, 8, 6)
+    p = cli("combine", out, "--lora", bad, "--lora", ok, check=2)
+    assert p.stderr.count("\n") == 1 and "non-finite" in p.stderr and "allow" not in p.stderr, p.stderr
+    assert not out.exists()
+
+
+def test_merge_strength_beyond_float32_is_a_clean_refusal(tmp_path, merge_inputs):
+    d, bases, lora = merge_inputs
+    for strength in ("1e40", "inf", "-1e300"):  # (alpha_scale 0.3: 1e39 still fits float32)
+        out = tmp_path / f"out{strength}"
+        p = cli("merge", bases["bfloat16"], out, "--lora", f"{lora}:{strength}", "--device", "cpu", check=2)
+        assert p.stderr.count("\n") == 1 and ("float32" in p.stderr or "finite" in p.stderr), p.stderr
+        assert not out.exists()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import LoraError
 from .int8 import dequantize, is_int8_layer, quantize_rows, requant_error
 
 # a layer's weights before any merge: (weight,) or (weight_int8, weight_scale) of an INT8 layer
@@ -61,6 +62,9 @@ class Update:
 def plan(layer: str, module: nn.Module, delta: torch.Tensor, report: MergeReport) -> Update:
     """The update adding `delta` (float32 [out, in], strength included) to a float or INT8 layer;
     records the layer (and an INT8 layer's requantization error) in `report`. Writes nothing."""
+    if not bool(torch.isfinite(delta).all()):
+        raise LoraError(f"{layer}: the weight change to merge has non-finite values (NaN/Inf in the LoRA, or a "
+                        f"strength too large for float32); nothing was merged")
     report.layers.append(layer)
     if is_int8_layer(module):
         q0, s0 = module.weight_int8, module.weight_scale
@@ -69,7 +73,10 @@ def plan(layer: str, module: nn.Module, delta: torch.Tensor, report: MergeReport
         report.requantized[layer] = RequantError(*requant_error(exact, q, sc))
         return Update(layer, (q0, s0), (q, sc))
     w = module.weight
-    return Update(layer, (w,), ((w.detach().float() + delta.to(w.device)).to(w.dtype),))
+    new = (w.detach().float() + delta.to(w.device)).to(w.dtype)
+    if not bool(torch.isfinite(new).all()) and bool(torch.isfinite(w).all()):
+        raise LoraError(f"{layer}: merging overflows {str(w.dtype).removeprefix('torch.')}; nothing was merged")
+    return Update(layer, (w,), (new,))
 
 
 def write(updates: list[Update], originals: Originals) -> None:

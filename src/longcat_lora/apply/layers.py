@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import LoraError
 from ..model.adapter import Part
 from .int8 import is_int8_layer
 
@@ -49,6 +50,10 @@ class LayerAdapter:
             downs.append(p.down.load().to(device=device, dtype=dtype))
             blocks.append(Block(p.rows, (col, col + p.rank), p.up.load().to(device=device, dtype=dtype), p.scale))
             col += p.rank
+        for t in downs + [b.up for b in blocks]:
+            if not bool(torch.isfinite(t).all()):
+                raise LoraError(f"{name}: the LoRA has NaN/Inf values for this layer (or values beyond "
+                                f"{str(dtype).removeprefix('torch.')}); nothing was applied")
         return cls(name, torch.cat(downs, 0), blocks)
 
     def delta(self, out_features: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ renamed into place at the end.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -65,6 +66,10 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
     loras = list(loras)
     if not loras:
         raise LoraError("loras is empty: give at least one (LoRA, strength)")
+    for lora, strength in loras:
+        if not math.isfinite(float(strength)):
+            what = "a LoRA in memory" if isinstance(lora, LoraAdapter) else lora
+            raise LoraError(f"loras: the strength of {what} must be a finite number, got {strength}")
     inputs = [str(base)] + [str(x) for x, _ in loras if not isinstance(x, LoraAdapter)]
     check_output(out, overwrite=overwrite, inputs=inputs, directory=os.path.isdir(base),
                  replaceable=_earlier_output(str(base)))  # before reading anything

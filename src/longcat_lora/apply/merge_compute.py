@@ -28,6 +28,8 @@ from ..io.dtypes import ITEMSIZE, nonfinite, torch_dtype
 from ..io.reader import SafeFile
 from .targets import Target
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row chunk of a merged weight on the CPU (4 MiB)
 # `device="auto"` takes CUDA when the LoRA products are at least this many GFLOP. Below it, starting
 # CUDA (context and cuBLAS, about 0.5 s) costs more than the CPU spends on them: the issue-12 H100 host
@@ -61,8 +63,15 @@ class Job:
 
     def factors(self) -> list[tuple[tuple[int, int], torch.Tensor, torch.Tensor, float]]:
         """(rows, up, down, strength * scale) of every part, in the file's dtype (on the CPU)."""
-        return [(p.rows, p.up.load(), p.down.load(), p.scale * strength) for t, strength in self.adds
-                for p in t.parts()]
+        out = []
+        for t, strength in self.adds:
+            for p in t.parts():
+                factor = p.scale * strength
+                if not abs(factor) <= FLOAT32_MAX:  # NaN too: the GEMM's alpha is a float32
+                    raise LoraError(f"{self.sf.path}: {self.name!r}: strength x scale = {factor} is beyond float32 "
+                                    f"(strength {strength}, LoRA scale {p.scale})")
+                out.append((p.rows, p.up.load(), p.down.load(), factor))
+        return out
 
     def nonfinite_error(self) -> LoraError:
         return LoraError(f"{self.sf.path}: merging gives non-finite values in {self.name!r} (as {self.out_dtype})")

@@ -23,6 +23,7 @@ reported, and `unmerge_lora` restores `weight_int8` and `weight_scale` bit for b
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -152,6 +153,14 @@ def _default_name(st: _State, lora: str | os.PathLike | LoraAdapter) -> str:
     return name
 
 
+def _strength(value: float, param: str = "strength") -> float:
+    """A strength as a finite float; anything else is refused naming the parameter."""
+    v = float(value)
+    if not math.isfinite(v):
+        raise LoraError(f"{param}: must be a finite number, got {v}")
+    return v
+
+
 def apply_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter, strength: float = 1.0,
                name: str | None = None, skip_missing: bool = False) -> str:
     """Inject a LoRA (path in any format, or a LoraAdapter) without changing base weights; it is
@@ -163,6 +172,7 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter, strength
     (no weight and no weight_int8, a 1-D weight, ...) always raise, naming each with the reason. Shapes
     are checked before anything is touched. The LoRA is read here, once.
     """
+    strength = _strength(strength)
     st = _state(model)
     if name is not None and name in st.adapters:
         raise LoraError(f"name: an adapter named {name!r} is already applied (remove_lora it, or pick another name)")
@@ -172,7 +182,7 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter, strength
                     for t in targets]
     for layer_name, adapter in prepared:
         st.layers.setdefault(layer_name, HookedLayer(layers[layer_name])).adapters.append(adapter)
-    st.adapters[name] = _Adapter(float(strength), [layer for layer, _ in prepared])
+    st.adapters[name] = _Adapter(strength, [layer for layer, _ in prepared])
     st.sync()
     return name
 
@@ -180,7 +190,8 @@ def apply_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter, strength
 def set_lora_strength(model: nn.Module, name: str, strength: float) -> None:
     """Change an applied, unmerged adapter's strength (the official multiplier)."""
     st = _state(model)
-    st.adapters[st.names(name, unmerged=True)[0]].strength = float(strength)
+    value = _strength(strength)
+    st.adapters[st.names(name, unmerged=True)[0]].strength = value
     st.sync()
 
 
@@ -208,14 +219,15 @@ def set_adapters(model: nn.Module, names: str | Iterable[str],
     `weights` as their strengths (one for all, or one per name; None keeps each strength)."""
     st = _state(model)
     wanted = st.names(names, unmerged=True)
-    if weights is not None:
-        ws = [float(weights)] * len(wanted) if isinstance(weights, (int, float)) else [float(w) for w in weights]
-        if len(ws) != len(wanted):
-            raise LoraError(f"weights: {len(ws)} given for {len(wanted)} names")
-        for n, w in zip(wanted, ws):
-            st.adapters[n].strength = w
     others = [n for n in st.adapters if n not in wanted]
     st.names(others, unmerged=True)  # a merged adapter cannot be disabled: refuse before changing anything
+    if weights is not None:
+        ws = [weights] * len(wanted) if isinstance(weights, (int, float)) else list(weights)
+        if len(ws) != len(wanted):
+            raise LoraError(f"weights: {len(ws)} given for {len(wanted)} names")
+        ws = [_strength(w, "weights") for w in ws]
+        for n, w in zip(wanted, ws):
+            st.adapters[n].strength = w
     for n in st.adapters:
         st.adapters[n].enabled = n in wanted
     st.sync()
@@ -263,6 +275,7 @@ def merge_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter | None = 
     layer's dtype; nothing is read again); their hooks stand down until `unmerge_lora`.
 
     Returns a MergeReport with each INT8 layer's requantization error (callers may ignore it)."""
+    strength = _strength(strength)
     st = _state(model)
     report = MergeReport()
     if lora is not None:
@@ -272,7 +285,7 @@ def merge_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter | None = 
             updates = [fuse.plan(t.layer, layers[t.layer], strength * t.delta(torch.float32), report)
                        for t in targets]
         merges = [_Merge(os.fspath(lora.path or "LoraAdapter") if isinstance(lora, LoraAdapter)
-                         else os.fspath(lora), float(strength), False)]
+                         else os.fspath(lora), strength, False)]
     else:
         chosen = st.names(names, unmerged=True) if names is not None else list(st.active())
         if not chosen:

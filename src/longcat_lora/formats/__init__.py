@@ -17,7 +17,8 @@ import sys
 from collections.abc import Iterable
 
 from ..model.adapter import LoraAdapter
-from ..errors import LoraError
+from ..errors import LoraError, Param
+from ..model.sources import NonFinite
 from ..io.outputs import atomic_output, check_output
 from . import comfyui, diffusers, fastvideo, longcat, peft
 from ._common import WriteOptions
@@ -93,7 +94,11 @@ def convert(src: str, dst: str, to: str, **kwargs) -> list[str]:
     """Convert a LoRA file (any format) to `to`; returns the modules skipped."""
     check_lora_output(dst, to, overwrite=kwargs.get("overwrite", False), inputs=[src])
     with load_lora(src) as adapter:
-        return save_lora(adapter, dst, to, inputs=[src], **kwargs)
+        try:
+            return save_lora(adapter, dst, to, inputs=[src], **kwargs)
+        except NonFinite as e:  # the option to write them anyway is convert's (commands that call save_lora
+            # for their own outputs, like combine, do not offer it)
+            raise NonFinite(*e.parts, " (pass ", Param("allow_nonfinite"), " to convert anyway)") from None
 
 
 __all__ = ["BUILTIN", "FORMATS", "Format", "WriteOptions", "check_lora_output", "convert", "detect_format", "get",

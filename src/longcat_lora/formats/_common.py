@@ -77,8 +77,7 @@ def entry(name: str, src: Source, opts: WriteOptions, module: str) -> Entry:
     """
 
     def refuse() -> None:
-        raise LoraError(f"module {q(module)}: non-finite values (NaN/Inf) in its LoRA weights (pass ",
-                        Param("allow_nonfinite"), " to convert anyway)")
+        raise NonFinite(f"module {q(module)}: non-finite values (NaN/Inf) in its LoRA weights")
 
     def produce():
         where = src.file_range()

@@ -22,6 +22,7 @@ from ..model.layout import standard_layer
 from ..model.sources import folded
 from ..errors import LoraError, q
 from ..io.writer import Entry, write_safetensors
+from ..io.dtypes import representable
 from ..io.reader import SafeFile
 from ._common import (WriteOptions, add_standard_layer, entry, finish, group_keys, in_file_order, metadata, scalar,
                       scalar_entry, standard_key, unmapped)
@@ -86,7 +87,7 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
             rank, b = std.rank, std.b
             alpha = std.scale * rank
             if not (math.isfinite(alpha) and alpha == int(alpha) and int(alpha) != 0
-                    and int(alpha) / rank == std.scale):
+                    and int(alpha) / rank == std.scale and representable(alpha, "F32")):  # stored as F32
                 b, alpha = folded(b, std.scale), float(rank)
             a_entries.append(entry(f"{layer}.lora_A", std.a, opts, m.name))
             b_entries.append(entry(f"{layer}.lora_B", b, opts, m.name))
