@@ -310,7 +310,8 @@ def test_mismatched_checkpoints_exit_2_with_one_line_and_write_nothing(single, t
 @pytest.mark.parametrize("args,needle", [([], "--rank"), (["--rank", "0"], "--rank"), (["--energy", "1.5"], "--energy"),
                                          (["--energy", "0"], "--energy"), (["--max-error", "1"], "--max-error"),
                                          (["--rank", "2", "--energy", "0.9"], "--energy"),
-                                         (["--rank", "2", "--device", "cuda"], "--device")])
+                                         (["--rank", "2", "--device", "cuda"], "--device"),
+                                         (["--rank", "2", "--device", "foo"], "--device foo: must be")])
 def test_bad_options_exit_2_with_one_line(ckpts, tmp_path, args, needle):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")

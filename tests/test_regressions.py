@@ -887,3 +887,34 @@ def test_merge_strength_beyond_float32_is_a_clean_refusal(tmp_path, merge_inputs
         p = cli("merge", bases["bfloat16"], out, "--lora", f"{lora}:{strength}", "--device", "cpu", check=2)
         assert p.stderr.count("\n") == 1 and ("float32" in p.stderr or "finite" in p.stderr), p.stderr
         assert not out.exists()
+
+
+def test_single_threaded_overlapping_callers_restore_torch_threads():
+    """resize's helper threads enter and leave single_threaded in any order: torch's process-wide thread
+    count must come back once the last one leaves (an A-in, B-in, A-out, B-out overlap left it at 1)."""
+    from longcat_lora.algebra.cells import single_threaded
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = single_threaded(), single_threaded()
+        a.__enter__()
+        b.__enter__()
+        assert torch.get_num_threads() == 1
+        a.__exit__(None, None, None)
+        assert torch.get_num_threads() == 1  # b is still inside
+        b.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
+    """`longcat-lora inspect F | head`: when the reader has gone, exit 141 (SIGPIPE's status) with nothing on
+    stderr (it printed 'error: : Broken pipe', with an empty file name)."""
+    src = write_native_lora(str(tmp_path / "a.safetensors"), "refinement", dims=CFG.dims, rank=2)
+    p = subprocess.Popen([sys.executable, "-m", "longcat_lora", "inspect", src], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first write
+    err = p.stderr.read()
+    assert p.wait() == 141 and err == b""

@@ -35,6 +35,7 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 
+from ..apply.merge_compute import resolve_device
 from ..model.adapter import LoraAdapter, LoraModule, Part
 from ..errors import LoraError
 from ..formats import FORMATS, check_lora_output, save_lora
@@ -97,8 +98,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
     if dtype not in DTYPES:
         raise LoraError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     store = getattr(torch, DTYPES[dtype])
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise LoraError("device cuda: no CUDA device is available")
+    device = resolve_device(str(device), 0.0)  # a name torch knows, CUDA present; "auto" is the CPU here
     base, tuned, out = str(base), str(tuned), str(out)
     check_lora_output(out, format, overwrite=overwrite, inputs=[base, tuned])
     b = open_base(base)

@@ -96,6 +96,8 @@ def resolve_device(device: str, work_gflop: float) -> str:
         raise LoraError(Param("device", device), ": must be cpu, cuda, cuda:N or auto")
     if kind == "cuda" and not torch.cuda.is_available():
         raise LoraError(Param("device", device), ": no CUDA device is available")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise LoraError(Param("device", device), f": only {torch.cuda.device_count()} CUDA device(s) here")
     return "cpu" if kind == "cpu" else device
 
 

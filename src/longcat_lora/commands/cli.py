@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .. import __version__
@@ -121,13 +122,9 @@ def _combine(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    import torch
-
     from ..algebra.extract import extract_lora
 
     rule = _rank_flags(args, required=True)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoraError(f"--device {args.device}: no CUDA device is available")
     report = extract_lora(args.base, args.tuned, args.output, rank=rule.rank, energy=rule.energy,
                           max_error=rule.max_error, device=args.device, format=args.to, dtype=args.dtype,
                           overwrite=args.overwrite, skip_unmapped=args.skip_unmapped, progress=True)
@@ -284,10 +281,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _error(f"error: {e.render(spell)}")
         return 2
+    except BrokenPipeError:  # the reader of our stdout went away (`inspect ... | head`): stop quietly, as
+        # `cat` does; stdout goes to /dev/null so the interpreter's last flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         if args.debug:
             raise
-        _error(f"error: {e.filename or ''}: {e.strerror or e}")
+        _error(f"error: {e.filename}: {e.strerror or e}" if e.filename else f"error: {e.strerror or e}")
         return 2
     except KeyboardInterrupt:
         _error("interrupted")
