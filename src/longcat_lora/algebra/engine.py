@@ -6,12 +6,12 @@ pick the output dtype, and report sizes and true errors. The SVD of one cell is 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..progress import progress_bar
 from ..model.adapter import LoraAdapter, LoraModule, Part
 from ..model.sources import Computed, Source
 from ..errors import LoraError
@@ -51,11 +51,7 @@ def lowrank_module(mp: ModulePlan, realised: Realised) -> LoraModule:
 def plan_modules(mps: list[ModulePlan], rule: RankRule, dtype: str, progress: bool, desc: str) -> None:
     """Pass 1 over every module (in input order), with a progress bar on a terminal; `dtype` is the
     output's (it sets the working precision, `work_dtype`)."""
-    bar = None
-    if progress and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(mps), unit="module", desc=desc, leave=False)
+    bar = progress_bar(progress, desc, len(mps), "module")
     try:
         ws = Workspace()
         with single_threaded():

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass, field, replace
 
+from ..progress import progress_bar
 from ..apply.merge_compute import resolve_device
 from ..model.adapter import LoraAdapter, LoraModule, Part
 from ..errors import LoraError
@@ -118,7 +118,7 @@ def extract_lora(base: str, tuned: str, out: str, *, rank: int | None = None, en
         gen = torch.Generator(device=device).manual_seed(0)
         spool = Spool(os.path.dirname(os.path.abspath(out)))
         modules: dict[str, LoraModule] = {}
-        bar = _bar(len(plan.modules), progress)
+        bar = progress_bar(progress, "extract", len(plan.modules), "module")
         for module, n, pb, pt in plan.modules:
             rows, cols = pb.shape
             h = rows // n
@@ -174,12 +174,5 @@ def _size(path: str) -> int:
         return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     return os.path.getsize(path)
 
-
-def _bar(total: int, enabled: bool):
-    if not (enabled and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="module", desc="extract", leave=False)
 
 __all__ = ["ExtractReport", "extract_lora"]

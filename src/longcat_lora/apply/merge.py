@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..progress import progress_bar
 from ..model.adapter import LoraAdapter
 from ..errors import LoraError, Param
 from ..formats import load_lora
 from .merge_compute import CpuStages, DeviceStages, Job, exact_fp32, gflop, resolve_device
-from .base_checkpoint import Base, open_base
+from .base_checkpoint import open_base
 from .int8_layout import check_fit, scan
 from .merge_int8 import Int8Merge, Requant
 from .pipeline import Pipeline
@@ -102,7 +102,7 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
             if d not in FLOATS and not tensor.endswith(".weight_int8"):
                 raise LoraError(f"{base}: tensor {tensor!r} has dtype {d}; cannot add a LoRA to it")
         device = resolve_device(device, sum(gflop(adds) for adds in per_weight.values()))
-        bar = _progress(b, progress)
+        bar = progress_bar(progress, "merge", sum(sf.size for sf in b.shards.values()))
         q8 = None
         if int8 is not None:
             adds = {k.removesuffix(".weight_int8"): v for k, v in per_weight.items() if k.endswith(".weight_int8")}
@@ -199,13 +199,6 @@ def _earlier_output(base: str):
     return problem
 
 
-def _progress(b: Base, enabled: bool):
-    if not (enabled and sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    total = sum(sf.size for sf in b.shards.values())
-    return tqdm(total=total, unit="B", unit_scale=True, desc="merge", leave=False)
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:

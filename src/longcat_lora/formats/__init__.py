@@ -13,9 +13,9 @@ know it. Detection lives in the formats: each says which keys are its own (`owns
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterable
 
+from ..progress import progress_bar
 from ..model.adapter import LoraAdapter
 from ..errors import LoraError, Param
 from ..model.sources import NonFinite
@@ -53,11 +53,8 @@ def save_lora(adapter: LoraAdapter, path: str, format: str, *, overwrite: bool =
     """Write `adapter` as `format` to `path` atomically; returns the modules skipped (skip_unmapped)."""
     fmt = get(format)
     opts = WriteOptions(skip_unmapped=skip_unmapped)
-    bar = None
-    if progress and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(unit="B", unit_scale=True, desc=os.path.basename(path), leave=False)
+    bar = progress_bar(progress, os.path.basename(path))
+    if bar is not None:
         opts.progress = bar.update
     try:
         with atomic_output(path, overwrite=overwrite, inputs=inputs, **_output_kind(fmt)) as tmp:
