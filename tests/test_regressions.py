@@ -201,9 +201,12 @@ def _one_layer_model(layer):
     return m
 
 
-def _w1_lora(path, inp, out, rank=3, scale=0.75, big=1.0):
+def _w1_lora(path, inp, out, rank=3, scale=0.75, big=1.0, poison=None):
+    """A native LoRA of blocks.0.ffn.w1 only; `poison` (row, col, value) overwrites one lora_down element."""
     g = torch.Generator().manual_seed(6)
     down, up = torch.randn(rank, inp, generator=g) * big, torch.randn(out, rank, generator=g) * big
+    if poison is not None:
+        down[poison[0], poison[1]] = poison[2]
     save_file({f"{enc('blocks.0.ffn.w1')}.lora_down.weight": down, f"{enc('blocks.0.ffn.w1')}.lora_up.weight": up,
                f"{enc('blocks.0.ffn.w1')}.alpha_scale": torch.tensor(scale)}, path)
     return scale * (up.double() @ down.double())
@@ -835,12 +838,7 @@ def test_runtime_refuses_strengths_and_merges_beyond_float32(tmp_path, bad):
 def test_runtime_refuses_a_lora_with_nan(tmp_path):
     model = _one_layer_model(nn.Linear(8, 6, bias=False))
     path = str(tmp_path / "nan.safetensors")
-    g = torch.Generator().manual_seed(1)
-    down = torch.randn(3, 8, generator=g)
-    down[1, 2] = float("nan")
-    save_file({f"{enc('blocks.0.ffn.w1')}.lora_down.weight": down,
-               f"{enc('blocks.0.ffn.w1')}.lora_up.weight": torch.randn(6, 3, generator=g),
-               f"{enc('blocks.0.ffn.w1')}.alpha_scale": torch.tensor(0.5)}, path)
+    _w1_lora(path, 8, 6, poison=(1, 2, float("nan")))
     with pytest.raises(L.LoraError, match="NaN/Inf"):
         L.apply_lora(model, path)
     assert L.list_loras(model) == {}
@@ -868,12 +866,7 @@ def test_fastvideo_alpha_beyond_float32_is_refused_not_written_as_inf(tmp_path):
 
 def test_combine_nonfinite_refusal_offers_no_flag_combine_lacks(tmp_path):
     bad, ok, out = str(tmp_path / "bad.safetensors"), str(tmp_path / "ok.safetensors"), tmp_path / "c.safetensors"
-    g = torch.Generator().manual_seed(2)
-    down = torch.randn(3, 8, generator=g)
-    down[0, 0] = float("inf")
-    save_file({f"{enc('blocks.0.ffn.w1')}.lora_down.weight": down,
-               f"{enc('blocks.0.ffn.w1')}.lora_up.weight": torch.randn(6, 3, generator=g),
-               f"{enc('blocks.0.ffn.w1')}.alpha_scale": torch.tensor(0.5)}, bad)
+    _w1_lora(bad, 8, 6, poison=(0, 0, float("inf")))
     _w1_lora(ok, 8, 6)
     p = cli("combine", out, "--lora", bad, "--lora", ok, check=2)
     assert p.stderr.count("\n") == 1 and "non-finite" in p.stderr and "allow" not in p.stderr, p.stderr
