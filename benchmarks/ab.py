@@ -60,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", required=True, help="the A side (e.g. the commit before a restructuring)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--to", nargs="+", default=["fastvideo", "peft", "longcat"])
+    ap.add_argument("--to", nargs="*", default=["fastvideo", "peft", "longcat"], help="formats (none: merge only)")
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--dir", default=None)
     a = ap.parse_args()
