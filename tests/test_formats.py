@@ -457,3 +457,31 @@ def test_two_formats_claiming_one_key_is_caught_not_decided_by_order(monkeypatch
     assert registry.owner("blocks.0.attn.qkv.weight").name == "greedy"
     with pytest.raises(AssertionError, match=r"claimed by formats \['comfyui', 'greedy'\]"):
         registry.owner("blocks.0.attn.qkv.lora_up.weight")  # two fallbacks
+
+
+def test_kohya_file_without_alpha_has_scale_one(tmp_path):
+    """kohya / ComfyUI: no `.alpha` means alpha = rank, scale 1 (mutation survivor: scale 0 went unnoticed)."""
+    g = torch.Generator().manual_seed(3)
+    down, up = torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g)
+    path = str(tmp_path / "k.safetensors")
+    save_file({"diffusion_model.blocks.0.ffn.w1.lora_down.weight": down,
+               "diffusion_model.blocks.0.ffn.w1.lora_up.weight": up}, path)
+    want = kohya_delta(path)["blocks.0.ffn.w1"]
+    assert rel_err(want, up.double() @ down.double()) == 0.0  # the reference's own reading: scale 1
+    got = load_lora(path).modules["blocks.0.ffn.w1"].delta()
+    assert rel_err(got, want) < 1e-15
+
+
+@pytest.mark.parametrize("given", [dict(owns_path=str), dict(describe="x"), dict(replaceable=str),
+                                   dict(owns_path=str, describe="x")])
+def test_format_directory_fields_come_all_together(given):
+    """A directory format gives owns_path, describe and replaceable, all three; a file format none."""
+    from longcat_lora.formats.base import Format
+
+    kw = dict(name="toy2", owns_key=lambda k: False, read=lambda sf: None, write=lambda a, p, o: None)
+    with pytest.raises(TypeError, match="exactly"):
+        Format(**kw, **given)
+    with pytest.raises(TypeError, match="exactly"):
+        Format(**kw, directory=True, **given)
+    Format(**kw)  # a file format
+    Format(**kw, directory=True, owns_path=str, describe="x", replaceable=str)
