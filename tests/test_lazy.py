@@ -144,3 +144,39 @@ def test_in_memory_nonfinite_and_fold_overflow_refused_while_written(tmp_path):
     leaf.refuse_nonfinite = True
     with pytest.raises(NonFinite):
         big.load()
+
+
+@pytest.mark.parametrize("to", FORMATS)
+def test_native_down_matrices_are_copied_unread_into_every_format(inputs, reads, tmp_path, to, monkeypatch):
+    """A fused module's down matrix goes back together from its parts' row slices as the one file range it
+    is (copied by the kernel), never read and concatenated: counted apart from the copies."""
+    preads: collections.Counter[str] = collections.Counter()
+    pread = reader.SafeFile._pread
+
+    def counting_pread(self, name, start, buf):
+        preads[name] += buf.nbytes
+        return pread(self, name, start, buf)
+
+    monkeypatch.setattr(reader.SafeFile, "_pread", counting_pread)
+    with L.load_lora(inputs["longcat"]) as a:
+        downs = {k: i.nbytes for k, i in _infos(a).items() if k.endswith("lora_down.weight")}
+        assert any(len(m.parts) == 3 for m in a.modules.values())  # fused qkv modules are there
+        reads.clear()
+        L.save_lora(a, str(tmp_path / "out"), to)
+        assert {k: preads[k] for k in downs} == {k: 0 for k in downs}
+        assert {k: reads[k] for k in downs} == downs  # each copied exactly once
+
+
+@pytest.mark.parametrize("to", ["longcat", "peft", "fastvideo"])
+def test_nonfinite_in_a_fused_down_is_refused_though_copied_unread(tmp_path, to):
+    src = write_native_lora(str(tmp_path / "n.safetensors"), "cfg_step", dims=TINY.dims, rank=4,
+                            dtype=torch.float32, alpha_scale=0.5)
+    tensors = load_file(src)
+    key = next(k for k in tensors if k.endswith("attn___lorahyphen___qkv.lora_down.weight"))
+    tensors[key][9, 1] = float("-inf")  # the third part's rows (rank 4 each)
+    bad = str(tmp_path / "inf.safetensors")
+    save_file(tensors, bad, metadata={"format": "pt"})
+    with L.load_lora(bad) as a:
+        with pytest.raises(L.LoraError, match=r"non-finite values \(NaN/Inf\) in its LoRA weights"):
+            L.save_lora(a, str(tmp_path / "o1"), to)
+    assert not os.path.exists(tmp_path / "o1")

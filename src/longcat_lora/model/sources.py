@@ -268,10 +268,28 @@ def cat_rows(srcs: list[Source]) -> Source:
     """The sources stacked row-wise (in a dtype holding them all)."""
     if len(srcs) == 1:
         return srcs[0]
+    joined = _adjacent_rows(srcs)
+    if joined is not None:
+        return joined
     dtype = promote(*(s.dtype for s in srcs))
     srcs = [cast(s, dtype) for s in srcs]
     shape = (sum(s.shape[0] for s in srcs), srcs[0].shape[1])
     return Computed(shape, dtype, lambda: np.concatenate([s.raw() for s in srcs], 0), tuple(srcs))
+
+
+def _adjacent_rows(srcs: list[Source]) -> Source | None:
+    """The one region the sources are, when they are consecutive row slices of one source (the parts of
+    a split module put back together): a source of its own that still lies in the file, so a writer
+    copies it unread instead of concatenating it. None otherwise."""
+    first = srcs[0]
+    if not isinstance(first, Slice):
+        return None
+    of, r, c0, c1 = first.of, first.r0, first.c0, first.c0 + first.shape[1]
+    for s in srcs:
+        if not (isinstance(s, Slice) and s.of is of and s.r0 == r and (s.c0, s.c0 + s.shape[1]) == (c0, c1)):
+            return None
+        r += s.shape[0]
+    return of.region(first.r0, r, c0, c1)
 
 
 def placed(shape: tuple[int, int], pieces: list[tuple[int, int, Source]]) -> Source:
