@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -203,6 +204,40 @@ def _put_in_place(tmp: str, out: str, parent: str, base: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def make_durable(path: str) -> None:
+    """fsync a finished temp output (a file, or every regular file in a directory tree and the directories
+    themselves) before it takes OUT's name: after a crash, OUT is either the previous file or the complete
+    new one, never a name pointing at data that never reached the disk. A write error the kernel only
+    reports now (a full or failing disk under delayed allocation, a network filesystem) fails the command
+    here, before anything is replaced."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        _fsync(path, os.O_RDONLY)
+        return
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            p = os.path.join(root, name)
+            if stat.S_ISREG(os.lstat(p).st_mode):
+                _fsync(p, os.O_RDONLY)
+        _fsync_dir(root)
+
+
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    """fsync a directory, so the names in it are on disk too; a filesystem that cannot (EINVAL) is left be."""
+    try:
+        _fsync(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+
+
 @contextmanager
 def atomic_output(out: str, *, overwrite: bool = False, inputs: Iterable[str] = (), directory: bool = False,
                   replaceable: Callable[[str], str | None] | None = None) -> Iterator[str]:
@@ -225,9 +260,11 @@ def atomic_output(out: str, *, overwrite: bool = False, inputs: Iterable[str] = 
     try:
         try:
             yield tmp
+            make_durable(tmp)
             check_output(out, overwrite=overwrite, inputs=inputs, directory=directory, replaceable=replaceable)
             with critical():
                 _put_in_place(tmp, out, parent, base)
+            _fsync_dir(parent)
         except OSError as e:
             raise _name_output(e, tmp, out) from e
     except BaseException:

@@ -65,7 +65,8 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         # (Merging runs its own read / compute pipeline ahead of the writer and passes pipelined=False.)
         # Unchanged byte ranges are copied by the kernel, adjacent ones in one call, and checked on a
         # second thread in the same pass (`_Copier`).
-        with ThreadPoolExecutor(1) as pool, _Copier(fd) as copier:
+        writeback = _Writeback(fd)
+        with ThreadPoolExecutor(1) as pool, _Copier(fd, writeback) as copier:
             submit = pool.submit if pipelined else _Done
             pending = submit(entries[0].produce) if entries else None
             for i, e in enumerate(entries):
@@ -78,6 +79,7 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
                 else:
                     copier.flush()
                     _write_entry(fd, e, data)
+                    writeback.poke()
                 if progress is not None:
                     progress(e.nbytes)
             copier.finish()
@@ -116,14 +118,76 @@ def _write_entry(fd: int, e: Entry, data) -> None:
         raise AssertionError(f"{e.name}: {total} bytes produced, {e.nbytes} declared")
 
 
+# Bytes handed to one write(2). Large writes cost the kernel up to three times more CPU per byte here
+# than writes of about 1 MiB (measured: 2.3 GB from a 90 MB buffer, 0.8-2.7 s whole, 0.8-1.0 s by 1 MiB),
+# and on two cores that CPU is taken from the merge's arithmetic.
+WRITE_PIECE = 1 << 20
+
+
 def _write_all(fd: int, data) -> None:
     """Write every byte of `data` (a write that makes no progress is an error, never an endless loop)."""
     mv = memoryview(data).cast("B")
     while mv.nbytes:
-        n = os.write(fd, mv)
+        n = os.write(fd, mv[:WRITE_PIECE])
         if n <= 0:
             raise OSError(errno.EIO, "a write made no progress")
         mv = mv[n:]
+
+
+class _Writeback:
+    """Asks the kernel to start writing the output to disk every WRITEBACK_EVERY bytes, as it is written
+    (`start_writeback`: asynchronous, no waiting for the disk here).
+
+    Without it nothing goes to disk until the dirty pages pass the kernel's background threshold (10% of
+    memory, gigabytes), so the disk idles while we compute and the final fsync (`atomic_output`) waits for
+    all of it; with it, the disk writes while we compute. Only a hint: where the call is missing or refused
+    (another OS, a filesystem without it), writing goes on as before."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.done = 0  # bytes from the start of the file already handed to the kernel's writeback
+        self.on = True
+
+    def poke(self) -> None:
+        """Start writing back what was written since the last poke, once it is WRITEBACK_EVERY or more."""
+        if not self.on:
+            return
+        end = os.lseek(self.fd, 0, os.SEEK_CUR)
+        if end - self.done >= WRITEBACK_EVERY:
+            try:
+                start_writeback(self.fd, self.done, end - self.done)
+            except OSError:
+                self.on = False
+            self.done = end
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of dirty pages in the range, do not wait
+_libc_sync_file_range = None
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start (not wait for) the disk write of bytes [offset, offset + nbytes) of `fd`: Linux's
+    sync_file_range(SYNC_FILE_RANGE_WRITE), which Python's os module lacks, through libc (the call
+    releases the GIL). OSError where it fails or does not exist."""
+    global _libc_sync_file_range
+    if _libc_sync_file_range is None:
+        import ctypes
+
+        try:
+            f = ctypes.CDLL(None, use_errno=True).sync_file_range
+        except (OSError, AttributeError) as e:
+            raise OSError(errno.ENOSYS, "sync_file_range is not available") from e
+        f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        f.restype = ctypes.c_int
+        _libc_sync_file_range = f
+    if _libc_sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) != 0:
+        import ctypes
+
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+WRITEBACK_EVERY = 64 << 20
 
 
 class _ShortRead(Exception):
@@ -175,7 +239,8 @@ def _copy_run(parts: list[FileRange], fd: int) -> None:
 
 class _Copier:
     """Appends file ranges to an output in one pass: adjacent ranges of one input are coalesced into one
-    kernel copy (`_copy_run`), and each range's check (a NaN/Inf scan) runs on a second thread that reads
+    kernel copy (`_copy_run`; a run stops growing at WRITEBACK_EVERY bytes, so that writeback starts
+    between runs), and each range's check (a NaN/Inf scan) runs on a second thread that reads
     the same bytes through a small buffer while the kernel copies them (both release the GIL), instead of
     a pass over every byte before the copy.
 
@@ -183,16 +248,20 @@ class _Copier:
     discarded); `finish` waits for every check. An error of the copy itself is raised where it happens.
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, writeback: _Writeback | None = None):
         self.fd = fd
+        self.writeback = writeback
         self.run: list[FileRange] = []
+        self.run_bytes = 0
         self.scanner: _Scanner | None = None
 
     def add(self, r: FileRange) -> None:
         last = self.run[-1] if self.run else None
-        if last is not None and not (last.fd == r.fd and last.offset + last.nbytes == r.offset):
+        if last is not None and not (last.fd == r.fd and last.offset + last.nbytes == r.offset
+                                     and self.run_bytes < WRITEBACK_EVERY):
             self.flush()
         self.run.append(r)
+        self.run_bytes += r.nbytes
         if r.check is not None:
             if self.scanner is None:
                 self.scanner = _Scanner()
@@ -200,8 +269,10 @@ class _Copier:
 
     def flush(self) -> None:
         if self.run:
-            run, self.run = self.run, []
+            run, self.run, self.run_bytes = self.run, [], 0
             _copy_run(run, self.fd)
+            if self.writeback is not None:
+                self.writeback.poke()
         if self.scanner is not None:
             self.scanner.raise_error()
 
