@@ -9,6 +9,7 @@ Sections (`--sections`, default all), each a function registered with @section:
 - resize: `resize --rank 32` of one file vs `cp` of it (target <= 3x, peak RSS <= 500 MiB), and vs its
   arithmetic floor (the float32 Gram matrices the exact SVD needs for a bf16 output, no I/O); beside it, one full-matrix SVD of a single qkv weight change (12288 x 4096, float32, the kohya way), which
   resize replaces by factored SVDs of every module.
+- both also print the interpreter + `import torch` time and the ratio without it.
 - combine: exact `combine` of two files vs `cp` of both (target <= 3x), at strengths 1 and 1 (factors
   copied as they are) and 1 and 0.8 (the second file's up blocks folded to float32).
 
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _util import interleaved, median, settle  # noqa: E402
+from _util import interleaved, median, run, settle  # noqa: E402
 
 RSS_TARGET = 500  # MiB
 
@@ -40,6 +41,7 @@ class Ctx:
     pairs: int
     py: str = sys.executable
     made: dict[tuple[str, int], str] = field(default_factory=dict)
+    start: float | None = None  # see startup()
 
     @property
     def tool(self) -> list[str]:
@@ -56,6 +58,14 @@ class Ctx:
             os.sync()
             self.made[key] = path
         return self.made[key]
+
+    def startup(self) -> float:
+        """Median seconds of the interpreter + `import torch` and the algebra modules: the fixed cost of
+        every resize / combine, which no change to the arithmetic can remove (about 2 s here)."""
+        if self.start is None:
+            cmd = [self.py, "-c", "import torch, longcat_lora.algebra.resize, longcat_lora.algebra.combine"]
+            self.start = median([run(cmd)[0] for _ in range(3)])
+        return self.start
 
     def out(self, name: str) -> str:
         return os.path.join(self.tmp, name)
@@ -137,6 +147,9 @@ def bench_resize(ctx: Ctx) -> None:
     print("  runs: cp", [round(x, 2) for x in t_cp], " resize", [round(x, 2) for x in t_cmd])
     print(f"resize  cfg_step {os.path.getsize(src) / 1e9:.2f} GB bf16 rank 128 -> 32: cp {cp:.2f}s  resize {t:.2f}s  "
           f"ratio {t / cp:.2f}x (target <= 3x)  peak RSS {rss} MiB (target <= {RSS_TARGET})")
+    start = ctx.startup()
+    print(f"        interpreter + import torch {start:.2f}s: without it resize {t - start:.2f}s = "
+          f"{(t - start) / cp:.2f}x cp")
     print(f"        arithmetic floor (float32 Gram matrices of every up block's factors, no I/O): {floor:.2f}s; "
           f"resize = {t / floor:.2f}x that floor")
     print(f"        one full-matrix SVD of blocks.0.attn.qkv's dW ({rows} x {cols}, float32, the kohya way): "
@@ -155,7 +168,8 @@ def bench_combine(ctx: Ctx) -> None:
         cp, t, rss, t_cp, t_cmd = ctx.versus_cp([a, b], cmd, [out])
         print("  runs: cp both", [round(x, 2) for x in t_cp], " combine", [round(x, 2) for x in t_cmd])
         print(f"combine two cfg_step files ({size:.2f} GB), exact, strengths 1 and {second}: cp both {cp:.2f}s  "
-              f"combine {t:.2f}s  ratio {t / cp:.2f}x (target <= 3x)  peak RSS {rss} MiB")
+              f"combine {t:.2f}s  ratio {t / cp:.2f}x (target <= 3x)  peak RSS {rss} MiB; without the "
+              f"start-up ({ctx.startup():.2f}s) {(t - ctx.startup()) / cp:.2f}x")
 
 
 def main() -> None:
