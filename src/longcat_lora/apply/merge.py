@@ -121,7 +121,7 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
                     # pipelined=False: the pipeline already computes ahead, and a job's bytes must be
                     # written before the next job is taken (its slot is then reused)
                     write_safetensors(target, entries, sf.metadata or None, bar.update if bar else None,
-                                      pipelined=False)
+                                      pipelined=False, direct=True)
                 if b.directory and q8 is not None and out_dtype is not None:
                     q8.copy_rest(tmp, lambda src, dst: copy_side_file(src, dst, b.path))
                 elif b.directory:

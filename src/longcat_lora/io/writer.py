@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import direct as _direct
 from .dtypes import ITEMSIZE
 from .reader import SCAN_CHUNK, FileRange, range_pieces, short_read
 
@@ -35,10 +36,12 @@ class Entry:
 
 
 def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, str] | None = None,
-                      progress: Callable[[int], None] | None = None, pipelined: bool = True) -> None:
+                      progress: Callable[[int], None] | None = None, pipelined: bool = True,
+                      direct: bool = False) -> None:
     """Write header first, then each tensor as it is produced; peak memory is one tensor.
 
-    Each produced buffer must have the declared size: a mismatch is a bug, not bad input.
+    Each produced buffer must have the declared size: a mismatch is a bug, not bad input. `direct`:
+    write large produced buffers past the page cache where the filesystem allows (`io.direct`; merges).
     """
     entries = list(entries)
     header: dict[str, object] = {}
@@ -56,6 +59,7 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
     # make every conversion wait for the disk. Outputs are always fresh temp files anyway.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
     pending = None
+    dfd = None
     if os.fstat(fd).st_size:
         os.ftruncate(fd, 0)
     try:
@@ -66,6 +70,8 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         # Unchanged byte ranges are copied by the kernel, adjacent ones in one call, and checked on a
         # second thread in the same pass (`_Copier`).
         writeback = _Writeback(fd)
+        dfd = _direct.open_direct(fd) if direct else None
+        dw = _direct.DirectWriter(fd, dfd, lambda f, d: _write_all(f, d)) if dfd is not None else None
         with ThreadPoolExecutor(1) as pool, _Copier(fd, writeback) as copier:
             submit = pool.submit if pipelined else _Done
             pending = submit(entries[0].produce) if entries else None
@@ -78,7 +84,13 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
                     copier.add(data)
                 else:
                     copier.flush()
-                    _write_entry(fd, e, data)
+                    if dw is not None and isinstance(data, np.ndarray) and e.nbytes >= _direct.DIRECT_MIN:
+                        mv = memoryview(np.ascontiguousarray(data)).cast("B")
+                        if mv.nbytes != e.nbytes:
+                            raise AssertionError(f"{e.name}: {mv.nbytes} bytes produced, {e.nbytes} declared")
+                        dw.write(mv)
+                    else:
+                        _write_entry(fd, e, data)
                     writeback.poke()
                 if progress is not None:
                     progress(e.nbytes)
@@ -92,6 +104,8 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         raise
     finally:
         os.close(fd)
+        if dfd is not None:
+            os.close(dfd)
 
 
 class _Done:

@@ -1,0 +1,171 @@
+"""Direct (O_DIRECT) writes of merged weights: the same bytes as buffered writes, whatever the alignment.
+
+`io.direct.DirectWriter` writes an unaligned head and tail through the ordinary descriptor and the
+aligned middle through an O_DIRECT one. Checked here: every split of a buffer against an arbitrary file
+position gives exactly the expected file; a short direct write resumes; a write that makes no progress
+or fails raises; a merge written with direct writes is byte-identical to one written without, and
+direct writes really happen where the filesystem allows them (where it does not, `open_direct` says so
+and the merge is still identical).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import longcat_lora as L
+from longcat_lora.io import direct, writer
+from longcat_lora.testing.dit import TINY
+from longcat_lora.testing.fixtures import write_base_checkpoint, write_native_lora
+
+
+def _supported(folder) -> bool:
+    fd = os.open(os.path.join(folder, "probe"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        dfd = direct.open_direct(fd)
+        if dfd is None:
+            return False
+        os.close(dfd)
+        return True
+    finally:
+        os.close(fd)
+        os.remove(os.path.join(folder, "probe"))
+
+
+@pytest.fixture
+def small_stage(monkeypatch):
+    monkeypatch.setattr(direct, "STAGE", 3 * direct.ALIGN)  # several staged writes per buffer
+
+
+@pytest.mark.parametrize("start", [0, 1, 8, direct.ALIGN - 1, direct.ALIGN, 3 * direct.ALIGN + 17])
+@pytest.mark.parametrize("size", [5, direct.ALIGN - 3, 2 * direct.ALIGN, 7 * direct.ALIGN + 5, 11 * direct.ALIGN])
+def test_any_split_writes_exactly_the_bytes(tmp_path, small_stage, start, size):
+    if not _supported(tmp_path):
+        assert direct.open_direct(os.open(os.devnull, os.O_WRONLY)) is None
+        return
+    rng = np.random.default_rng(start * 31 + size)
+    before = rng.integers(0, 256, start, dtype=np.uint8).tobytes()
+    data = rng.integers(0, 256, size, dtype=np.uint8)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    dfd = direct.open_direct(fd)
+    assert dfd is not None
+    try:
+        writer._write_all(fd, before)
+        direct.DirectWriter(fd, dfd, writer._write_all).write(memoryview(data))
+        assert os.lseek(fd, 0, os.SEEK_CUR) == start + size  # the position is past the bytes
+        writer._write_all(fd, b"END")
+    finally:
+        os.close(dfd)
+        os.close(fd)
+    assert path.read_bytes() == before + data.tobytes() + b"END"
+
+
+def test_a_short_direct_write_resumes_and_a_stuck_one_raises(tmp_path, small_stage, monkeypatch):
+    if not _supported(tmp_path):
+        return
+    data = np.arange(9 * direct.ALIGN, dtype=np.uint32).view(np.uint8)[: 9 * direct.ALIGN + 100]
+    real = os.pwrite
+    calls = []
+
+    def short(fd, buf, off):
+        calls.append((fd, len(buf), off))
+        if len(calls) == 1:
+            return real(fd, memoryview(buf)[:direct.ALIGN], off)  # one aligned block of three
+        if len(calls) == 2:  # then an unaligned count (the kernel took 1000 bytes: the block goes out whole)
+            real(fd, memoryview(buf)[:direct.ALIGN], off)
+            return 1000
+        return real(fd, buf, off)
+
+    monkeypatch.setattr(os, "pwrite", short)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    dfd = direct.open_direct(fd)
+    try:
+        writer._write_all(fd, b"x" * 10)
+        direct.DirectWriter(fd, dfd, writer._write_all).write(memoryview(data))
+    finally:
+        os.close(dfd)
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 10 + data.tobytes()
+    assert calls[1][0] == dfd and calls[2][0] == fd  # after an unaligned short write: the ordinary descriptor
+
+    monkeypatch.setattr(os, "pwrite", lambda fd, buf, off: 0)
+    fd = os.open(tmp_path / "g", os.O_WRONLY | os.O_CREAT, 0o644)
+    dfd = direct.open_direct(fd)
+    try:
+        with pytest.raises(OSError) as stuck:
+            direct.DirectWriter(fd, dfd, writer._write_all).write(memoryview(data))
+        assert stuck.value.errno == errno.EIO
+    finally:
+        os.close(dfd)
+        os.close(fd)
+
+
+def _digest(folder) -> dict[str, str]:
+    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in sorted(os.listdir(folder))}
+
+
+def test_merge_with_direct_writes_is_byte_identical(tmp_path, small_stage, monkeypatch):
+    base = write_base_checkpoint(str(tmp_path / "base"), TINY, "longcat", shards=2, dtype=torch.bfloat16)
+    lora = write_native_lora(str(tmp_path / "l.safetensors"), "refinement", dims=TINY.dims, rank=4,
+                             dtype=torch.bfloat16)
+    monkeypatch.setattr(direct, "open_direct", lambda fd: None)
+    L.merge_checkpoint(base, str(tmp_path / "buffered"), [(lora, 0.7)], device="cpu")
+    monkeypatch.undo()
+    monkeypatch.setattr(direct, "STAGE", 3 * direct.ALIGN)
+    monkeypatch.setattr(direct, "DIRECT_MIN", 0)  # every computed weight, however small
+    staged = []
+    real = direct.DirectWriter._pwrite
+
+    def count(self, k, pos):
+        staged.append(k)
+        return real(self, k, pos)
+
+    monkeypatch.setattr(direct.DirectWriter, "_pwrite", count)
+    L.merge_checkpoint(base, str(tmp_path / "direct"), [(lora, 0.7)], device="cpu")
+    assert _digest(tmp_path / "direct") == _digest(tmp_path / "buffered")
+    if _supported(tmp_path):
+        assert len(staged) > 10 and sum(staged) > 0  # the direct path really ran
+    else:
+        assert staged == []
+
+
+def test_direct_path_is_only_for_merges(tmp_path, monkeypatch):
+    """Conversions copy most bytes file to file: they never open a direct descriptor."""
+    opened = []
+    monkeypatch.setattr(direct, "open_direct", lambda fd: opened.append(fd))
+    monkeypatch.setattr(direct, "DIRECT_MIN", 0)
+    src = write_native_lora(str(tmp_path / "n.safetensors"), "refinement", dims=TINY.dims, rank=4,
+                            dtype=torch.float32)
+    L.convert(src, str(tmp_path / "o"), "peft")
+    assert opened == []
+
+
+def test_a_full_disk_during_a_direct_write_fails_the_merge_cleanly(tmp_path, monkeypatch):
+    base = write_base_checkpoint(str(tmp_path / "base"), TINY, "longcat", shards=1, dtype=torch.float32)
+    lora = write_native_lora(str(tmp_path / "l.safetensors"), "refinement", dims=TINY.dims, rank=4,
+                             dtype=torch.float32)
+    if not _supported(tmp_path):
+        return
+    monkeypatch.setattr(direct, "DIRECT_MIN", 0)
+    real = os.pwrite
+    seen = []
+
+    def full(fd, buf, off):
+        seen.append(fd)
+        if len(seen) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, buf, off)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    out = tmp_path / "merged"
+    with pytest.raises(OSError) as got:
+        L.merge_checkpoint(base, str(out), [(lora, 1.0)], device="cpu")
+    assert got.value.errno == errno.ENOSPC and got.value.filename == str(out)
+    assert sorted(os.listdir(tmp_path)) == ["base", "l.safetensors"]  # no OUT, no temp
