@@ -21,8 +21,6 @@ the two factors, so both have the same magnitude whatever the input's alpha.
 
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +28,7 @@ from ..model.adapter import Naming
 from ..model.sources import Source
 from ..errors import NAME_ONLY, LoraError, Param
 from ..io.dtypes import torch_dtype
+from ..threads import single_threaded
 from .lowrank import RankRule, factored_svd, gram_cholesky
 
 if TYPE_CHECKING:  # torch is imported when the arithmetic starts
@@ -278,33 +277,6 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
         cross = _dot(_mm64(a.T, da), _mm64(b, db.T)) - _dot(s[:, None] * gdu.T, _mm64(v.T, db.T))
         err2 = err2 + r2 - 2.0 * cross
     return up.contiguous(), down, max(err2, 0.0)
-
-
-_THREADS = threading.Lock()
-_users = 0  # callers inside single_threaded (resize's helper threads overlap), and torch's setting before
-_before = 0
-
-
-@contextmanager
-def single_threaded():
-    """Run torch on one thread inside: the work is many small factorisations (r x r SVDs, thin Grams),
-    where a thread pool costs more than it gains, and is pathologically slow on a shared machine.
-    torch's setting is process-wide: the first caller in sets it, the last one out restores it."""
-    import torch
-
-    global _users, _before
-    with _THREADS:
-        if _users == 0:
-            _before = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _users += 1
-    try:
-        yield
-    finally:
-        with _THREADS:
-            _users -= 1
-            if _users == 0:
-                torch.set_num_threads(_before)
 
 
 __all__ = ["Cell", "CellPlan", "ModulePlan", "Term", "Workspace", "fixed_stored", "plan_cell", "realise",

@@ -17,7 +17,9 @@ The non-finite check is on the output-dtype values in both: a merge never writes
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +28,7 @@ import torch
 from ..errors import LoraError, Param
 from ..io.dtypes import ITEMSIZE, nonfinite, torch_dtype
 from ..io.reader import SafeFile
+from ..threads import single_threaded
 from .targets import Target
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -106,13 +109,20 @@ def _grow(buf: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class CpuStages:
-    """Merging on the CPU in cache-sized row chunks (module docstring); buffers grow to the largest job."""
+    """Merging on the CPU in cache-sized row chunks (module docstring); buffers grow to the largest job.
 
-    def __init__(self, depth: int):
+    A job's chunks are shared out among `workers` threads of our own (each takes the next chunk when it
+    is done with one), torch running single-threaded in each: with torch's own pool every GEMM is split
+    in fixed halves and waits for the slower one, so whenever the reader or the writer takes a core the
+    whole product stalls; chunks taken as threads come free keep every core busy instead."""
+
+    def __init__(self, depth: int, workers: int | None = None):
         self.raw = [torch.empty(0, dtype=torch.uint8) for _ in range(depth)]
         self.out = [torch.empty(0, dtype=torch.uint8) for _ in range(depth)]
         self.parts: list[list] = [[] for _ in range(depth)]
-        self.f32 = torch.empty(0, dtype=torch.float32)  # the compute thread's chunk
+        n = max(1, workers if workers is not None else torch.get_num_threads())
+        self.f32 = [torch.empty(0, dtype=torch.float32) for _ in range(n)]  # each worker's chunk
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="merge-chunk") if n > 1 else None
 
     def load(self, job: Job, slot: int) -> None:
         self.raw[slot] = _grow(self.raw[slot], job.in_bytes)
@@ -127,25 +137,42 @@ class CpuStages:
         out_bytes = self.out[slot][:job.out_bytes].numpy()
         row_bytes = cols * ITEMSIZE[job.out_dtype]
         step = max(1, CHUNK_ELEMENTS // cols)
-        self.f32 = _grow(self.f32, step * cols)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            w = self.f32[:(r1 - r0) * cols].view(r1 - r0, cols)
-            w.copy_(src[r0:r1])  # to fp32
-            for (p0, p1), up, down, alpha in self.parts[slot]:
-                lo, hi = max(r0, p0), min(r1, p1)
-                if lo < hi:
-                    w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
-            out[r0:r1].copy_(w)  # cast once
-            if nonfinite(out_bytes[r0 * row_bytes:r1 * row_bytes], job.out_dtype):  # while in cache
-                raise job.nonfinite_error()
+        parts = self.parts[slot]
+        chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+        taken = itertools.count()  # next() is atomic: each chunk goes to exactly one worker
+
+        def work(k: int) -> None:
+            self.f32[k] = _grow(self.f32[k], step * cols)
+            while (i := next(taken)) < len(chunks):
+                r0, r1 = chunks[i]
+                w = self.f32[k][:(r1 - r0) * cols].view(r1 - r0, cols)
+                w.copy_(src[r0:r1])  # to fp32
+                for (p0, p1), up, down, alpha in parts:
+                    lo, hi = max(r0, p0), min(r1, p1)
+                    if lo < hi:
+                        w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
+                out[r0:r1].copy_(w)  # cast once
+                if nonfinite(out_bytes[r0 * row_bytes:r1 * row_bytes], job.out_dtype):  # while in cache
+                    raise job.nonfinite_error()
+
+        with single_threaded():  # only while computing: other work of the merge keeps torch's pool
+            if self.pool is None:
+                work(0)
+            else:
+                futures = [self.pool.submit(work, k) for k in range(len(self.f32))]
+                errors = [f.exception() for f in futures]  # waits for every worker: none still writes out
+                for e in errors:
+                    if e is not None:
+                        raise e
         self.parts[slot] = []
 
     def finish(self, job: Job, slot: int) -> np.ndarray:
         return self.out[slot][:job.out_bytes].numpy()
 
     def close(self) -> None:
-        pass
+        """Stop the chunk workers."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _NoEvent:
