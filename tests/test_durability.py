@@ -180,3 +180,23 @@ def test_start_writeback_calls_the_kernel(tmp_path):
         assert bad.value.errno == errno.EINVAL
     finally:
         os.close(fd)
+
+
+def test_a_folder_we_may_not_read_is_written_into_without_its_sync(src, tmp_path, monkeypatch):
+    """A drop-box folder (-wx): it cannot be opened to be synced; the output is still written and placed
+    (root bypasses modes, so the refusal is simulated)."""
+    real = os.open
+
+    def no_dir_read(path, flags, *a, **k):
+        if flags & os.O_DIRECTORY:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", no_dir_read)
+    L.convert(src, str(tmp_path / "o.safetensors"), "fastvideo")
+    L.convert(src, str(tmp_path / "p"), "peft")
+    monkeypatch.undo()
+    ref = tmp_path / "ref.safetensors"
+    L.convert(src, str(ref), "fastvideo")
+    assert _digest(tmp_path / "o.safetensors") == _digest(ref)
+    assert sorted(os.listdir(tmp_path / "p")) == ["adapter_config.json", "adapter_model.safetensors"]

@@ -230,12 +230,20 @@ def _fsync(path: str, flags: int) -> None:
 
 
 def _fsync_dir(path: str) -> None:
-    """fsync a directory, so the names in it are on disk too; a filesystem that cannot (EINVAL) is left be."""
+    """fsync a directory, so the names in it are on disk too. A folder we may write but not read (a
+    drop box, mode -wx) cannot be opened to be synced, and a filesystem may not sync directories (EINVAL):
+    both are left to the filesystem; a failing sync (EIO) raises."""
     try:
-        _fsync(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
     except OSError as e:
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
+    finally:
+        os.close(fd)
 
 
 @contextmanager
