@@ -200,3 +200,84 @@ def test_a_folder_we_may_not_read_is_written_into_without_its_sync(src, tmp_path
     L.convert(src, str(ref), "fastvideo")
     assert _digest(tmp_path / "o.safetensors") == _digest(ref)
     assert sorted(os.listdir(tmp_path / "p")) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_failing_folder_sync_after_the_rename_does_not_fail_a_complete_output(src, tmp_path, monkeypatch):
+    """Once OUT is in place (complete and fsynced) a failing sync of its folder is not an error: failing
+    then would report a failure while the new OUT has already replaced the old one."""
+    out = tmp_path / "o.safetensors"
+    L.convert(src, str(out), "longcat")
+    real = os.fsync
+
+    def dir_eio(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", dir_eio)
+    L.convert(src, str(out), "fastvideo", overwrite=True)
+    monkeypatch.undo()
+    ref = tmp_path / "ref.safetensors"
+    L.convert(src, str(ref), "fastvideo")
+    assert _digest(out) == _digest(ref)
+
+
+def test_a_side_file_we_may_not_read_is_synced_through_a_write_descriptor_or_left(tmp_path, monkeypatch):
+    """make_durable opens files read-only; a copied file whose mode refuses that (a non-root user) is
+    opened for writing instead, or left to the filesystem when that is refused too (simulated)."""
+    from longcat_lora.io import outputs
+
+    d = tmp_path / "out"
+    d.mkdir()
+    for n in ("wo", "none", "ok"):
+        (d / n).write_bytes(b"x")
+    real_open = os.open
+    synced = []
+
+    def guarded(path, flags, *a, **k):
+        name = os.path.basename(str(path))
+        if name in ("wo", "none") and flags & (os.O_WRONLY | os.O_RDWR) == 0:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        if name == "none":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *a, **k)
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return FSYNC(fd)
+
+    monkeypatch.setattr(os, "open", guarded)
+    monkeypatch.setattr(os, "fsync", fsync)
+    outputs.make_durable(str(d))
+    assert sorted(synced) == ["ok", "out", "wo"]
+
+
+def test_a_direct_write_refused_with_einval_goes_on_buffered(tmp_path, monkeypatch):
+    from longcat_lora.io import direct
+
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    dfd = direct.open_direct(fd)
+    if dfd is None:  # no O_DIRECT on this filesystem: nothing to refuse
+        os.close(fd)
+        return
+    real = os.pwrite
+    used = []
+
+    def strict(f, buf, off):
+        used.append(f)
+        if f == dfd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(f, buf, off)
+
+    monkeypatch.setattr(os, "pwrite", strict)
+    monkeypatch.setattr(direct, "STAGE", 2 * direct.ALIGN)
+    data = bytes(range(256)) * (9 * direct.ALIGN // 256) + b"tail"
+    try:
+        writer._write_all(fd, b"head")
+        w = direct.DirectWriter(fd, dfd, writer._write_all)
+        w.write(memoryview(data))
+    finally:
+        os.close(dfd)
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"head" + data
+    assert used[0] == dfd and dfd not in used[1:] and w.dfd is None  # tried once, then buffered

@@ -115,3 +115,33 @@ def test_torch_keeps_its_pool_outside_the_computing(inputs, tmp_path, monkeypatc
     assert torch.get_num_threads() == before
     if before > 1:  # where torch has a pool at all: reading and loading factors keep it
         assert before in seen_in_load
+
+
+def test_the_first_failing_chunk_names_the_error_whichever_worker_fails_first(inputs, tmp_path, monkeypatch):
+    """Chunk 9 fails at once, chunk 5 a little later: the error is chunk 5's, as a sequential run gives."""
+    base, lora = inputs
+    _workers(monkeypatch, 3)
+    lcm = 704  # every adapted weight's width (64 or 176) divides it: all full chunks have one size
+    assert lcm % TINY.dims.hidden == 0 and lcm % TINY.dims.ffn == 0
+    monkeypatch.setattr(mc, "CHUNK_ELEMENTS", lcm)
+    full = lcm * 2  # bytes of a full bf16 chunk
+    real = mc.nonfinite
+    nine_failed = threading.Event()
+
+    def poisoned(raw, dtype):
+        if raw.nbytes == full:
+            idx = (raw.ctypes.data - raw.base.ctypes.data) // full
+            if idx == 9:
+                nine_failed.set()
+                raise RuntimeError("chunk 9")
+            if idx == 5:
+                nine_failed.wait(2.0)  # fail after chunk 9 did
+                raise RuntimeError("chunk 5")
+        return real(raw, dtype)
+
+    monkeypatch.setattr(mc, "nonfinite", poisoned)
+    for _ in range(4):  # which worker takes which chunk varies from run to run
+        nine_failed.clear()
+        with pytest.raises(RuntimeError, match="^chunk 5$"):
+            L.merge_checkpoint(base, str(tmp_path / "o"), [(lora, 1.0)], device="cpu")
+        assert nine_failed.is_set() and os.listdir(tmp_path) == []

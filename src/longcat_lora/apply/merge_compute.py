@@ -140,30 +140,35 @@ class CpuStages:
         parts = self.parts[slot]
         chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
         taken = itertools.count()  # next() is atomic: each chunk goes to exactly one worker
+        failed: list[tuple[int, BaseException]] = []  # (chunk, error): the earliest chunk's error is raised
 
         def work(k: int) -> None:
             self.f32[k] = _grow(self.f32[k], step * cols)
-            while (i := next(taken)) < len(chunks):
-                r0, r1 = chunks[i]
-                w = self.f32[k][:(r1 - r0) * cols].view(r1 - r0, cols)
-                w.copy_(src[r0:r1])  # to fp32
-                for (p0, p1), up, down, alpha in parts:
-                    lo, hi = max(r0, p0), min(r1, p1)
-                    if lo < hi:
-                        w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
-                out[r0:r1].copy_(w)  # cast once
-                if nonfinite(out_bytes[r0 * row_bytes:r1 * row_bytes], job.out_dtype):  # while in cache
-                    raise job.nonfinite_error()
+            while not failed and (i := next(taken)) < len(chunks):
+                try:
+                    chunk(k, *chunks[i])
+                except BaseException as e:  # noqa: BLE001 - raised below, after every worker stopped
+                    failed.append((i, e))
+
+        def chunk(k: int, r0: int, r1: int) -> None:
+            w = self.f32[k][:(r1 - r0) * cols].view(r1 - r0, cols)
+            w.copy_(src[r0:r1])  # to fp32
+            for (p0, p1), up, down, alpha in parts:
+                lo, hi = max(r0, p0), min(r1, p1)
+                if lo < hi:
+                    w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
+            out[r0:r1].copy_(w)  # cast once
+            if nonfinite(out_bytes[r0 * row_bytes:r1 * row_bytes], job.out_dtype):  # while in cache
+                raise job.nonfinite_error()
 
         with single_threaded():  # only while computing: other work of the merge keeps torch's pool
             if self.pool is None:
                 work(0)
             else:
-                futures = [self.pool.submit(work, k) for k in range(len(self.f32))]
-                errors = [f.exception() for f in futures]  # waits for every worker: none still writes out
-                for e in errors:
-                    if e is not None:
-                        raise e
+                for f in [self.pool.submit(work, k) for k in range(len(self.f32))]:
+                    f.result()  # waits for every worker: none still writes into the output
+        if failed:  # as a sequential run would: the error of the first failing chunk
+            raise min(failed, key=lambda x: x[0])[1]
         self.parts[slot] = []
 
     def finish(self, job: Job, slot: int) -> np.ndarray:

@@ -10,8 +10,9 @@ second, O_DIRECT descriptor of the same file (copied a STAGE at a time into an a
 and the unaligned tail through the ordinary descriptor again. The two never touch the same page, the
 middle starts exactly at the end of the file, and `atomic_output`'s fsync covers both.
 
-Where the filesystem refuses O_DIRECT (tmpfs, some network filesystems) `open_direct` returns None and
-everything is written as before. A direct write that writes less than asked resumes through the ordinary
+Where the filesystem refuses O_DIRECT (some network filesystems) `open_direct` returns None and
+everything is written as before; one that opens it but refuses the writes (EINVAL: a stricter alignment)
+gets the rest of that file buffered. A direct write that writes less than asked resumes through the ordinary
 descriptor; one that makes no progress, or fails (ENOSPC, EIO), raises like any write.
 """
 
@@ -22,7 +23,9 @@ import os
 
 import numpy as np
 
-ALIGN = 4096  # a multiple of every logical block size Linux uses
+# A multiple of every logical block size Linux uses, and at least a memory page, so that a buffered edge
+# and direct data never share a page (64 KiB pages on some arm64 and ppc64le systems).
+ALIGN = max(4096, os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096)
 STAGE = 8 << 20  # bytes copied into the aligned staging buffer per direct write
 DIRECT_MIN = 4 << 20  # smaller buffers are not worth a second path: written as before
 
@@ -72,9 +75,16 @@ class DirectWriter:
         done = 0
         mv = memoryview(self.stage)[:k]
         while done < k:
-            direct = (pos + done) % ALIGN == 0 and (k - done) % ALIGN == 0
+            direct = self.dfd is not None and (pos + done) % ALIGN == 0 and (k - done) % ALIGN == 0
             fd = self.dfd if direct else self.fd
-            got = os.pwrite(fd, mv[done:], pos + done)
+            try:
+                got = os.pwrite(fd, mv[done:], pos + done)
+            except OSError as e:
+                # a filesystem that opens O_DIRECT but refuses these writes (stricter alignment): buffered
+                if not (direct and e.errno == errno.EINVAL):
+                    raise
+                self.dfd = None
+                continue
             if got <= 0:
                 raise OSError(errno.EIO, "a write made no progress")
             done += got

@@ -222,7 +222,16 @@ def make_durable(path: str) -> None:
 
 
 def _fsync(path: str, flags: int) -> None:
-    fd = os.open(path, flags | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    """fsync one of our files. A copied side file may keep a mode that lets us write but not read it (or
+    neither, for a non-root user): it is opened for writing instead, or left to the filesystem."""
+    extra = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags | extra)
+    except PermissionError:
+        try:
+            fd = os.open(path, os.O_WRONLY | extra)
+        except PermissionError:
+            return
     try:
         os.fsync(fd)
     finally:
@@ -272,7 +281,10 @@ def atomic_output(out: str, *, overwrite: bool = False, inputs: Iterable[str] = 
             check_output(out, overwrite=overwrite, inputs=inputs, directory=directory, replaceable=replaceable)
             with critical():
                 _put_in_place(tmp, out, parent, base)
-            _fsync_dir(parent)
+            try:
+                _fsync_dir(parent)
+            except OSError:
+                pass  # OUT is in place, complete and on disk; only its name's durability is in doubt now
         except OSError as e:
             raise _name_output(e, tmp, out) from e
     except BaseException:
