@@ -123,17 +123,50 @@ def test_merge_with_direct_writes_is_byte_identical(tmp_path, small_stage, monke
     staged = []
     real = direct.DirectWriter._pwrite
 
-    def count(self, k, pos):
-        staged.append(k)
-        return real(self, k, pos)
+    def count(self, mv, pos):
+        staged.append(mv.nbytes)
+        return real(self, mv, pos)
 
     monkeypatch.setattr(direct.DirectWriter, "_pwrite", count)
+    writers = []
+    init = direct.DirectWriter.__init__
+
+    def note(self, *a):
+        init(self, *a)
+        writers.append(self)
+
+    monkeypatch.setattr(direct.DirectWriter, "__init__", note)
     L.merge_checkpoint(base, str(tmp_path / "direct"), [(lora, 0.7)], device="cpu")
     assert _digest(tmp_path / "direct") == _digest(tmp_path / "buffered")
     if _supported(tmp_path):
         assert len(staged) > 10 and sum(staged) > 0  # the direct path really ran
+        # the CPU stages lay each output out congruent to its place in the file: nothing staged
+        assert len(writers) == 2 and [w.staged for w in writers] == [0, 0]
     else:
         assert staged == []
+
+
+def test_a_buffer_congruent_to_the_file_is_written_in_place_and_others_are_staged(tmp_path, small_stage):
+    if not _supported(tmp_path):
+        return
+    start, size = 100, 9 * direct.ALIGN + 7
+    raw = np.random.default_rng(5).integers(0, 256, size + 2 * direct.ALIGN, dtype=np.uint8)
+    for shift in (0, 1):
+        pad = (start - raw.ctypes.data) % direct.ALIGN + shift  # shift 0: congruent to the file offset
+        data = raw[pad:pad + size]
+        path = tmp_path / f"f{shift}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        dfd = direct.open_direct(fd)
+        try:
+            writer._write_all(fd, b"h" * start)
+            w = direct.DirectWriter(fd, dfd, writer._write_all)
+            w.write(memoryview(data))
+        finally:
+            os.close(dfd)
+            os.close(fd)
+        assert path.read_bytes() == b"h" * start + data.tobytes()
+        assert (w.staged == 0) == (shift == 0) and w.staged in (0, size - (size + start) % direct.ALIGN
+                                                               - (-start % direct.ALIGN))
 
 
 def test_direct_path_is_only_for_merges(tmp_path, monkeypatch):

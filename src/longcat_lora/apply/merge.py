@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from .merge_int8 import Int8Merge, Requant
 from .pipeline import Pipeline
 from .side_files import copy_rest, copy_side_file
 from ..io.dtypes import FLOATS, tensor_bytes, torch_dtype
-from ..io.writer import Entry, write_safetensors
+from ..io.writer import Entry, layout, write_safetensors
 from ..io.reader import FileRange, SafeFile, file_kind
 from ..io.outputs import atomic_output, check_output, dir_problem
 from .targets import Target, find_targets
@@ -109,8 +109,16 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
             q8 = Int8Merge(b, int8, adds, out_dtype, device)
             q8.check_names()
         jobs: list[Job] = []
-        plan = [(shard, sf, _entries(sf, per_weight, out_dtype, q8, shard, jobs, lambda i: pipe.take(i)))
-                for shard, sf in b.shards.items()]
+        plan = []
+        for shard, sf in b.shards.items():
+            first = len(jobs)
+            entries = _entries(sf, per_weight, out_dtype, q8, shard, jobs, lambda i: pipe.take(i))
+            # where each job's bytes will lie in its shard, known from the header before anything runs:
+            # the CPU stages lay their output out congruent to it, so direct writes need no staging copy
+            starts = dict(zip((e.name for e in entries), layout(entries, sf.metadata or None)[1]))
+            for j in range(first, len(jobs)):
+                jobs[j] = replace(jobs[j], out_offset=starts.get(jobs[j].name))
+            plan.append((shard, sf, entries))
         stages = _stages(jobs, device)
         pipe = Pipeline(jobs, stages, DEPTH)
         try:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import LoraError, Param
+from ..io.direct import ALIGN
 from ..io.dtypes import ITEMSIZE, nonfinite, torch_dtype
 from ..io.reader import SafeFile
 from ..threads import single_threaded
@@ -49,6 +50,7 @@ class Job:
     name: str
     adds: tuple[tuple[Target, float], ...]
     out_dtype: str
+    out_offset: int | None = None  # where its bytes start in the output file, when known (alignment)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -119,6 +121,7 @@ class CpuStages:
     def __init__(self, depth: int, workers: int | None = None):
         self.raw = [torch.empty(0, dtype=torch.uint8) for _ in range(depth)]
         self.out = [torch.empty(0, dtype=torch.uint8) for _ in range(depth)]
+        self.pad = [0] * depth  # where each slot's output starts in its buffer (see `_out`)
         self.parts: list[list] = [[] for _ in range(depth)]
         n = max(1, workers if workers is not None else torch.get_num_threads())
         self.f32 = [torch.empty(0, dtype=torch.float32) for _ in range(n)]  # each worker's chunk
@@ -132,9 +135,11 @@ class CpuStages:
     def compute(self, job: Job, slot: int) -> None:
         rows, cols = job.shape
         src = self.raw[slot][:job.in_bytes].view(torch_dtype(job.sf.info(job.name).dtype)).view(rows, cols)
-        self.out[slot] = _grow(self.out[slot], job.out_bytes)
-        out = self.out[slot][:job.out_bytes].view(torch_dtype(job.out_dtype)).view(rows, cols)
-        out_bytes = self.out[slot][:job.out_bytes].numpy()
+        self.out[slot] = _grow(self.out[slot], job.out_bytes + ALIGN)
+        pad = 0 if job.out_offset is None else (job.out_offset - self.out[slot].data_ptr()) % ALIGN
+        self.pad[slot] = pad  # output bytes at an address congruent to their file offset: written in place
+        out_bytes = self._out(job, slot).numpy()
+        out = self._out(job, slot).view(torch_dtype(job.out_dtype)).view(rows, cols)
         row_bytes = cols * ITEMSIZE[job.out_dtype]
         step = max(1, CHUNK_ELEMENTS // cols)
         parts = self.parts[slot]
@@ -171,8 +176,13 @@ class CpuStages:
             raise min(failed, key=lambda x: x[0])[1]
         self.parts[slot] = []
 
+    def _out(self, job: Job, slot: int) -> torch.Tensor:
+        """The slot's output bytes: `pad` bytes into its buffer, so that their address is congruent to their
+        offset in the output file (modulo io.direct.ALIGN) and a direct write needs no staging copy."""
+        return self.out[slot][self.pad[slot]:self.pad[slot] + job.out_bytes]
+
     def finish(self, job: Job, slot: int) -> np.ndarray:
-        return self.out[slot][:job.out_bytes].numpy()
+        return self._out(job, slot).numpy()
 
     def close(self) -> None:
         """Stop the chunk workers."""

@@ -6,8 +6,9 @@ CPU per GB, taken from the merge's arithmetic. A direct write hands the disk our
 CPU, and it returns when the disk has the bytes. Direct writes need the file offset, the length and the
 buffer address aligned to the device's block size (ALIGN covers 512- and 4096-byte devices), so each
 buffer is written as: an unaligned head through the ordinary descriptor, the aligned middle through a
-second, O_DIRECT descriptor of the same file (copied a STAGE at a time into an aligned staging buffer),
-and the unaligned tail through the ordinary descriptor again. The two never touch the same page, the
+second, O_DIRECT descriptor of the same file (straight from the buffer when its address is congruent
+to the file offset, which merge's output buffers are; otherwise copied a STAGE at a time into an aligned
+staging buffer), and the unaligned tail through the ordinary descriptor again. The two never touch the same page, the
 middle starts exactly at the end of the file, and `atomic_output`'s fsync covers both.
 
 Where the filesystem refuses O_DIRECT (some network filesystems) `open_direct` returns None and
@@ -50,6 +51,7 @@ class DirectWriter:
         raw = np.empty(STAGE + ALIGN, dtype=np.uint8)
         start = -raw.ctypes.data % ALIGN
         self.stage = raw[start:start + STAGE]
+        self.staged = 0  # bytes that had to be copied into the staging buffer first
 
     def write(self, data: memoryview) -> None:
         """Append `data` (bytes) at the ordinary descriptor's position; afterwards it points past them."""
@@ -62,18 +64,23 @@ class DirectWriter:
             return
         self.write_all(self.fd, data[:a - s])  # head: the file now ends at the aligned offset a
         src = np.frombuffer(data, dtype=np.uint8)
+        # a buffer laid out congruent to the file (see merge_compute.CpuStages) is written from where it is
+        in_place = (src.ctypes.data + a - s) % ALIGN == 0
         pos = a
         while pos < b:
             k = min(STAGE, b - pos)
+            if in_place:
+                pos = self._pwrite(data[pos - s:pos - s + k], pos)
+                continue
             self.stage[:k] = src[pos - s:pos - s + k]
-            pos = self._pwrite(k, pos)
+            self.staged += k
+            pos = self._pwrite(memoryview(self.stage)[:k], pos)
         os.lseek(self.fd, b, os.SEEK_SET)
         self.write_all(self.fd, data[b - s:])  # tail
 
-    def _pwrite(self, k: int, pos: int) -> int:
-        """Write stage[:k] at `pos`, every byte; returns pos + k."""
-        done = 0
-        mv = memoryview(self.stage)[:k]
+    def _pwrite(self, mv: memoryview, pos: int) -> int:
+        """Write all of `mv` (an aligned address) at `pos`; returns pos + its length."""
+        done, k = 0, mv.nbytes
         while done < k:
             direct = self.dfd is not None and (pos + done) % ALIGN == 0 and (k - done) % ALIGN == 0
             fd = self.dfd if direct else self.fd

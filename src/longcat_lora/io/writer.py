@@ -44,17 +44,8 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
     write large produced buffers past the page cache where the filesystem allows (`io.direct`; merges).
     """
     entries = list(entries)
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for e in entries:
-        if e.name in header:
-            raise ValueError(f"duplicate tensor name {e.name!r}")
-        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    head, starts = layout(entries, metadata)
+    size = starts[-1] + entries[-1].nbytes if entries else len(head)
     # No O_TRUNC: ext4 flushes a file truncated to zero when it is closed (auto_da_alloc), which would
     # make every conversion wait for the disk. Outputs are always fresh temp files anyway.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
@@ -63,7 +54,7 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
     if os.fstat(fd).st_size:
         os.ftruncate(fd, 0)
     try:
-        _write_all(fd, struct.pack("<Q", len(raw)) + raw)
+        _write_all(fd, head)
         # Produce tensor i+1 (read, scan, assemble) on a second thread while tensor i is written:
         # numpy, pread, write and copy_file_range all release the GIL. At most two tensors in memory.
         # (Merging runs its own read / compute pipeline ahead of the writer and passes pipelined=False.)
@@ -96,8 +87,8 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
                     progress(e.nbytes)
             copier.finish()
         written = os.fstat(fd).st_size
-        if written != 8 + len(raw) + offset:  # the file must be exactly what its header promises
-            raise AssertionError(f"{path}: {written} bytes written, the header promises {8 + len(raw) + offset}")
+        if written != size:  # the file must be exactly what its header promises
+            raise AssertionError(f"{path}: {written} bytes written, the header promises {size}")
     except BaseException:
         if pending is not None:
             pending.cancel()
@@ -106,6 +97,28 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
         os.close(fd)
         if dfd is not None:
             os.close(dfd)
+
+
+def layout(entries: list[Entry], metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+    """(the file's first bytes: length prefix + JSON header, padded to 8; where each entry's bytes start in
+    the file), exactly as `write_safetensors` writes them: known before any tensor is produced."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for e in entries:
+        if e.name in header:
+            raise ValueError(f"duplicate tensor name {e.name!r}")
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    head = struct.pack("<Q", len(raw)) + raw
+    starts, at = [], len(head)
+    for e in entries:
+        starts.append(at)
+        at += e.nbytes
+    return head, starts
 
 
 class _Done:
