@@ -43,7 +43,7 @@ PKG = "src/longcat_lora"
 CORE = ["formats/__init__.py", "formats/_common.py", "formats/base.py", "formats/registry.py", "formats/longcat.py",
         "formats/fastvideo.py", "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "model/adapter.py",
         "model/sources.py", "model/layout.py", "model/naming.py", "io/dtypes.py", "io/reader.py", "io/serdejson.py",
-        "io/writer.py", "io/outputs.py", "apply/runtime.py", "apply/layers.py", "apply/fuse.py", "apply/targets.py",
+        "io/writer.py", "io/outputs.py", "io/direct.py", "apply/runtime.py", "apply/layers.py", "apply/fuse.py", "apply/targets.py",
         "apply/merge.py", "apply/base_checkpoint.py", "apply/side_files.py", "apply/pipeline.py",
         "apply/merge_compute.py", "commands/verify.py"]
 
@@ -101,7 +101,8 @@ SUBSETS = {
               R + "test_nonfinite_scan_of_an_empty_tensor_at_the_end_of_a_page_aligned_file",
               R + "test_input_swapped_for_a_fifo_after_the_type_check_never_hangs",
               R + "test_a_header_length_that_starts_like_a_pickle_is_still_safetensors",
-           "tests/test_copy_scan.py", "tests/test_reader_property.py"],
+           "tests/test_copy_scan.py", "tests/test_reader_property.py", "tests/test_durability.py"],
+    "io/direct.py": ["tests/test_direct.py", "tests/test_durability.py"],
     "apply/runtime.py": _RUNTIME + ["tests/test_runtime_switching.py"],
     "apply/layers.py": _RUNTIME + ["tests/test_runtime_switching.py"],
     "apply/fuse.py": _RUNTIME + ["tests/test_runtime_switching.py"],
@@ -110,7 +111,7 @@ SUBSETS = {
     "apply/base_checkpoint.py": _MERGE,  # moved out of merge.py (issue 9): the subset it had there
     "apply/side_files.py": _MERGE,
     "apply/pipeline.py": _MERGE + ["tests/test_merge.py"],
-    "apply/merge_compute.py": _MERGE + ["tests/test_merge.py"],
+    "apply/merge_compute.py": _MERGE + ["tests/test_merge_workers.py", "tests/test_direct.py", "tests/test_merge.py"],
     "commands/verify.py": [R + "test_verify_when_the_two_sides_split_rows_differently",
                   R + "test_verify_reports_the_reference_relative_error",
                   "tests/test_cli.py::test_verify_exit_codes_and_worst_location"],
@@ -119,6 +120,8 @@ SUBSETS = {
 
 def subset(path: str) -> list[str]:
     rel = path.removeprefix(PKG + "/")
+    if rel in SUBSETS:
+        return SUBSETS[rel]
     return SUBSETS["formats"] if rel.startswith("formats/") else SUBSETS["io"] if rel.startswith("io/") else SUBSETS[rel]
 
 
@@ -145,8 +148,8 @@ HAND = [  # (file, exact old text, new text, the bug it stands for)
      "FastVideo lora_alpha < 1 read as scale 0"),
     ("formats/fastvideo.py", "    a = int(alpha)\n", "    a = alpha\n", "FastVideo lora_alpha not truncated"),
     ("formats/fastvideo.py", "and int(alpha) != 0\n", "\n", "FastVideo writer keeps lora_alpha < 1"),
-    ("apply/merge_compute.py", "out = self.out[slot][:job.out_bytes].view(torch_dtype(job.out_dtype))",
-     "out = self.out[slot][:job.out_bytes].view(torch_dtype('F32'))", "merge computes touched weights into F32 bytes"),
+    ("apply/merge_compute.py", "out = self._out(job, slot).view(torch_dtype(job.out_dtype))",
+     "out = self._out(job, slot).view(torch_dtype('F32'))", "merge computes touched weights into F32 bytes"),
     ("apply/merge.py", '"fp16": "F16"', '"fp16": "BF16"', "merge --dtype fp16 mapped to bf16"),
     ("apply/layers.py", "dst += (hb @ b.up.T).to(y.dtype) * (b.scale * s)", "dst += (hb @ b.up.T).to(y.dtype) * b.scale",
      "runtime mixed-dtype branch ignores strength"),
