@@ -211,22 +211,22 @@ def make_durable(path: str) -> None:
     reports now (a full or failing disk under delayed allocation, a network filesystem) fails the command
     here, before anything is replaced."""
     if not os.path.isdir(path) or os.path.islink(path):
-        _fsync(path, os.O_RDONLY)
+        _fsync(path)
         return
     for root, dirs, files in os.walk(path):
         for name in files:
             p = os.path.join(root, name)
             if stat.S_ISREG(os.lstat(p).st_mode):
-                _fsync(p, os.O_RDONLY)
+                _fsync(p)
         _fsync_dir(root)
 
 
-def _fsync(path: str, flags: int) -> None:
+def _fsync(path: str) -> None:
     """fsync one of our files. A copied side file may keep a mode that lets us write but not read it (or
     neither, for a non-root user): it is opened for writing instead, or left to the filesystem."""
     extra = os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags | extra)
+        fd = os.open(path, os.O_RDONLY | extra)
     except PermissionError:
         try:
             fd = os.open(path, os.O_WRONLY | extra)

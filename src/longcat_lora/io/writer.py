@@ -75,13 +75,7 @@ def write_safetensors(path: str, entries: Iterable[Entry], metadata: dict[str, s
                     copier.add(data)
                 else:
                     copier.flush()
-                    if dw is not None and isinstance(data, np.ndarray) and e.nbytes >= _direct.DIRECT_MIN:
-                        mv = memoryview(np.ascontiguousarray(data)).cast("B")
-                        if mv.nbytes != e.nbytes:
-                            raise AssertionError(f"{e.name}: {mv.nbytes} bytes produced, {e.nbytes} declared")
-                        dw.write(mv)
-                    else:
-                        _write_entry(fd, e, data)
+                    _write_entry(fd, e, data, dw)
                     writeback.poke()
                 if progress is not None:
                     progress(e.nbytes)
@@ -134,13 +128,18 @@ class _Done:
         pass
 
 
-def _write_entry(fd: int, e: Entry, data) -> None:
+def _write_entry(fd: int, e: Entry, data, dw: _direct.DirectWriter | None = None) -> None:
+    """Write one entry's produced bytes, counted; a large array goes through `dw` (direct) when given."""
     pieces = [data] if isinstance(data, (np.ndarray, bytes, bytearray, memoryview)) else data
+    direct = dw is not None and isinstance(data, np.ndarray) and e.nbytes >= _direct.DIRECT_MIN
     total = 0
     for piece in pieces:  # a buffer, or an iterator of buffers each valid until the next
         mv = memoryview(np.ascontiguousarray(piece) if isinstance(piece, np.ndarray) else piece).cast("B")
         total += mv.nbytes
-        _write_all(fd, mv)
+        if direct and mv.nbytes == e.nbytes:
+            dw.write(mv)  # type: ignore[union-attr]
+        else:
+            _write_all(fd, mv)
     if total != e.nbytes:
         raise AssertionError(f"{e.name}: {total} bytes produced, {e.nbytes} declared")
 
@@ -196,10 +195,10 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     """Start (not wait for) the disk write of bytes [offset, offset + nbytes) of `fd`: Linux's
     sync_file_range(SYNC_FILE_RANGE_WRITE), which Python's os module lacks, through libc (the call
     releases the GIL). OSError where it fails or does not exist."""
+    import ctypes
+
     global _libc_sync_file_range
     if _libc_sync_file_range is None:
-        import ctypes
-
         try:
             f = ctypes.CDLL(None, use_errno=True).sync_file_range
         except (OSError, AttributeError) as e:
@@ -208,8 +207,6 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         f.restype = ctypes.c_int
         _libc_sync_file_range = f
     if _libc_sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) != 0:
-        import ctypes
-
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
