@@ -20,7 +20,7 @@ import longcat_lora as L
 from longcat_lora.testing.dit import TINY, LongCatDiT, LongCatDiTSplit
 from longcat_lora.testing.fixtures import write_base_checkpoint, write_native_lora
 import longcat_lora.apply.merge as merge_mod
-from longcat_lora.apply.merge import parse_lora_arg
+from longcat_lora.commands.cli import parse_lora_arg
 from longcat_lora.apply.merge_compute import AUTO_CUDA_GFLOP, DeviceStages, resolve_device
 from longcat_lora.apply.pipeline import Pipeline
 from longcat_lora.io.reader import SafeFile

@@ -209,15 +209,4 @@ def _earlier_output(base: str):
 
 
 
-def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """PATH[:STRENGTH]: the strength is taken from the last ':' when it parses as a number."""
-    path, sep, tail = arg.rpartition(":")
-    if sep:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return arg, 1.0
-
-
-__all__ = ["merge_checkpoint", "parse_lora_arg", "MergeReport"]
+__all__ = ["merge_checkpoint", "MergeReport"]

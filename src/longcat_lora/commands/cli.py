@@ -51,8 +51,19 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """--lora PATH[:STRENGTH] of merge and combine: the strength is taken from the last ':' when it parses as a number."""
+    path, sep, tail = arg.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return arg, 1.0
+
+
 def _merge(args: argparse.Namespace) -> int:
-    from ..apply.merge import merge_checkpoint, parse_lora_arg
+    from ..apply.merge import merge_checkpoint
 
     report = merge_checkpoint(args.base, args.output, [parse_lora_arg(x) for x in args.lora], dtype=args.dtype,
                               overwrite=args.overwrite, skip_unmapped=args.skip_unmapped, device=args.device,
@@ -107,7 +118,6 @@ def _resize(args: argparse.Namespace) -> int:
 
 def _combine(args: argparse.Namespace) -> int:
     from ..algebra.combine import combine_loras
-    from ..apply.merge import parse_lora_arg
 
     rule = _rank_flags(args, required=False)
     if rule is None and args.dtype != "keep":
