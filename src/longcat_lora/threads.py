@@ -1,29 +1,79 @@
-"""torch's intra-op thread count, set process-wide for a while and restored, shared by overlapping users."""
+"""One thread per worker for the numeric libraries, set process-wide for a while and restored, shared by
+overlapping users: torch's intra-op pool (when torch is loaded) and the BLAS under numpy (through
+threadpoolctl)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from contextlib import contextmanager
+from typing import Any
 
 _THREADS = threading.Lock()
-_users = 0  # callers inside single_threaded (their threads overlap), and torch's setting before
-_before = 0
+_users = 0  # callers inside single_threaded (their threads overlap)
+_torch_before: int | None = None  # torch's setting before the first caller, once torch was limited
+_blas: Any = None  # threadpoolctl's limiter, restoring the BLAS libraries' settings
+_controller: Any = None  # threadpoolctl's view of the loaded BLAS libraries, made once (it scans them)
+
+
+def _limit_blas() -> Any:
+    """Limit the BLAS libraries numpy uses to one thread; the limiter that restores them (None without
+    threadpoolctl, which only costs speed)."""
+    global _controller
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - a dependency; missing only in odd installs
+        return None
+    if _controller is None:
+        _controller = ThreadpoolController()
+    _release_openblas()
+    try:
+        return _controller.limit(limits=1, user_api="blas")
+    finally:
+        _release_openblas()
+
+
+def _restore_blas(limiter: Any) -> None:
+    _release_openblas()
+    try:
+        limiter.restore_original_limits()
+    finally:
+        _release_openblas()
+
+
+def _release_openblas() -> None:
+    """threadpoolctl (3.6+) lets only the thread that last changed OpenBLAS's process-wide setting change it
+    again, and silently ignores the others; our first and last users are often different threads (and
+    act under our lock), so the claim is dropped around each change."""
+    try:
+        from threadpoolctl import OpenBLASController
+
+        OpenBLASController.clear_controlling_thread(force=True)
+    except (ImportError, AttributeError, TypeError):  # older threadpoolctl: no claim to drop
+        pass
+
+
+def _limit_torch() -> None:
+    global _torch_before
+    torch = sys.modules.get("torch")  # never imported here: callers that use torch have loaded it
+    if torch is not None and _torch_before is None:
+        _torch_before = torch.get_num_threads()
+        torch.set_num_threads(1)
 
 
 @contextmanager
 def single_threaded():
-    """Run torch on one thread inside: each calling thread computes its own operations. For many small
-    operations (resize's r x r SVDs and thin Grams), where torch's pool costs more than it gains, and for
-    work split over threads of our own (merge's row chunks), where a pool thread waiting for a busy core
-    stalls every operation it shares. torch's setting is process-wide: the first caller in sets it, the
-    last one out restores it."""
-    import torch
-
-    global _users, _before
+    """Run torch and the BLAS under numpy on one thread inside: each calling thread computes its own
+    operations. For many small operations (resize's r x r decompositions and thin Grams), where a thread
+    pool costs more than it gains, and for work split over threads of our own (merge's row chunks,
+    resize's modules), where a pool thread waiting for a busy core stalls every operation it shares (two
+    numpy workers on a 2-core machine with OpenBLAS's own threads run 3-4x slower than one thread each).
+    The settings are process-wide: the first caller in sets them, the last one out restores them."""
+    global _users, _blas, _torch_before
     with _THREADS:
         if _users == 0:
-            _before = torch.get_num_threads()
-            torch.set_num_threads(1)
+            _blas = _limit_blas()
+        _limit_torch()  # also when torch was loaded after the first caller came in
         _users += 1
     try:
         yield
@@ -31,7 +81,12 @@ def single_threaded():
         with _THREADS:
             _users -= 1
             if _users == 0:
-                torch.set_num_threads(_before)
+                if _torch_before is not None:
+                    sys.modules["torch"].set_num_threads(_torch_before)
+                    _torch_before = None
+                if _blas is not None:
+                    _restore_blas(_blas)
+                    _blas = None
 
 
 __all__ = ["single_threaded"]

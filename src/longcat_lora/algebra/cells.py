@@ -15,6 +15,10 @@ never from the product. Work is done in two passes so memory stays at one module
    sqrt(S) Vh rounded once to the output dtype, and the TRUE error of what is stored,
    ||dW - up' @ down'||_F, computed from the factors without cancellation (see `realise`).
 
+Arithmetic is numpy (float32 thin products for 16-bit outputs, float64 otherwise; the small r x r work in
+float64): resize and combine never import torch, whose start-up alone costs more than the arithmetic of
+a full-size file, and they run one BLAS thread per worker (`single_threaded`).
+
 Outputs carry scale 1 (alpha_scale 1, alpha = rank): the singular values are split symmetrically between
 the two factors, so both have the same magnitude whatever the input's alpha.
 """
@@ -22,17 +26,15 @@ the two factors, so both have the same magnitude whatever the input's alpha.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..model.adapter import Naming
 from ..model.sources import Source
 from ..errors import NAME_ONLY, LoraError, Param
-from ..io.dtypes import torch_dtype
+from ..io.dtypes import FLOAT_MAX, decode, encode
 from ..threads import single_threaded
-from .lowrank import RankRule, factored_svd, gram_cholesky
-
-if TYPE_CHECKING:  # torch is imported when the arithmetic starts
-    import torch
+from .lowrank import RankRule, gram_cholesky, svd_of_product
 
 
 @dataclass
@@ -62,11 +64,11 @@ class CellPlan:
     stored rank is known from the shapes alone) only has `stored` until `realise` fills it in, so the
     factors are read once."""
 
-    s: torch.Tensor | None  # float64, descending (None while deferred)
+    s: np.ndarray | None  # float64, descending (None while deferred)
     k: int  # chosen by the rule (0 for a zero change)
     stored: int  # the rank written: max(k, 1), or min(rank, q) for a fixed rank
-    x: torch.Tensor | None  # U = up_stack @ x   (None: recompute by QR, ill-conditioned factors)
-    y: torch.Tensor | None  # V = down_stack.T @ y
+    x: np.ndarray | None  # U = up_stack @ x   (None: recompute by QR, ill-conditioned factors)
+    y: np.ndarray | None  # V = down_stack.T @ y
     rule: RankRule | None = None  # set while deferred
 
     @property
@@ -91,13 +93,12 @@ class ModulePlan:
     plans: list[CellPlan] | None = None  # None: exact (no truncation), parts written as they are
 
 
-def work_dtype(dtype: str) -> torch.dtype:
+def work_dtype(dtype: str) -> np.dtype:
     """The precision of the thin (m x r) products for an output dtype: float32 where the output is a
     16-bit float (its rounding, ~1e-3 relative, dwarfs float32's ~1e-7, and float32 products run twice as
-    fast), float64 otherwise. The small r x r work (Cholesky, core SVD, the error sums) is always float64."""
-    import torch
-
-    return torch.float32 if dtype in ("BF16", "F16") else torch.float64
+    fast), float64 otherwise. The small r x r work (Cholesky, core decomposition, the error sums) is
+    always float64."""
+    return np.dtype(np.float32) if dtype in ("BF16", "F16") else np.dtype(np.float64)
 
 
 # Cholesky of a float32 Gram matrix is used only when R's diagonal spans less than this (the Gram's
@@ -111,18 +112,16 @@ class Workspace:
     m x r matrices per cell (which fragment the heap and fault in new pages every time)."""
 
     def __init__(self) -> None:
-        self.bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self.bufs: dict[tuple[str, np.dtype], np.ndarray] = {}
 
-    def take(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-        import torch
-
+    def take(self, name: str, rows: int, cols: int, dtype: np.dtype) -> np.ndarray:
         buf = self.bufs.get((name, dtype))
-        if buf is None or buf.numel() < rows * cols:
-            buf = self.bufs[(name, dtype)] = torch.empty(rows * cols, dtype=dtype)
-        return buf[:rows * cols].view(rows, cols)
+        if buf is None or buf.size < rows * cols:
+            buf = self.bufs[(name, dtype)] = np.empty(rows * cols, dtype=dtype)
+        return buf[:rows * cols].reshape(rows, cols)
 
 
-def stacked(cell: Cell, ws: Workspace, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def stacked(cell: Cell, ws: Workspace, work: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """(up_stack [rows, R], down_stack [R, in]) in `work` dtype with each term's factor folded into its up.
 
     The results live in `ws` and are valid until its next use. Not checked for Inf/NaN here: `plan_cell`
@@ -132,40 +131,57 @@ def stacked(cell: Cell, ws: Workspace, work: torch.dtype) -> tuple[torch.Tensor,
     a = ws.take("up", h, cell.rank, work)
     b = ws.take("down", cell.rank, n, work)
     c = 0
-    for t in cell.terms:
-        r = t.down.shape[0]
-        a[:, c:c + r].copy_(t.up.load())
-        if t.factor != 1.0:
-            a[:, c:c + r].mul_(t.factor)
-        b[c:c + r].copy_(t.down.load())
-        c += r
+    with np.errstate(over="ignore", invalid="ignore"):  # Inf/NaN are refused from the Gram diagonals
+        for t in cell.terms:
+            r = t.down.shape[0]
+            decode(t.up.raw(), t.up.dtype, a[:, c:c + r])
+            if t.factor != 1.0:
+                a[:, c:c + r] *= t.factor
+            decode(t.down.raw(), t.down.dtype, b[c:c + r])
+            c += r
     return a, b
 
 
-def check_finite(a: torch.Tensor, b: torch.Tensor, where: str) -> None:
+def check_finite(a: np.ndarray, b: np.ndarray, where: str) -> None:
     """LoraError when the stacked factors hold Inf/NaN (after strength x scale)."""
-    import torch
-
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+    if not (bool(np.isfinite(a).all()) and bool(np.isfinite(b).all())):
         raise LoraError(f"{where}: non-finite values (NaN/Inf) in its LoRA weights (or strength x scale)")
 
 
-def _cholesky_pair(a: torch.Tensor, b: torch.Tensor, where: str
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _cholesky_pair(a: np.ndarray, b: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(Ra, Rb), float64, with a = Qa Ra and b.T = Qb Rb (Qa, Qb orthonormal, never formed), from the Gram
     matrices computed in a's dtype; None when either is ill conditioned for that dtype or overflows.
     Refuses Inf/NaN in the factors (found through the Gram diagonals, or a full scan if those overflow)."""
-    import torch
-
-    ga = a.T @ a
-    gb = b @ b.T
-    if not (bool(torch.isfinite(torch.diagonal(ga)).all()) and bool(torch.isfinite(torch.diagonal(gb)).all())):
+    with np.errstate(over="ignore", invalid="ignore"):
+        ga = a.T @ a
+        gb = b @ b.T
+    if not (bool(np.isfinite(np.diagonal(ga)).all()) and bool(np.isfinite(np.diagonal(gb)).all())):
         check_finite(a, b, where)
         return None  # finite factors whose squares overflow: the QR route
-    ratio = F32_MIN_RATIO if a.dtype == torch.float32 else 1e-5
+    ratio = F32_MIN_RATIO if a.dtype == np.float32 else 1e-5
     ra = gram_cholesky(ga, ratio)
     rb = gram_cholesky(gb, ratio) if ra is not None else None
     return None if rb is None else (ra, rb)
+
+
+def core_svd(core: np.ndarray, keep: int, fast: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(Uc [r, keep], s [r] descending, Vc [r, keep]): the singular values of the square core and its
+    leading `keep` singular vectors.
+
+    `fast` (16-bit outputs) takes the eigendecomposition of core @ core.T (half the cost of an SVD):
+    s^2 then carries an absolute error of ~1e-14 s_max^2, which moves a relative error of 1e-5 or more by
+    under 1e-4 of itself and is far below the 16-bit rounding every such output carries. Vc = core.T Uc /
+    s, so U S Vc^T is exactly the projection of the core on the kept left vectors, as the error formula
+    of `realise` needs (directions with s = 0 get Vc = 0: they carry nothing)."""
+    if not fast:
+        uc, s, vch = np.linalg.svd(core)
+        return uc[:, :keep], s, vch[:keep].T
+    w, q = np.linalg.eigh(core @ core.T)
+    s = np.sqrt(np.maximum(w[::-1], 0.0))
+    uc = np.ascontiguousarray(q[:, ::-1][:, :keep])
+    sk = s[:keep]
+    vc = np.divide(core.T @ uc, sk, out=np.zeros((core.shape[1], keep)), where=sk > 0)
+    return uc, s, vc
 
 
 def fixed_stored(cell: Cell, rule: RankRule) -> int | None:
@@ -176,13 +192,11 @@ def fixed_stored(cell: Cell, rule: RankRule) -> int | None:
     return min(rule.rank, cell.rows[1] - cell.rows[0], cell.rank, n)
 
 
-def plan_cell(cell: Cell, rule: RankRule, ws: Workspace, where: str, work: torch.dtype,
-              stored: int | None = None, loaded: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellPlan:
+def plan_cell(cell: Cell, rule: RankRule, ws: Workspace, where: str, work: np.dtype,
+              stored: int | None = None, loaded: tuple[np.ndarray, np.ndarray] | None = None) -> CellPlan:
     """The exact singular values of a cell's change, the rank the rule picks, and the transforms to the
     leading singular vectors (`stored` of them: max(k, 1) unless given). The thin products run in `work`;
     a cell whose factors are ill conditioned for it gets no transforms (`realise` redoes it by QR in float64)."""
-    import torch
-
     a, b = loaded if loaded is not None else stacked(cell, ws, work)
     m, r = a.shape
     n = b.shape[1]
@@ -190,42 +204,38 @@ def plan_cell(cell: Cell, rule: RankRule, ws: Workspace, where: str, work: torch
         got = _cholesky_pair(a, b, where)
         if got is not None:  # well conditioned: Cholesky factors, Q = a @ R^-1 never formed
             ra, rb = got
-            uc, s, vch = torch.linalg.svd(ra @ rb.T)
+            uc, s, vc = core_svd(ra @ rb.T, ra.shape[0] if stored is None else stored, work == np.float32)
             k = rule.choose(s)
             keep = max(k, 1) if stored is None else stored
-            x = torch.linalg.solve_triangular(ra, uc[:, :keep].contiguous(), upper=True)
-            y = torch.linalg.solve_triangular(rb, vch[:keep].T.contiguous(), upper=True)
-            return CellPlan(s, k, keep, x, y)
+            uc, vc = uc[:, :keep], vc[:, :keep]
+            return CellPlan(s, k, keep, np.linalg.solve(ra, uc), np.linalg.solve(rb, vc))
     else:
         check_finite(a, b, where)
-    _, s, _ = factored_svd(a, b, k=0)
+    _, s, _ = svd_of_product(a, b, k=0)
     k = rule.choose(s)
     return CellPlan(s, k, max(k, 1) if stored is None else stored, None, None)
 
 
-def _tail_sq(s: torch.Tensor, k: int) -> float:
+def _tail_sq(s: np.ndarray, k: int) -> float:
     """sum(s[k:]^2), summed from the small end."""
-    import torch
-
     t = s[k:]
-    return float(torch.flip(t * t, [0]).sum()) if t.numel() else 0.0
+    return float((t * t)[::-1].sum()) if t.size else 0.0
 
 
-def _dot(p1: torch.Tensor, q1: torch.Tensor) -> float:
+def _dot(p1: np.ndarray, q1: np.ndarray) -> float:
     """<A, B> = tr(A^T B) for A = x1 @ y1, B = x2 @ y2, given p1 = x1^T x2 and q1 = y1 @ y2^T (float64)."""
     return float((p1 * q1).sum())
 
 
-def _mm64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _mm64(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """x @ y in their dtype (a thin product over the long dimension), the small result in float64."""
-    import torch
-
-    return (x @ y).to(torch.float64)
+    return (x @ y).astype(np.float64)
 
 
 def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
-            ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(up' [rows, stored], down' [stored, in]) in `dtype` and the true ||dW - up' down'||_F^2.
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(up' [rows, stored], down' [stored, in]) as `dtype` bytes (uint8 [rows, cols * itemsize]) and the
+    true ||dW - up' down'||_F^2.
 
     With U S Vh the truncated SVD and dA, dB the rounding of the stored factors (up' = U sqrt(S) + dA,
     down' = sqrt(S) Vh + dB), the error is E = T - R with T = dW - U S Vh (the discarded tail, ||T||^2 =
@@ -235,8 +245,6 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
     every term from small Gram matrices of thin factors: nothing large cancels, so the result is
     accurate even when the error is tiny (full rank, rounding only).
     """
-    import torch
-
     work = work_dtype(dtype)
     a, b = stacked(cell, ws, work)
     if plan.rule is not None:  # deferred (fixed rank): plan now, from the factors already loaded
@@ -245,28 +253,29 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
     assert plan.s is not None
     k = plan.stored
     if plan.x is not None:
-        u = a @ plan.x.to(work)
-        v = b.T @ plan.y.to(work)
+        assert plan.y is not None
+        u = a @ plan.x.astype(work)
+        v = b.T @ plan.y.astype(work)
         s = plan.s[:k]
     else:  # ill conditioned for the Gram route: QR, all in float64
-        a, b = a.to(torch.float64), b.to(torch.float64)
-        u, s, vh = factored_svd(a, b, k=k)
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        u, s, vh = svd_of_product(a, b, k=k)
         s, v = s[:k], vh.T
-    root = s.sqrt()
-    rootw = root.to(u.dtype)
+    root = np.sqrt(s)
+    rootw = root.astype(u.dtype)
     upw = u * rootw
     downw = (v * rootw).T
-    td = torch_dtype(dtype)
     # the factors' entries are at most sqrt(s_max) in size (U and V have unit columns): they can only
     # overflow the output dtype if sqrt(s_max) does, so one comparison replaces a scan of every value
-    if not float(root[0]) < torch.finfo(td).max / 2:
+    if k and not float(root[0]) < FLOAT_MAX[dtype] / 2:
         raise LoraError(f"{where}: the new factors overflow {dtype} (choose a wider ", Param("dtype", NAME_ONLY), ")")
-    up = upw.to(td)
-    down = downw.to(td).contiguous()
+    up = encode(upw, dtype)
+    down = encode(downw, dtype)
     err2 = _tail_sq(plan.s, k)
-    if td != u.dtype:
-        da = up.to(u.dtype) - upw  # [m, k]
-        down_st = down.to(u.dtype)
+    if dtype != ("F64" if u.dtype == np.float64 else "F32"):  # the stored factors are rounded
+        up_st = decode(up, dtype, np.empty(upw.shape, u.dtype))
+        down_st = decode(down, dtype, np.empty(downw.shape, u.dtype))
+        da = up_st - upw  # [m, k]
         db = down_st - downw  # [k, n]
         gdu = _mm64(da.T, u)
         gbd = _mm64(down_st, db.T)
@@ -276,8 +285,8 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
         # <dW - U S Vh, dA dB>
         cross = _dot(_mm64(a.T, da), _mm64(b, db.T)) - _dot(s[:, None] * gdu.T, _mm64(v.T, db.T))
         err2 = err2 + r2 - 2.0 * cross
-    return up.contiguous(), down, max(err2, 0.0)
+    return up, down, max(err2, 0.0)
 
 
-__all__ = ["Cell", "CellPlan", "ModulePlan", "Term", "Workspace", "fixed_stored", "plan_cell", "realise",
-           "single_threaded", "work_dtype"]
+__all__ = ["Cell", "CellPlan", "ModulePlan", "Term", "Workspace", "core_svd", "fixed_stored", "plan_cell",
+           "realise", "single_threaded", "work_dtype"]

@@ -20,8 +20,8 @@ from ..model.sources import Computed, NonFinite, Source, cat_rows, placed, promo
 from ..errors import LoraError
 from ..formats import load_lora, save_lora
 from ..formats._common import in_file_order
-from ..io.dtypes import torch_dtype
-from .cells import Cell, ModulePlan, Term, single_threaded
+from ..io.dtypes import decode
+from .cells import Cell, ModulePlan, Term
 from .engine import build_adapter, output_dtype, plan_modules, write_report
 from .realised import Realised
 from .lowrank import RankRule, Report
@@ -56,22 +56,21 @@ def _folded_ups(ups: list[tuple[Source, float]]) -> Source:
     dtype = promote("F32", *(u.dtype for u, _ in ups))
 
     def make() -> np.ndarray:
-        import torch
-
-        out = torch.empty((h, cols), dtype=torch_dtype(dtype))
+        out = np.empty((h, cols), dtype=np.float64 if dtype == "F64" else np.float32)
         c = 0
-        with single_threaded():  # memory-bound passes: a thread pool only adds waits on a busy machine
-            for u, ratio in ups:
-                dst = out[:, c:c + u.shape[1]]
-                c += u.shape[1]
-                if ratio == 1.0:
-                    dst.copy_(u.load())
-                    continue
-                dst.copy_(u.load().to(torch.float64) * ratio)
-                if (abs(ratio) > 1.0 and any(s.refuse_nonfinite for s in u.stored())
-                        and not bool(torch.isfinite(dst).all())):
-                    raise NonFinite("non-finite values (NaN/Inf)")
-        return out.view(torch.uint8).numpy()
+        for u, ratio in ups:
+            dst = out[:, c:c + u.shape[1]]
+            c += u.shape[1]
+            if ratio == 1.0:
+                decode(u.raw(), u.dtype, dst)
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found by the scan below
+                np.multiply(decode(u.raw(), u.dtype, np.empty(dst.shape, np.float64)), ratio, out=dst,
+                            casting="same_kind")
+            if (abs(ratio) > 1.0 and any(s.refuse_nonfinite for s in u.stored())
+                    and not bool(np.isfinite(dst).all())):
+                raise NonFinite("non-finite values (NaN/Inf)")
+        return out.view(np.uint8)
 
     return Computed((h, cols), dtype, make, tuple(u for u, _ in ups))
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from ..progress import progress_bar
 from ..model.adapter import LoraAdapter, LoraModule, Part
@@ -21,20 +18,11 @@ from .cells import CellPlan, ModulePlan, Workspace, fixed_stored, plan_cell, sin
 from .lowrank import ModuleReport, RankRule, Report
 from .realised import Realised
 
-if TYPE_CHECKING:  # torch is imported when the arithmetic starts
-    import torch
-
 DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32", "fp64": "F64"}
 
 
-def _raw(t: torch.Tensor) -> np.ndarray:
-    import torch
-
-    return t.contiguous().view(torch.uint8).numpy().reshape(t.shape[0], -1)
-
-
 def _lazy(realised: Realised, mp: ModulePlan, i: int, which: int, shape: tuple[int, int]) -> Source:
-    return Computed(shape, realised.dtype, lambda: _raw(realised.get(mp)[i][which]))
+    return Computed(shape, realised.dtype, lambda: realised.get(mp)[i][which])
 
 
 def lowrank_module(mp: ModulePlan, realised: Realised) -> LoraModule:

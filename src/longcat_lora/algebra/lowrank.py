@@ -1,8 +1,9 @@
 """Low-rank linear algebra shared by resize, combine and extract: rank rules, SVDs, the report.
 
-Everything here works on torch tensors in float64 unless said otherwise and never builds an m x n weight
-change from factors: `factored_svd` orthogonalises the two thin factors and takes the SVD of the small
-r x r core, which is the exact SVD of `up @ down` (to float64 rounding) at a cost linear in m + n.
+The factored SVD works in numpy float64 (`svd_of_product`; `factored_svd` is its torch face) and never
+builds an m x n weight change from factors: it orthogonalises the two thin factors and takes the SVD of
+the small r x r core, which is the exact SVD of `up @ down` (to float64 rounding) at a cost linear in
+m + n. `dense_svd` (for extract, whose changes are dense and may live on a GPU) works on torch tensors.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..errors import NAME_ONLY, LoraError, Param
 
@@ -64,12 +67,10 @@ class RankRule:
             return f"energy >= {self.energy:g}"
         return f"error <= {self.max_error:g}"
 
-    def choose(self, s: torch.Tensor, total: float | None = None) -> int:
+    def choose(self, s: np.ndarray | torch.Tensor, total: float | None = None) -> int:
         """The rank to keep for singular values `s` (descending, >= 0); see the class docstring."""
-        import torch
-
-        s = s.detach().to(torch.float64).cpu()
-        q = s.numel()
+        s = _np64(s).reshape(-1)
+        q = s.size
         if self.rank is not None:
             return 0 if q == 0 or not bool((s > 0).any()) else min(self.rank, q)
         sq = s * s
@@ -77,60 +78,85 @@ class RankRule:
         if q == 0 or tot <= 0.0:
             return 0
         if self.energy is not None:
-            kept = torch.cumsum(sq, 0)  # kept[k-1] = sum(s[:k]^2)
-            ok = (kept >= self.energy * tot).nonzero()
-            return int(ok[0]) + 1 if len(ok) else q
+            ok = np.flatnonzero(np.cumsum(sq) >= self.energy * tot)  # cumsum[k-1] = sum(s[:k]^2)
+            return int(ok[0]) + 1 if ok.size else q
         # tail[k] = sum(s[k:]^2), summed from the small end so small tails are accurate
-        tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])
-        tail = torch.cat([tail, tail.new_zeros(1)])
+        tail = np.append(np.cumsum(sq[::-1])[::-1], 0.0)
         if total is not None:
             tail = tail + max(tot - float(sq.sum()), 0.0)  # energy never captured by s
-        ok = (tail <= (self.max_error ** 2) * tot).nonzero()  # type: ignore[operator]
-        return int(ok[0]) if len(ok) else q
+        ok = np.flatnonzero(tail <= (self.max_error ** 2) * tot)  # type: ignore[operator]
+        return int(ok[0]) if ok.size else q
+
+
+def _np64(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A float64 numpy array of a numpy array or a torch tensor (on any device)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
 
 
 # ---------------------------------------------------------------- SVDs
 
 
-def _orth(a: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _orth(a: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     """(Q or None, R) with a = Q R, Q orthonormal columns, R upper triangular [r, r] (a is [m, r], float64).
 
     Cholesky of the Gram matrix when it is well conditioned (Q is then implied: a @ R^-1, never formed
     here: returns None), Householder QR otherwise (returns Q).
     """
-    import torch
-
     r = a.shape[1]
     if r and a.shape[0] >= r:
         c = gram_cholesky(a.T @ a)
         if c is not None:
             return None, c
-    q, rr = torch.linalg.qr(a, mode="reduced")
+    q, rr = np.linalg.qr(a, mode="reduced")
     return q, rr
 
 
-def gram_cholesky(g: torch.Tensor, min_ratio: float = 1e-5) -> torch.Tensor | None:
+def gram_cholesky(g: np.ndarray, min_ratio: float = 1e-5) -> np.ndarray | None:
     """R (upper triangular, float64) with R^T R = g for a Gram matrix g = a^T a, or None when g is not
     positive definite or R's diagonal spans more than 1 / min_ratio (ill conditioned: the Gram route
     would lose the small directions; the caller takes a QR instead)."""
-    import torch
-
-    c, info = torch.linalg.cholesky_ex(g.to(torch.float64))
-    if int(info) != 0:
+    try:
+        low = np.linalg.cholesky(np.asarray(g, dtype=np.float64))
+    except np.linalg.LinAlgError:
         return None
-    d = torch.diagonal(c)
-    if not float(d.min()) > min_ratio * float(d.max()):
+    d = np.diagonal(low)
+    if not float(d.min()) > min_ratio * float(d.max()):  # also refuses NaN
         return None
-    return c.T.contiguous()
+    return np.ascontiguousarray(low.T)
 
 
-def _apply_left(a: torch.Tensor, q: torch.Tensor | None, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _apply_left(a: np.ndarray, q: np.ndarray | None, r: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Q @ x where a = Q R (Q given, or implied as a @ R^-1)."""
-    import torch
+    return q @ x if q is not None else a @ np.linalg.solve(r, x)
 
-    if q is not None:
-        return q @ x
-    return a @ torch.linalg.solve_triangular(r, x, upper=True)
+
+def svd_of_product(up: np.ndarray, down: np.ndarray, k: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`factored_svd` on numpy arrays (float64 throughout): the exact SVD of up @ down from the factors."""
+    a = np.asarray(up, dtype=np.float64)
+    b = np.asarray(down, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise LoraError(f"factored_svd: up {list(a.shape)} and down {list(b.shape)} do not multiply")
+    m, r = a.shape
+    n = b.shape[1]
+    if r > m:  # more columns than rows: reduce through up (exact), a = ra.T @ qa.T
+        qa, ra = np.linalg.qr(a.T, mode="reduced")
+        a, b = ra.T, qa.T @ b
+    if a.shape[1] > n:  # likewise through down, b = rb.T @ qb.T
+        qb, rb = np.linalg.qr(b.T, mode="reduced")
+        a, b = a @ rb.T, qb.T
+    r = a.shape[1]
+    qa, ra = _orth(a)
+    qb, rb = _orth(b.T)  # b = rb.T @ qb.T
+    uc, s, vch = np.linalg.svd(ra @ rb.T, full_matrices=False)
+    q = min(m, r, n)
+    s = s[:q]
+    kk = q if k is None else max(0, min(k, q))
+    u = _apply_left(a, qa, ra, uc[:, :kk])
+    v = _apply_left(b.T, qb, rb, vch[:kk].T)
+    return u, s, np.ascontiguousarray(v.T)
 
 
 def factored_svd(up: torch.Tensor, down: torch.Tensor, k: int | None = None,
@@ -139,33 +165,17 @@ def factored_svd(up: torch.Tensor, down: torch.Tensor, k: int | None = None,
 
     Returns (U [m, q], S [q], Vh [q, n]) with q = min(m, r, n), S descending; with `k`, only the leading
     k singular vectors are formed (S is always complete, so rank rules can use it). The m x n product
-    is never built: cost O((m + n) r^2).
+    is never built: the factors are orthogonalised (Cholesky of their Gram matrices, or QR when those
+    are ill conditioned) and the small r x r core is decomposed, at a cost O((m + n) r^2).
+
+    >>> u, s, vh = factored_svd(torch.ones(3, 1), torch.ones(1, 2))
+    >>> round(float(s[0]) ** 2, 9)  # ||ones(3, 2)||_F^2
+    6.0
     """
     import torch
 
-    a = up.detach().to(torch.float64)
-    b = down.detach().to(torch.float64)
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise LoraError(f"factored_svd: up {list(a.shape)} and down {list(b.shape)} do not multiply")
-    m, r = a.shape
-    n = b.shape[1]
-    if r > m:  # more columns than rows: reduce through up (exact), a = ra.T @ qa.T
-        qa, ra = torch.linalg.qr(a.T, mode="reduced")
-        a, b = ra.T, qa.T @ b
-    if a.shape[1] > n:  # likewise through down, b = rb.T @ qb.T
-        qb, rb = torch.linalg.qr(b.T, mode="reduced")
-        a, b = a @ rb.T, qb.T
-    r = a.shape[1]
-    qa, ra = _orth(a)
-    qb, rb = _orth(b.T)  # b = rb.T @ qb.T
-    core = ra @ rb.T
-    uc, s, vch = torch.linalg.svd(core, full_matrices=False)
-    q = min(m, r, n)
-    s = s[:q]
-    kk = q if k is None else max(0, min(k, q))
-    u = _apply_left(a, qa, ra, uc[:, :kk])
-    v = _apply_left(b.T, qb, rb, vch[:kk].T)
-    return u, s, v.T.contiguous()
+    u, s, vh = svd_of_product(_np64(up), _np64(down), k)
+    return torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(vh)
 
 
 def dense_svd(delta: torch.Tensor, max_rank: int, *, oversample: int = 16, power_iters: int = 2,
@@ -207,15 +217,6 @@ def dense_svd(delta: torch.Tensor, max_rank: int, *, oversample: int = 16, power
     if transpose:
         return vh.T.contiguous(), s, u.T.contiguous()
     return u, s, vh
-
-
-def factored_norm2(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """||sum_i up_i @ down_i||_F^2 in float64 without building the product (trace of Gram products)."""
-    import torch
-
-    a = torch.cat([u.to(torch.float64) for u, _ in pairs], 1)
-    b = torch.cat([d.to(torch.float64) for _, d in pairs], 0)
-    return max(float(((a.T @ a) * (b @ b.T)).sum()), 0.0)
 
 
 # ---------------------------------------------------------------- the report
@@ -295,4 +296,4 @@ def _size(n: int) -> str:
     return str(n)
 
 
-__all__ = ["ModuleReport", "RankRule", "Report", "dense_svd", "factored_norm2", "factored_svd", "gram_cholesky"]
+__all__ = ["ModuleReport", "RankRule", "Report", "dense_svd", "factored_svd", "gram_cholesky", "svd_of_product"]

@@ -6,14 +6,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 from .cells import ModulePlan, Workspace, realise, single_threaded
 
-if TYPE_CHECKING:  # torch is imported when the arithmetic starts
-    import torch
+if TYPE_CHECKING:
+    import numpy as np
 
-    Factors = list[tuple[torch.Tensor, torch.Tensor]]  # per cell: (up, down) in the output dtype
+    Factors = list[tuple[np.ndarray, np.ndarray]]  # per cell: (up, down), the output dtype's bytes
 
 
 class Realised:
@@ -37,6 +38,7 @@ class Realised:
         self.index: dict[str, int] = {}
         self.ahead: dict[str, Future] = {}
         self.pool: ThreadPoolExecutor | None = None
+        self.threads: AbstractContextManager | None = None
 
     def follow(self, order: list[ModulePlan]) -> None:
         self.order = order
@@ -45,12 +47,18 @@ class Realised:
             self.pool = ThreadPoolExecutor(self.AHEAD, thread_name_prefix="lowrank")
 
     def close(self) -> None:
-        """Stop the helper thread (waiting for a module it is computing)."""
+        """Stop the helper threads (waiting for a module they are computing)."""
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+        if self.threads is not None:
+            self.threads.__exit__(None, None, None)
+            self.threads = None
 
     def __enter__(self) -> Realised:
+        # one BLAS thread per worker for the whole run: the setting is changed once, not per module
+        self.threads = single_threaded()
+        self.threads.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,5 @@
-"""Safetensors dtype names: item sizes, the torch dtypes they stand for, NaN/Inf bit tests, scalars."""
+"""Safetensors dtype names: item sizes, the torch dtypes they stand for, NaN/Inf bit tests, scalars, and
+float arrays to and from stored bytes in numpy (bfloat16 included, which numpy lacks)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,53 @@ def encode_scalar(value: float, dtype: str) -> bytes:
                 bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
             return struct.pack("<H", bits)
         return np.array(value, dtype={"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]).tobytes()
+
+
+_NP_FLOAT = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+# the largest finite value of each float dtype
+FLOAT_MAX = {"BF16": 3.3895313892515355e38, "F16": 65504.0, "F32": float(np.finfo(np.float32).max),
+             "F64": float(np.finfo(np.float64).max)}
+
+
+def decode(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """Fill `out` (float32 or float64, any strides) with the values of `raw`, the little-endian bytes of a
+    float `dtype` array of out's shape; returns `out`.
+
+    >>> decode(np.array([0x80, 0x3F], np.uint8), "BF16", np.empty(1, np.float32))
+    array([1.], dtype=float32)
+    """
+    flat = np.ascontiguousarray(raw).reshape(-1)
+    if dtype == "BF16":
+        bits = flat.view(np.uint16).reshape(out.shape)
+        if out.dtype == np.float32:  # the 16 bits are the high half of a float32: one shift, exact
+            np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+        else:
+            out[...] = np.left_shift(bits, 16, dtype=np.uint32).view(np.float32)
+    elif dtype in _NP_FLOAT:
+        out[...] = flat.view(_NP_FLOAT[dtype]).reshape(out.shape)
+    else:
+        raise ValueError(f"not a float dtype: {dtype}")
+    return out
+
+
+def encode(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The stored bytes of float array `x` [rows, cols] rounded (to nearest even) to `dtype`, as uint8
+    [rows, cols * itemsize]. A bfloat16 result is rounded from float32 (as torch does); values beyond the
+    dtype's range become inf, so callers check magnitudes first (`FLOAT_MAX`).
+
+    >>> encode(np.array([[1.0, -2.0]]), "BF16").view(np.uint16)
+    array([[16256, 49152]], dtype=uint16)
+    """
+    rows = x.shape[0]
+    with np.errstate(over="ignore"):
+        if dtype == "BF16":
+            u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+            bits = ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
+            nan = np.isnan(x)
+            if nan.any():
+                bits[nan] = 0x7FC0
+            return bits.view(np.uint8).reshape(rows, -1)
+        return np.ascontiguousarray(x, dtype=_NP_FLOAT[dtype]).view(np.uint8).reshape(rows, -1)
 
 
 def representable(value: float, dtype: str) -> bool:

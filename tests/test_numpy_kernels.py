@@ -1,0 +1,203 @@
+"""The numpy arithmetic of resize / combine: stored bytes to floats and back (bfloat16 included), the
+core decomposition, one BLAS thread per worker, and that neither command loads torch.
+
+torch is the independent reference for the dtype conversions (its casts are what every other path of
+the project and its users' loaders use); numpy's float64 SVD for the decompositions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from longcat_lora.algebra.cells import core_svd
+from longcat_lora.io.dtypes import FLOAT_MAX, decode, encode
+from longcat_lora.model.naming import DitDims
+from longcat_lora.threads import single_threaded
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _awkward_values(dtype: np.dtype, n: int = 20000) -> np.ndarray:
+    """Random magnitudes over the whole float32 range plus the cases rounding gets wrong: ties to even
+    in both directions, values just above / below a tie, subnormals, signed zeros, the largest finite."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(n) * 10.0 ** rng.integers(-44, 38, n)
+    ties = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 1 + 2 ** -8 + 2 ** -20, 1 + 2 ** -8 - 2 ** -20,
+                     1 + 2 ** -11, 1 + 3 * 2 ** -11, 2 ** -140, -(2 ** -133), 1e-45, 0.0, -0.0, 3.3e38, -3.38e38,
+                     65504.0, 65519.0, 6e-8, 2 ** -24])
+    return np.concatenate([x, ties]).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+@pytest.mark.parametrize("src", [np.float32, np.float64])
+def test_encode_rounds_like_torch_and_decode_reads_it_back(dtype, src):
+    x = _awkward_values(src)
+    with np.errstate(over="ignore"):
+        keep = np.abs(x) <= FLOAT_MAX[dtype]  # beyond the range is the caller's check (FLOAT_MAX)
+    x = x[keep].reshape(1, -1)
+    t = torch.from_numpy(x)
+    if dtype == "BF16" and src is np.float64:
+        t = t.float()  # torch rounds float64 to bfloat16 through float32, and so does encode
+    want = t.to(TORCH[dtype]).contiguous().view(torch.uint8).numpy().reshape(1, -1)
+    got = encode(x, dtype)
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    assert np.array_equal(got, want), int((got != want).sum())
+    for out_dtype in (np.float32, np.float64):
+        back = decode(got, dtype, np.empty(x.shape, out_dtype))
+        ref = torch.from_numpy(want.reshape(-1).copy()).view(TORCH[dtype]).to(
+            torch.float32 if out_dtype == np.float32 else torch.float64).numpy().reshape(x.shape)
+        if dtype == "F64" and out_dtype == np.float32:
+            assert np.array_equal(back, x.astype(np.float64).astype(np.float32)), "float64 read into float32 rounds"
+        else:
+            assert np.array_equal(back, ref)
+
+
+def test_encode_keeps_nan_a_nan_and_rows_as_rows():
+    x = np.array([[1.0, np.nan], [np.inf, -2.5]], np.float32)
+    got = encode(x, "BF16").view(np.uint16)
+    assert got.shape == (2, 2)
+    assert got[0, 0] == 0x3F80 and got[1, 1] == 0xC020 and got[1, 0] == 0x7F80
+    assert (got[0, 1] & 0x7F80) == 0x7F80 and (got[0, 1] & 0x7F) != 0  # a NaN, not an Inf
+    wide = np.arange(12, dtype=np.float64).reshape(3, 4)
+    assert encode(wide, "F32").shape == (3, 16) and encode(wide.T, "F16").shape == (4, 6)
+    assert np.array_equal(decode(encode(wide.T, "F16"), "F16", np.empty((4, 3))), wide.T)
+
+
+def test_decode_fills_a_strided_view_and_nothing_around_it():
+    vals = np.arange(-6, 6, dtype=np.float32).reshape(3, 4) / 4
+    raw = encode(vals, "BF16")
+    buf = np.full((3, 10), 7.0, np.float32)
+    decode(raw, "BF16", buf[:, 3:7])
+    assert np.array_equal(buf[:, 3:7], vals)
+    assert (buf[:, :3] == 7).all() and (buf[:, 7:] == 7).all()
+    with pytest.raises(ValueError):
+        decode(raw, "I8", np.empty((3, 4), np.float32))
+
+
+def _with_spectrum(s: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = len(s)
+    q1, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    q2, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (q1 * s) @ q2.T
+
+
+@pytest.mark.parametrize("spectrum", ["decaying", "clustered", "rank deficient"])
+def test_core_svd_fast_path_agrees_with_the_svd(spectrum):
+    n, keep = 64, 20
+    s = {"decaying": 0.8 ** np.arange(n),
+         "clustered": np.repeat([3.0, 2.0, 1.0, 0.5], n // 4),
+         "rank deficient": np.concatenate([np.linspace(2, 1, 30), np.zeros(n - 30)])}[spectrum]
+    core = _with_spectrum(s)
+    want = np.linalg.svd(core, compute_uv=False)
+    for fast in (False, True):
+        uc, got, vc = core_svd(core, keep, fast)
+        assert got.shape == (n,) and uc.shape == (n, keep) and vc.shape == (n, keep)
+        assert np.all(np.diff(got) <= 1e-12)
+        if fast:  # s^2 from an eigendecomposition: absolute error ~1e-14 s_max^2 (see core_svd)
+            assert np.allclose(got ** 2, want ** 2, rtol=0, atol=1e-13 * want[0] ** 2)
+            assert np.allclose(got[:keep], want[:keep], rtol=1e-10)
+        else:
+            assert np.allclose(got, want, rtol=0, atol=1e-12 * want[0])
+        assert np.allclose(uc.T @ uc, np.eye(keep), atol=1e-12)
+        # U S Vc^T is the projection of the core on the kept left vectors: the best rank-`keep` part
+        proj = uc @ (uc.T @ core)
+        assert np.allclose((uc * got[:keep]) @ vc.T, proj, atol=1e-12 * want[0])
+        tail = float(np.sum(want[keep:] ** 2))
+        assert np.linalg.norm(core - proj) ** 2 == pytest.approx(tail, rel=1e-9, abs=1e-24)
+
+
+def test_core_svd_fast_path_gives_zero_vectors_for_zero_singular_values():
+    core = np.zeros((5, 5))
+    core[0, 1] = 2.0
+    uc, s, vc = core_svd(core, 3, True)
+    assert s.tolist() == pytest.approx([2.0, 0, 0, 0, 0])
+    assert np.isfinite(vc).all() and (vc[:, 1:] == 0).all()
+    assert np.allclose((uc * s[:3]) @ vc.T, core)
+
+
+def _blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return min(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+
+def test_single_threaded_limits_blas_until_the_last_user_leaves_whichever_thread_that_is():
+    """The last user out restores OpenBLAS's process-wide setting even when another thread set it
+    (threadpoolctl alone would ignore that thread's change)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert _blas_threads() == 2
+        inside, release = threading.Event(), threading.Event()
+        seen = []
+
+        def other() -> None:
+            with single_threaded():
+                inside.set()
+                release.wait(10)
+                seen.append(_blas_threads())
+
+        t = threading.Thread(target=other)
+        with single_threaded():
+            assert _blas_threads() == 1
+            t.start()
+            assert inside.wait(10)
+        assert _blas_threads() == 1  # the first user left, the other is still inside: nothing restored yet
+        release.set()
+        t.join(10)
+        assert seen == [1]
+        assert _blas_threads() == 2
+        with single_threaded():  # and a later user can limit it again
+            assert _blas_threads() == 1
+        assert _blas_threads() == 2
+
+
+def test_single_threaded_restores_after_an_error():
+    torch.set_num_threads(2)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        with pytest.raises(RuntimeError):
+            with single_threaded():
+                assert (_blas_threads(), torch.get_num_threads()) == (1, 1)
+                raise RuntimeError("x")
+        assert (_blas_threads(), torch.get_num_threads()) == (2, 2)
+
+
+def test_resize_and_combine_never_load_torch(tmp_path):
+    """resize and combine (exact with a folded strength, and compressed) are numpy only: torch's start-up
+    costs more than their arithmetic. Checked in a fresh interpreter, through the real CLI entry."""
+    from longcat_lora.testing.fixtures import write_native_lora
+
+    lora = str(tmp_path / "in.safetensors")
+    write_native_lora(lora, "cfg_step", dims=DitDims(hidden=32, ffn=96, adaln=16, final_out=8, depth=4), rank=8)
+    code = f"""
+import contextlib, io, json, sys
+from longcat_lora.commands.cli import main
+runs = [["resize", {lora!r}, {str(tmp_path / 'r.safetensors')!r}, "--energy", "0.9"],
+        ["combine", {str(tmp_path / 'c.safetensors')!r}, "--lora", {lora!r}, "--lora", {lora + ':0.7'!r}],
+        ["combine", {str(tmp_path / 'k.safetensors')!r}, "--lora", {lora!r}, "--lora", {lora + ':0.7'!r},
+         "--rank", "4", "--to", "peft"]]
+codes = []
+for argv in runs:
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(argv)
+            codes.append(0)
+        except SystemExit as e:
+            codes.append(e.code or 0)
+print(json.dumps([codes, "torch" in sys.modules]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": SRC})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[0, 0, 0], False]
