@@ -6,10 +6,11 @@ runs after `settle` (inputs in the page cache, no dirty pages) and includes the 
 `cp` and the command alternate, and the medians are compared.
 
 Sections (`--sections`, default all), each a function registered with @section:
-- resize: `resize --rank 32` of one file vs `cp` of it (target <= 3x, peak RSS <= 500 MiB), and vs its
-  arithmetic floor (the float32 Gram matrices the exact SVD needs for a bf16 output, no I/O); beside it, one full-matrix SVD of a single qkv weight change (12288 x 4096, float32, the kohya way), which
+- resize: `resize --rank 32` of one file vs `cp` of it (target <= 3x, peak RSS <= 500 MiB), and its
+  arithmetic floor (the float32 Gram matrices and the r x r work the exact SVD needs for a bf16 output, no I/O); beside it, one full-matrix SVD of a single qkv weight change (12288 x 4096, float32, the kohya way), which
   resize replaces by factored SVDs of every module.
-- both also print the interpreter + `import torch` time and the ratio without it.
+- both also print the interpreter + import time (numpy, not torch: neither command loads torch) and the
+  ratio without it.
 - combine: exact `combine` of two files vs `cp` of both (target <= 3x), at strengths 1 and 1 (factors
   copied as they are) and 1 and 0.8 (the second file's up blocks folded to float32).
 
@@ -60,10 +61,11 @@ class Ctx:
         return self.made[key]
 
     def startup(self) -> float:
-        """Median seconds of the interpreter + `import torch` and the algebra modules: the fixed cost of
-        every resize / combine, which no change to the arithmetic can remove (about 2 s here)."""
+        """Median seconds of the interpreter + the modules resize / combine import (numpy, not torch): the
+        fixed cost of every run, which no change to the arithmetic can remove."""
         if self.start is None:
-            cmd = [self.py, "-c", "import torch, longcat_lora.algebra.resize, longcat_lora.algebra.combine"]
+            cmd = [self.py, "-c", "import longcat_lora.commands.cli, longcat_lora.algebra.resize, "
+                   "longcat_lora.algebra.combine"]
             self.start = median([run(cmd)[0] for _ in range(3)])
         return self.start
 
@@ -115,22 +117,31 @@ print(time.perf_counter() - t0, *dW.shape)
 """
 
 
-# The arithmetic floor of an exact resize: the two Gram matrices of every up block's factors (float32,
-# one thread, as resize runs them for a bf16 output), with reading and conversion off the clock. Prints seconds.
-GRAM_FLOOR = """
-import time, torch
+# The arithmetic floor of an exact resize, as resize runs it for a bf16 output on one BLAS thread, with
+# reading and conversion off the clock: the two float32 Gram matrices of every up block's factors, and
+# the r x r work (Cholesky factors, core product, its eigendecomposition). Prints both, in seconds.
+FLOOR = """
+import time, numpy as np
 from longcat_lora.formats import load_lora
-torch.set_num_threads(1)
-total = 0.0
-with load_lora({src!r}) as a:
+from longcat_lora.io.dtypes import decode
+from longcat_lora.algebra.cells import core_svd
+from longcat_lora.threads import single_threaded
+grams = small = 0.0
+with single_threaded(), load_lora({src!r}) as a:
     for m in a.modules.values():
         for p in m.parts:
-            up, down = p.up.load().float(), p.down.load().float()
+            up = decode(p.up.raw(), p.up.dtype, np.empty(p.up.shape, np.float32))
+            down = decode(p.down.raw(), p.down.dtype, np.empty(p.down.shape, np.float32))
             t0 = time.perf_counter()
-            up.T @ up
-            down @ down.T
-            total += time.perf_counter() - t0
-print(total)
+            ga, gb = up.T @ up, down @ down.T
+            t1 = time.perf_counter()
+            ra = np.linalg.cholesky(ga.astype(np.float64)).T
+            rb = np.linalg.cholesky(gb.astype(np.float64)).T
+            core_svd(ra @ rb.T, 32, True)
+            t2 = time.perf_counter()
+            grams += t1 - t0
+            small += t2 - t1
+print(grams, small)
 """
 
 
@@ -142,16 +153,17 @@ def bench_resize(ctx: Ctx) -> None:
     kohya = subprocess.run([ctx.py, "-c", KOHYA_SVD.format(src=src)], check=True, capture_output=True,
                            text=True).stdout.split()
     svd, rows, cols = float(kohya[0]), kohya[1], kohya[2]
-    floor = float(subprocess.run([ctx.py, "-c", GRAM_FLOOR.format(src=src)], check=True, capture_output=True,
-                                 text=True).stdout.split()[-1])
+    grams, small = map(float, subprocess.run([ctx.py, "-c", FLOOR.format(src=src)], check=True,
+                                             capture_output=True, text=True).stdout.split()[-2:])
     print("  runs: cp", [round(x, 2) for x in t_cp], " resize", [round(x, 2) for x in t_cmd])
     print(f"resize  cfg_step {os.path.getsize(src) / 1e9:.2f} GB bf16 rank 128 -> 32: cp {cp:.2f}s  resize {t:.2f}s  "
           f"ratio {t / cp:.2f}x (target <= 3x)  peak RSS {rss} MiB (target <= {RSS_TARGET})")
     start = ctx.startup()
-    print(f"        interpreter + import torch {start:.2f}s: without it resize {t - start:.2f}s = "
+    print(f"        interpreter + imports {start:.2f}s: without them resize {t - start:.2f}s = "
           f"{(t - start) / cp:.2f}x cp")
-    print(f"        arithmetic floor (float32 Gram matrices of every up block's factors, no I/O): {floor:.2f}s; "
-          f"resize = {t / floor:.2f}x that floor")
+    print(f"        arithmetic floor on one thread, no I/O: float32 Gram matrices of every up block's factors "
+          f"{grams:.2f}s + r x r work (Cholesky, core eigendecomposition) {small:.2f}s; on both cores at best "
+          f"{(grams + small) / 2:.2f}s = {(grams + small) / 2 / cp:.2f}x cp, before any output is formed")
     print(f"        one full-matrix SVD of blocks.0.attn.qkv's dW ({rows} x {cols}, float32, the kohya way): "
           f"{svd:.2f}s = {svd / t:.2f}x this whole-file resize (the file has 336 such modules)")
 
