@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from longcat_lora.algebra.cells import core_svd
-from longcat_lora.io.dtypes import FLOAT_MAX, decode, encode
+from longcat_lora.io.dtypes import FLOAT_MAX, decode, encode, rounded
 from longcat_lora.model.naming import DitDims
 from longcat_lora.threads import single_threaded
 
@@ -50,6 +50,9 @@ def test_encode_rounds_like_torch_and_decode_reads_it_back(dtype, src):
     got = encode(x, dtype)
     assert got.dtype == np.uint8 and got.shape == want.shape
     assert np.array_equal(got, want), int((got != want).sum())
+    stored, values = rounded(x, dtype)  # the bytes and what they read back as, in x's dtype
+    assert np.array_equal(stored, want) and values.dtype == x.dtype
+    assert np.array_equal(values, decode(want, dtype, np.empty(x.shape, x.dtype)))
     for out_dtype in (np.float32, np.float64):
         back = decode(got, dtype, np.empty(x.shape, out_dtype))
         ref = torch.from_numpy(want.reshape(-1).copy()).view(TORCH[dtype]).to(
@@ -66,6 +69,8 @@ def test_encode_keeps_nan_a_nan_and_rows_as_rows():
     assert got.shape == (2, 2)
     assert got[0, 0] == 0x3F80 and got[1, 1] == 0xC020 and got[1, 0] == 0x7F80
     assert (got[0, 1] & 0x7F80) == 0x7F80 and (got[0, 1] & 0x7F) != 0  # a NaN, not an Inf
+    values = rounded(x, "BF16")[1]
+    assert np.isnan(values[0, 1]) and values[1, 0] == np.inf and values[1, 1] == -2.5
     wide = np.arange(12, dtype=np.float64).reshape(3, 4)
     assert encode(wide, "F32").shape == (3, 16) and encode(wide.T, "F16").shape == (4, 6)
     assert np.array_equal(decode(encode(wide.T, "F16"), "F16", np.empty((4, 3))), wide.T)

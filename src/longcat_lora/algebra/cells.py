@@ -32,7 +32,7 @@ import numpy as np
 from ..model.adapter import Naming
 from ..model.sources import Source
 from ..errors import NAME_ONLY, LoraError, Param
-from ..io.dtypes import FLOAT_MAX, decode, encode
+from ..io.dtypes import FLOAT_MAX, decode, rounded
 from ..threads import single_threaded
 from .lowrank import RankRule, gram_cholesky, svd_of_product
 
@@ -269,12 +269,10 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
     # overflow the output dtype if sqrt(s_max) does, so one comparison replaces a scan of every value
     if k and not float(root[0]) < FLOAT_MAX[dtype] / 2:
         raise LoraError(f"{where}: the new factors overflow {dtype} (choose a wider ", Param("dtype", NAME_ONLY), ")")
-    up = encode(upw, dtype)
-    down = encode(downw, dtype)
+    up, up_st = rounded(upw, dtype)
+    down, down_st = rounded(downw, dtype)
     err2 = _tail_sq(plan.s, k)
     if dtype != ("F64" if u.dtype == np.float64 else "F32"):  # the stored factors are rounded
-        up_st = decode(up, dtype, np.empty(upw.shape, u.dtype))
-        down_st = decode(down, dtype, np.empty(downw.shape, u.dtype))
         da = up_st - upw  # [m, k]
         db = down_st - downw  # [k, n]
         gdu = _mm64(da.T, u)

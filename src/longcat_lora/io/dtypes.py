@@ -120,16 +120,33 @@ def encode(x: np.ndarray, dtype: str) -> np.ndarray:
     >>> encode(np.array([[1.0, -2.0]]), "BF16").view(np.uint16)
     array([[16256, 49152]], dtype=uint16)
     """
+    return rounded(x, dtype)[0]
+
+
+def rounded(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(`encode(x, dtype)`, the values those bytes hold as an array of x's float dtype): what is stored
+    and what it reads back as, in one pass.
+
+    >>> rounded(np.array([[1.00390625]], np.float32), "BF16")[1]  # a tie: to the even neighbour, 1.0
+    array([[1.]], dtype=float32)
+    """
     rows = x.shape[0]
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         if dtype == "BF16":
             u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-            bits = ((u + ((u >> 16) & 1) + np.uint32(0x7FFF)) >> 16).astype(np.uint16)
+            t = u >> 16  # round to nearest even on the low 16 bits, in place: t = (u + 0x7FFF + lsb) & ~0xFFFF
+            t &= 1
+            t += np.uint32(0x7FFF)
+            t += u
+            t &= np.uint32(0xFFFF0000)
             nan = np.isnan(x)
             if nan.any():
-                bits[nan] = 0x7FC0
-            return bits.view(np.uint8).reshape(rows, -1)
-        return np.ascontiguousarray(x, dtype=_NP_FLOAT[dtype]).view(np.uint8).reshape(rows, -1)
+                t[nan] = 0x7FC00000
+            bits = np.ascontiguousarray(t.view(np.uint16)[..., 1::2])  # the high halves (little-endian)
+            back = t.view(np.float32)
+            return bits.view(np.uint8).reshape(rows, -1), back if x.dtype == np.float32 else back.astype(x.dtype)
+        stored = np.ascontiguousarray(x, dtype=_NP_FLOAT[dtype])
+        return stored.view(np.uint8).reshape(rows, -1), stored.astype(x.dtype, copy=False)
 
 
 def representable(value: float, dtype: str) -> bool:
