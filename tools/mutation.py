@@ -12,7 +12,8 @@ failure ends the run) against that copy (PYTHONPATH points at the copy's src, so
 the mutant too). A mutant is killed when the subset fails or runs past its timeout.
 
 Mutants are generated from the AST of each core module (formats/, model/, io/, apply/runtime.py,
-apply/merge.py with base_checkpoint.py and side_files.py, apply/targets.py, commands/verify.py):
+apply/merge.py with base_checkpoint.py and side_files.py, apply/targets.py, commands/verify.py, the
+numpy arithmetic of resize / combine in algebra/cells.py, lowrank.py, combine.py, and threads.py):
 comparison and arithmetic operators, and/or, `not`, small integer and float constants, True/False,
 dtype names ("F64" <-> "F32", "F16" <-> "BF16", torch.float64 <-> torch.float32). Lines that only
 build messages, docstrings and type hints are left alone. `EQUIVALENT` lists mutants that cannot
@@ -45,7 +46,8 @@ CORE = ["formats/__init__.py", "formats/_common.py", "formats/base.py", "formats
         "model/sources.py", "model/layout.py", "model/naming.py", "io/dtypes.py", "io/reader.py", "io/serdejson.py",
         "io/writer.py", "io/outputs.py", "io/direct.py", "apply/runtime.py", "apply/layers.py", "apply/fuse.py", "apply/targets.py",
         "apply/merge.py", "apply/base_checkpoint.py", "apply/side_files.py", "apply/pipeline.py",
-        "apply/merge_compute.py", "commands/verify.py"]
+        "apply/merge_compute.py", "commands/verify.py", "algebra/cells.py", "algebra/lowrank.py",
+        "algebra/combine.py", "threads.py"]
 
 # Fast subsets (pytest node ids), per core module, the quickest and most telling first (`-x` stops a
 # killed mutant at its first failure; a survivor runs the whole subset: 30-90 s each on 2 shared cores).
@@ -80,6 +82,7 @@ _MERGE = ["tests/test_merge.py::test_parse_lora_arg", "tests/test_merge.py::test
           "tests/test_merge.py::test_merge_math_fp32_cast_once_and_dtype_option",
           R + "test_merge_output_dtypes_and_values", "tests/test_merge.py::test_unmapped_lora_modules",
           "tests/test_merge.py::test_merged_checkpoint_reproduces_apply_lora[longcat]"]
+_ALGEBRA = ["tests/test_numpy_kernels.py", "tests/test_algebra_resize.py"]
 SUBSETS = {
     "formats": _FORMATS,
     "model/adapter.py": _FORMATS + ["tests/test_lazy.py"],
@@ -103,6 +106,11 @@ SUBSETS = {
               R + "test_a_header_length_that_starts_like_a_pickle_is_still_safetensors",
            "tests/test_copy_scan.py", "tests/test_reader_property.py", "tests/test_durability.py"],
     "io/direct.py": ["tests/test_direct.py", "tests/test_durability.py"],
+    "io/dtypes.py": ["tests/test_numpy_kernels.py"],  # + the io subset, below
+    "algebra/cells.py": _ALGEBRA,
+    "algebra/lowrank.py": _ALGEBRA,
+    "algebra/combine.py": _ALGEBRA,
+    "threads.py": ["tests/test_numpy_kernels.py", "tests/test_merge_workers.py"],
     "apply/runtime.py": _RUNTIME + ["tests/test_runtime_switching.py"],
     "apply/layers.py": _RUNTIME + ["tests/test_runtime_switching.py"],
     "apply/fuse.py": _RUNTIME + ["tests/test_runtime_switching.py"],
@@ -116,6 +124,9 @@ SUBSETS = {
                   R + "test_verify_reports_the_reference_relative_error",
                   "tests/test_cli.py::test_verify_exit_codes_and_worst_location"],
 }
+
+
+SUBSETS["io/dtypes.py"] += SUBSETS["io"]
 
 
 def subset(path: str) -> list[str]:
