@@ -178,8 +178,9 @@ def test_single_threaded_restores_after_an_error():
         assert (_blas_threads(), torch.get_num_threads()) == (2, 2)
 
 
-def test_resize_and_combine_never_load_torch(tmp_path):
-    """resize and combine (exact with a folded strength, and compressed) are numpy only: torch's start-up
+def test_resize_combine_and_convert_never_load_torch(tmp_path):
+    """resize, combine (exact with a folded strength, and compressed) and conversions of a combined file
+    (float32 up blocks beside bf16 downs, folded or widened on the way) are numpy only: torch's start-up
     costs more than their arithmetic. Checked in a fresh interpreter, through the real CLI entry."""
     from longcat_lora.testing.fixtures import write_native_lora
 
@@ -191,7 +192,9 @@ from longcat_lora.commands.cli import main
 runs = [["resize", {lora!r}, {str(tmp_path / 'r.safetensors')!r}, "--energy", "0.9"],
         ["combine", {str(tmp_path / 'c.safetensors')!r}, "--lora", {lora!r}, "--lora", {lora + ':0.7'!r}],
         ["combine", {str(tmp_path / 'k.safetensors')!r}, "--lora", {lora!r}, "--lora", {lora + ':0.7'!r},
-         "--rank", "4", "--to", "peft"]]
+         "--rank", "4", "--to", "peft"],
+        ["convert", {str(tmp_path / 'c.safetensors')!r}, {str(tmp_path / 'f.safetensors')!r}, "--to", "fastvideo"],
+        ["convert", {str(tmp_path / 'c.safetensors')!r}, {str(tmp_path / 'p')!r}, "--to", "peft"]]
 codes = []
 for argv in runs:
     with contextlib.redirect_stdout(io.StringIO()):
@@ -205,4 +208,128 @@ print(json.dumps([codes, "torch" in sys.modules]))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": SRC})
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[0, 0, 0], False]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [[0, 0, 0, 0, 0], False]
+
+
+# ---------------------------------------------------------------- adversarial factors (review findings)
+
+_PROJ = "lora___lorahyphen___blocks___lorahyphen___{i}___lorahyphen___attn___lorahyphen___proj"
+
+
+def _write_proj_modules(path: str, mods: list[tuple[np.ndarray, np.ndarray]], dtype: torch.dtype) -> None:
+    """A native file of attn.proj modules (one up block each, alpha_scale 1) with the given factors."""
+    from safetensors.torch import save_file
+
+    d = {}
+    for i, (up, down) in enumerate(mods):
+        b = _PROJ.format(i=i)
+        d[b + ".lora_up.weight"] = torch.from_numpy(np.ascontiguousarray(up)).to(dtype)
+        d[b + ".lora_down.weight"] = torch.from_numpy(np.ascontiguousarray(down)).to(dtype)
+        d[b + ".alpha_scale"] = torch.tensor(1.0, dtype=dtype)
+    save_file(d, path)
+
+
+def _true_errors(src: str, out: str) -> list[float]:
+    """||dW_out - dW_in||_F / ||dW_in||_F per module, materialised in float64 from the files alone."""
+    from safetensors.torch import load_file
+
+    def changes(path: str) -> dict[str, np.ndarray]:
+        t = load_file(path)
+        res = {}
+        for k in t:
+            if k.endswith(".lora_up.weight"):
+                b = k.removesuffix(".lora_up.weight")
+                up, down = t[k].double().numpy(), t[b + ".lora_down.weight"].double().numpy()
+                res[b] = float(t[b + ".alpha_scale"].double()) * up @ down
+        return res
+
+    a, b = changes(src), changes(out)
+    return [float(np.linalg.norm(a[k] - b[k]) / np.linalg.norm(a[k])) for k in sorted(a)]
+
+
+def _resize_json(src: str, out: str, *flags: str) -> list[float]:
+    p = subprocess.run([sys.executable, "-m", "longcat_lora", "resize", src, out, *flags, "--json"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": SRC})
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["modules"]
+    return [r["rel_error"] for r in sorted(rows, key=lambda r: int(r["module"].split(".")[1]))]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_unit_diagonal_but_ill_conditioned_factor_is_reported_truly(tmp_path, dtype):
+    """A Kahan-like up factor: its Cholesky diagonal is all ones (a diagonal-ratio test passes it) but its
+    condition number is ~1e4, so a float32 Gram loses its small direction: the report was 1.5% low."""
+    rng = np.random.default_rng(9)
+    r, m = 16, 256
+    kahan = np.eye(r) - 0.9 * np.triu(np.ones((r, r)), 1)
+    q, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    src = str(tmp_path / "kahan.safetensors")
+    _write_proj_modules(src, [(0.05 * q @ kahan, rng.standard_normal((r, m)) / 16)], torch.bfloat16)
+    out = str(tmp_path / "out.safetensors")
+    reported = _resize_json(src, out, "--max-error", "0.05", "--dtype", dtype)
+    assert reported == pytest.approx(_true_errors(src, out), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_tiny_factors_are_reported_truly(tmp_path, dtype):
+    """Factors near 1e-21 (bf16 holds them): float32 products of their rounding errors underflow, which
+    reported 0 error for a 2e-3 change (and 1.00016 for an fp16 output that underflows to zero)."""
+    rng = np.random.default_rng(11)
+    mods = [(rng.standard_normal((64, 8)) * sc, rng.standard_normal((8, 64)) * sc) for sc in (1e-20, 1e-21)]
+    src = str(tmp_path / "tiny.safetensors")
+    _write_proj_modules(src, mods, torch.bfloat16)
+    out = str(tmp_path / "out.safetensors")
+    reported = _resize_json(src, out, "--rank", "6", "--dtype", dtype)
+    true = _true_errors(src, out)
+    assert all(t > 1e-3 for t in true)
+    assert reported == pytest.approx(true, rel=1e-5)
+
+
+def test_float64_factors_beyond_float32_range_resize_to_bf16(tmp_path):
+    """Finite float64 factors (1e40 and 1e-40, product about 1) were decoded into float32 for a bf16
+    output, overflowed, and were refused as 'non-finite values'; float64 inputs work in float64."""
+    rng = np.random.default_rng(5)
+    src = str(tmp_path / "wide.safetensors")
+    _write_proj_modules(src, [(rng.standard_normal((64, 8)) * 1e40, rng.standard_normal((8, 64)) * 1e-40)],
+                        torch.float64)
+    out = str(tmp_path / "out.safetensors")
+    reported = _resize_json(src, out, "--rank", "4", "--dtype", "bf16")
+    assert reported == pytest.approx(_true_errors(src, out), rel=1e-5)
+
+
+def test_energy_one_keeps_exactly_the_nonzero_rank():
+    """--energy 1 on a rank-deficient spectrum stops at the last nonzero value, whatever the rounding of
+    the running sum (it compared a cumulative sum with a differently ordered total)."""
+    from longcat_lora.algebra.lowrank import RankRule
+
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        s = np.sort(rng.random(rng.integers(2, 40)))[::-1] * 10.0 ** rng.integers(-3, 3)
+        nz = int(rng.integers(1, len(s) + 1))
+        s[nz:] = 0.0
+        assert RankRule(energy=1.0).choose(s) == nz
+
+
+def test_mixed_dtype_exact_combine_never_loads_torch(tmp_path):
+    """Inputs of different dtypes are widened (cast) and non-unit strengths folded in numpy too."""
+    rng = np.random.default_rng(4)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    _write_proj_modules(a, [(rng.standard_normal((32, 4)), rng.standard_normal((4, 32)))], torch.bfloat16)
+    _write_proj_modules(b, [(rng.standard_normal((32, 4)), rng.standard_normal((4, 32)))], torch.float16)
+    out = str(tmp_path / "c.safetensors")
+    code = (f"import sys; from longcat_lora.algebra.combine import combine_loras; "
+            f"combine_loras({out!r}, [({a!r}, 1.0), ({b!r}, 0.3)]); print('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": SRC})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[-1] == "False"
+    from safetensors.torch import load_file
+
+    t = load_file(out)
+    base = _PROJ.format(i=0)
+    ups, downs = t[base + ".lora_up.weight"].double(), t[base + ".lora_down.weight"].double()
+    got = float(t[base + ".alpha_scale"].double()) * ups @ downs
+    ta, tb = load_file(a), load_file(b)
+    want = sum(f * x[base + ".lora_up.weight"].double() @ x[base + ".lora_down.weight"].double()
+               for f, x in ((1.0, ta), (0.3, tb)))
+    assert float((got - want).norm() / want.norm()) < 1e-7

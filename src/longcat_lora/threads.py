@@ -17,28 +17,32 @@ _controller: Any = None  # threadpoolctl's view of the loaded BLAS libraries, ma
 
 
 def _limit_blas() -> Any:
-    """Limit the BLAS libraries numpy uses to one thread; the limiter that restores them (None without
-    threadpoolctl, which only costs speed)."""
+    """Limit the BLAS libraries numpy uses to one thread; the limiter that restores them, or None when
+    that cannot be done (no threadpoolctl, or it fails on this system's libraries): only speed is lost."""
     global _controller
     try:
         from threadpoolctl import ThreadpoolController
-    except ImportError:  # pragma: no cover - a dependency; missing only in odd installs
-        return None
-    if _controller is None:
-        _controller = ThreadpoolController()
-    _release_openblas()
-    try:
-        return _controller.limit(limits=1, user_api="blas")
-    finally:
+
+        if _controller is None:
+            _controller = ThreadpoolController()
         _release_openblas()
+        try:
+            return _controller.limit(limits=1, user_api="blas")
+        finally:
+            _release_openblas()
+    except Exception:  # noqa: BLE001 - a speed setting must never fail the work
+        return None
 
 
 def _restore_blas(limiter: Any) -> None:
-    _release_openblas()
     try:
-        limiter.restore_original_limits()
-    finally:
         _release_openblas()
+        try:
+            limiter.restore_original_limits()
+        finally:
+            _release_openblas()
+    except Exception:  # noqa: BLE001 - as in _limit_blas
+        pass
 
 
 def _release_openblas() -> None:

@@ -34,7 +34,7 @@ from ..model.sources import Source
 from ..errors import NAME_ONLY, LoraError, Param
 from ..io.dtypes import FLOAT_MAX, decode, rounded
 from ..threads import single_threaded
-from .lowrank import RankRule, gram_cholesky, svd_of_product
+from .lowrank import RankRule, gram_cholesky, norm2, svd_of_product
 
 
 @dataclass
@@ -93,18 +93,22 @@ class ModulePlan:
     plans: list[CellPlan] | None = None  # None: exact (no truncation), parts written as they are
 
 
-def work_dtype(dtype: str) -> np.dtype:
+def work_dtype(dtype: str, cell: Cell | None = None) -> np.dtype:
     """The precision of the thin (m x r) products for an output dtype: float32 where the output is a
     16-bit float (its rounding, ~1e-3 relative, dwarfs float32's ~1e-7, and float32 products run twice as
-    fast), float64 otherwise. The small r x r work (Cholesky, core decomposition, the error sums) is
-    always float64."""
-    return np.dtype(np.float32) if dtype in ("BF16", "F16") else np.dtype(np.float64)
+    fast) and no factor of the cell is float64 (whose values float32 may not hold), float64 otherwise. The
+    small r x r work (Cholesky, core decomposition, the error sums) is always float64."""
+    wide = cell is not None and any("F64" in (t.up.dtype, t.down.dtype) for t in cell.terms)
+    return np.dtype(np.float32) if dtype in ("BF16", "F16") and not wide else np.dtype(np.float64)
 
 
-# Cholesky of a float32 Gram matrix is used only when R's diagonal spans less than this (the Gram's
-# float32 rounding, ~1e-7 relative, grows by its condition number in the small directions: at most
-# ~1e-5 here, well inside the 1e-4 the reported errors are held to); otherwise the cell is redone in float64.
-F32_MIN_RATIO = 0.1
+# The Cholesky route is taken only for factors whose condition number (estimated) is at most this, per
+# working dtype: a Gram matrix's rounding (~1e-7 relative in float32, ~1e-16 in float64) grows by the
+# square of it in the small directions, so float32 stays near 1e-5 and float64 near 1e-6, inside the
+# 1e-4 the reported errors are held to; other cells are redone by QR in float64.
+MAX_COND = {np.dtype(np.float32): 10.0, np.dtype(np.float64): 1e5}
+# a float32 Gram whose diagonal leaves this range has lost precision to underflow (or is near overflow)
+F32_GRAM_RANGE = (1e-30, 1e30)
 
 
 class Workspace:
@@ -150,18 +154,29 @@ def check_finite(a: np.ndarray, b: np.ndarray, where: str) -> None:
 
 def _cholesky_pair(a: np.ndarray, b: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(Ra, Rb), float64, with a = Qa Ra and b.T = Qb Rb (Qa, Qb orthonormal, never formed), from the Gram
-    matrices computed in a's dtype; None when either is ill conditioned for that dtype or overflows.
-    Refuses Inf/NaN in the factors (found through the Gram diagonals, or a full scan if those overflow)."""
-    with np.errstate(over="ignore", invalid="ignore"):
+    matrices computed in a's dtype; None when either is not positive definite there or its diagonal
+    left the range float32 keeps precise (the caller takes the QR route). Refuses Inf/NaN in the factors
+    (found through the Gram diagonals, or a full scan if those overflow)."""
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         ga = a.T @ a
         gb = b @ b.T
-    if not (bool(np.isfinite(np.diagonal(ga)).all()) and bool(np.isfinite(np.diagonal(gb)).all())):
+    da, db = np.diagonal(ga), np.diagonal(gb)
+    if not (bool(np.isfinite(da).all()) and bool(np.isfinite(db).all())):
         check_finite(a, b, where)
         return None  # finite factors whose squares overflow: the QR route
-    ratio = F32_MIN_RATIO if a.dtype == np.float32 else 1e-5
-    ra = gram_cholesky(ga, ratio)
-    rb = gram_cholesky(gb, ratio) if ra is not None else None
+    if a.dtype == np.float32 and da.size and db.size:
+        lo, hi = F32_GRAM_RANGE
+        if not (lo < float(da.min()) and float(da.max()) < hi and lo < float(db.min()) and float(db.max()) < hi):
+            return None
+    ra = gram_cholesky(ga)
+    rb = gram_cholesky(gb) if ra is not None else None
     return None if rb is None else (ra, rb)
+
+
+def _conditioned(r: np.ndarray, r_inv_q: np.ndarray, limit: float) -> bool:
+    """Whether cond(R) = ||R||_2 ||R^-1||_2 <= limit, given R^-1 Q for some orthogonal Q (which has
+    R^-1's singular values). R's diagonal alone cannot tell: a unit-diagonal triangle can have cond 1e4."""
+    return norm2(r) * norm2(r_inv_q) <= limit
 
 
 def core_svd(core: np.ndarray, keep: int, fast: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,13 +217,15 @@ def plan_cell(cell: Cell, rule: RankRule, ws: Workspace, where: str, work: np.dt
     n = b.shape[1]
     if r <= min(m, n):
         got = _cholesky_pair(a, b, where)
-        if got is not None:  # well conditioned: Cholesky factors, Q = a @ R^-1 never formed
+        if got is not None:  # positive definite: Cholesky factors, Q = a @ R^-1 never formed
             ra, rb = got
-            uc, s, vc = core_svd(ra @ rb.T, ra.shape[0] if stored is None else stored, work == np.float32)
+            uc, s, vc = core_svd(ra @ rb.T, r, work == np.float32)
             k = rule.choose(s)
             keep = max(k, 1) if stored is None else stored
-            uc, vc = uc[:, :keep], vc[:, :keep]
-            return CellPlan(s, k, keep, np.linalg.solve(ra, uc), np.linalg.solve(rb, vc))
+            xa = np.linalg.solve(ra, uc)  # R^-1 of an orthogonal matrix: its first columns are the transform
+            yb = np.linalg.solve(rb, np.concatenate([vc[:, :keep], uc], 1))
+            if _conditioned(ra, xa, MAX_COND[work]) and _conditioned(rb, yb[:, keep:], MAX_COND[work]):
+                return CellPlan(s, k, keep, np.ascontiguousarray(xa[:, :keep]), np.ascontiguousarray(yb[:, :keep]))
     else:
         check_finite(a, b, where)
     _, s, _ = svd_of_product(a, b, k=0)
@@ -245,7 +262,7 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
     every term from small Gram matrices of thin factors: nothing large cancels, so the result is
     accurate even when the error is tiny (full rank, rounding only).
     """
-    work = work_dtype(dtype)
+    work = work_dtype(dtype, cell)
     a, b = stacked(cell, ws, work)
     if plan.rule is not None:  # deferred (fixed rank): plan now, from the factors already loaded
         done = plan_cell(cell, plan.rule, ws, where, work, plan.stored, (a, b))

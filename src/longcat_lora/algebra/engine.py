@@ -48,7 +48,7 @@ def plan_modules(mps: list[ModulePlan], rule: RankRule, dtype: str, progress: bo
                 for c in mp.cells:
                     stored = fixed_stored(c, rule)
                     # a fixed rank needs no pass before writing: the SVD is done once, as the module is written
-                    mp.plans.append(plan_cell(c, rule, ws, f"module {mp.name}", work_dtype(dtype))
+                    mp.plans.append(plan_cell(c, rule, ws, f"module {mp.name}", work_dtype(dtype, c))
                                     if stored is None
                                     else CellPlan(None, -1, stored, None, None, rule))
                 if bar is not None:

@@ -74,11 +74,14 @@ class RankRule:
         if self.rank is not None:
             return 0 if q == 0 or not bool((s > 0).any()) else min(self.rank, q)
         sq = s * s
-        tot = float(sq.sum()) if total is None else float(total)
+        kept = np.cumsum(sq)  # kept[k-1] = sum(s[:k]^2)
+        # the total as the same running sum when not given: energy 1 then stops at the last nonzero value
+        # instead of at whichever end the rounding of two different summations picks
+        tot = float(kept[-1]) if total is None and q else float(total or 0.0)
         if q == 0 or tot <= 0.0:
             return 0
         if self.energy is not None:
-            ok = np.flatnonzero(np.cumsum(sq) >= self.energy * tot)  # cumsum[k-1] = sum(s[:k]^2)
+            ok = np.flatnonzero(kept >= self.energy * tot)
             return int(ok[0]) + 1 if ok.size else q
         # tail[k] = sum(s[k:]^2), summed from the small end so small tails are accurate
         tail = np.append(np.cumsum(sq[::-1])[::-1], 0.0)
@@ -101,28 +104,40 @@ def _np64(x: np.ndarray | torch.Tensor) -> np.ndarray:
 def _orth(a: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     """(Q or None, R) with a = Q R, Q orthonormal columns, R upper triangular [r, r] (a is [m, r], float64).
 
-    Cholesky of the Gram matrix when it is well conditioned (Q is then implied: a @ R^-1, never formed
-    here: returns None), Householder QR otherwise (returns Q).
+    Cholesky of the Gram matrix when a's condition number is at most 1e5 (the Gram's rounding then stays
+    near 1e-6 in the small directions; Q is implied: a @ R^-1, never formed here: returns None),
+    Householder QR otherwise (returns Q).
     """
     r = a.shape[1]
     if r and a.shape[0] >= r:
         c = gram_cholesky(a.T @ a)
-        if c is not None:
+        if c is not None and norm2(c) * norm2(np.linalg.inv(c)) <= 1e5:
             return None, c
     q, rr = np.linalg.qr(a, mode="reduced")
     return q, rr
 
 
-def gram_cholesky(g: np.ndarray, min_ratio: float = 1e-5) -> np.ndarray | None:
+def norm2(m: np.ndarray, iterations: int = 8) -> float:
+    """||m||_2 by power iteration on m^T m from a fixed random start (from below: a few percent low at
+    worst, for a clustered top of the spectrum); enough to tell a condition number of 10 from 1e4."""
+    v = np.random.default_rng(m.shape[1]).standard_normal(m.shape[1])
+    for _ in range(iterations):
+        w = m.T @ (m @ v)
+        n = float(np.linalg.norm(w))
+        if not n > 0.0:
+            return 0.0
+        v = w / n
+    return float(np.linalg.norm(m @ v))
+
+
+def gram_cholesky(g: np.ndarray) -> np.ndarray | None:
     """R (upper triangular, float64) with R^T R = g for a Gram matrix g = a^T a, or None when g is not
-    positive definite or R's diagonal spans more than 1 / min_ratio (ill conditioned: the Gram route
-    would lose the small directions; the caller takes a QR instead)."""
+    positive definite (or holds NaN). How well conditioned R is, is the caller's question (`norm2`)."""
     try:
         low = np.linalg.cholesky(np.asarray(g, dtype=np.float64))
     except np.linalg.LinAlgError:
         return None
-    d = np.diagonal(low)
-    if not float(d.min()) > min_ratio * float(d.max()):  # also refuses NaN
+    if not float(np.diagonal(low).min()) > 0.0:  # also refuses NaN
         return None
     return np.ascontiguousarray(low.T)
 
@@ -175,7 +190,8 @@ def factored_svd(up: torch.Tensor, down: torch.Tensor, k: int | None = None,
     import torch
 
     u, s, vh = svd_of_product(_np64(up), _np64(down), k)
-    return torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(vh)
+    device = up.device if isinstance(up, torch.Tensor) else None
+    return tuple(torch.from_numpy(x).to(device) for x in (u, s, vh))  # type: ignore[return-value]
 
 
 def dense_svd(delta: torch.Tensor, max_rank: int, *, oversample: int = 16, power_iters: int = 2,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import LoraError
-from ..io.dtypes import ITEMSIZE, dtype_name, nonfinite, tensor_bytes, torch_dtype
+from ..io.dtypes import ITEMSIZE, decode, dtype_name, nonfinite, tensor_bytes, torch_dtype
 from ..io.reader import FileRange, SafeFile
 
 if TYPE_CHECKING:
@@ -236,11 +236,23 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     return tensor_bytes(t).reshape(t.shape[0], t.shape[1] * t.element_size())
 
 
+def _floats(dtype: str) -> type:
+    return np.float64 if dtype == "F64" else np.float32
+
+
 def cast(src: Source, dtype: str) -> Source:
-    """src in another (wider) float dtype: exact, done by torch only when the dtype changes."""
+    """src in a wider float dtype (F32 or F64, as `promote` picks): exact, computed only when the dtype
+    changes."""
     if src.dtype == dtype:
         return src
-    return Computed(src.shape, dtype, lambda: _bytes(src.load().to(torch_dtype(dtype))), (src,))
+    if dtype not in ("F32", "F64"):
+        raise ValueError(f"cast widens to F32 or F64, not {dtype}")
+
+    def make() -> np.ndarray:
+        out = decode(src.raw(), src.dtype, np.empty(src.shape, _floats(dtype)))
+        return out.view(np.uint8)
+
+    return Computed(src.shape, dtype, make, (src,))
 
 
 def folded(src: Source, factor: float) -> Source:
@@ -253,13 +265,13 @@ def folded(src: Source, factor: float) -> Source:
     dtype = "F64" if src.dtype == "F64" else "F32"
 
     def make() -> np.ndarray:
-        import torch
-
-        x = src.load()
-        t = (x.to(torch.float64) * factor).to(torch_dtype(dtype))
-        if any(s.refuse_nonfinite for s in src.stored()) and not bool(torch.isfinite(t).all()):
+        x = decode(src.raw(), src.dtype, np.empty(src.shape, np.float64))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+            x *= factor
+            t = x.astype(_floats(dtype))
+        if any(s.refuse_nonfinite for s in src.stored()) and not bool(np.isfinite(t).all()):
             raise NonFinite("non-finite values (NaN/Inf)")
-        return _bytes(t)
+        return t.view(np.uint8)
 
     return Computed(src.shape, dtype, make, (src,))
 
