@@ -272,16 +272,16 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
     if plan.x is not None:
         assert plan.y is not None
         u = a @ plan.x.astype(work)
-        v = b.T @ plan.y.astype(work)
+        vh = plan.y.T.astype(work) @ b  # [k, n]: rows, as stored
         s = plan.s[:k]
     else:  # ill conditioned for the Gram route: QR, all in float64
         a, b = a.astype(np.float64), b.astype(np.float64)
         u, s, vh = svd_of_product(a, b, k=k)
-        s, v = s[:k], vh.T
+        s = s[:k]
     root = np.sqrt(s)
     rootw = root.astype(u.dtype)
     upw = u * rootw
-    downw = (v * rootw).T
+    downw = vh * rootw[:, None]
     # the factors' entries are at most sqrt(s_max) in size (U and V have unit columns): they can only
     # overflow the output dtype if sqrt(s_max) does, so one comparison replaces a scan of every value
     if k and not float(root[0]) < FLOAT_MAX[dtype] / 2:
@@ -298,7 +298,7 @@ def realise(cell: Cell, plan: CellPlan, dtype: str, where: str, ws: Workspace
         r2 = (_dot(_mm64(da.T, da), _mm64(down_st, down_st.T)) + _dot(_mm64(u.T, u), rs)
               + 2.0 * _dot(gdu * root[None, :], gbd))
         # <dW - U S Vh, dA dB>
-        cross = _dot(_mm64(a.T, da), _mm64(b, db.T)) - _dot(s[:, None] * gdu.T, _mm64(v.T, db.T))
+        cross = _dot(_mm64(a.T, da), _mm64(b, db.T)) - _dot(s[:, None] * gdu.T, _mm64(vh, db.T))
         err2 = err2 + r2 - 2.0 * cross
     return up, down, max(err2, 0.0)
 
