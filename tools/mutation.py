@@ -153,8 +153,8 @@ class Mutant:
 # ------------------------------------------------------------------ hand-made mutants (issue 8)
 
 HAND = [  # (file, exact old text, new text, the bug it stands for)
-    ("model/sources.py", "t = (x.to(torch.float64) * factor)",
-     "t = (x.to(torch.float32) * factor)", "fold a scale into lora_B in fp32, not fp64"),
+    ("model/sources.py", "x = decode(src.raw(), src.dtype, np.empty(src.shape, np.float64))",
+     "x = decode(src.raw(), src.dtype, np.empty(src.shape, np.float32))", "fold a scale into lora_B in fp32, not fp64"),
     ("formats/fastvideo.py", "return a / rank if a else 1.0", "return a / rank if a else 0.0",
      "FastVideo lora_alpha < 1 read as scale 0"),
     ("formats/fastvideo.py", "    a = int(alpha)\n", "    a = alpha\n", "FastVideo lora_alpha not truncated"),
