@@ -333,3 +333,34 @@ def test_mixed_dtype_exact_combine_never_loads_torch(tmp_path):
     want = sum(f * x[base + ".lora_up.weight"].double() @ x[base + ".lora_down.weight"].double()
                for f, x in ((1.0, ta), (0.3, tb)))
     assert float((got - want).norm() / want.norm()) < 1e-7
+
+
+@pytest.mark.parametrize("src_dtype", ["BF16", "F16", "F32", "F64"])
+def test_cast_and_folded_match_torch_bit_for_bit(src_dtype):
+    """Widening (cat_rows / placed of mixed dtypes) and folding a factor (scales, strengths) in numpy give
+    the bytes torch's `.to()` and float64 product give, to F32 and F64, NaN/Inf refused only where asked."""
+    from longcat_lora.model.sources import NonFinite, TensorSource, cast, folded
+
+    g = torch.Generator().manual_seed(3)
+    t = (torch.randn(7, 5, generator=g, dtype=torch.float64) * 3).to(TORCH[src_dtype])
+    src = TensorSource(t)
+    for wide in ("F32", "F64"):
+        if TORCH[wide].itemsize < t.element_size():
+            continue
+        got = cast(src, wide).raw()
+        want = t.to(TORCH[wide]).contiguous().view(torch.uint8).numpy().reshape(7, -1)
+        assert cast(src, wide).dtype == wide and np.array_equal(got, want)
+    with pytest.raises(ValueError):
+        cast(src, "BF16" if src_dtype != "BF16" else "F16")
+    for factor in (0.3, -1.7, 1 / 3):
+        f = folded(src, factor)
+        out = torch.float64 if src_dtype == "F64" else torch.float32
+        want = (t.to(torch.float64) * factor).to(out).contiguous().view(torch.uint8).numpy().reshape(7, -1)
+        assert f.dtype == ("F64" if src_dtype == "F64" else "F32") and np.array_equal(f.raw(), want)
+    assert folded(src, 1.0) is src
+    if src_dtype != "F64":
+        big = TensorSource(torch.full((2, 2), 3e38, dtype=torch.float32))
+        assert np.isinf(folded(big, 10.0).raw().view(np.float32)).all()  # not asked to refuse
+        big.refuse_nonfinite = True
+        with pytest.raises(NonFinite):
+            folded(big, 10.0).raw()

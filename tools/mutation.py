@@ -86,8 +86,8 @@ _ALGEBRA = ["tests/test_numpy_kernels.py", "tests/test_algebra_resize.py"]
 SUBSETS = {
     "formats": _FORMATS,
     "model/adapter.py": _FORMATS + ["tests/test_lazy.py"],
-    "model/sources.py": _FORMATS + [R + "test_layer_whose_first_rows_have_no_part_writes_the_zero_band",
-                                    "tests/test_lazy.py"],
+    "model/sources.py": ["tests/test_numpy_kernels.py::test_cast_and_folded_match_torch_bit_for_bit"] + _FORMATS
+    + [R + "test_layer_whose_first_rows_have_no_part_writes_the_zero_band", "tests/test_lazy.py"],
     "model/layout.py": _FORMATS + [R + "test_layer_whose_first_rows_have_no_part_writes_the_zero_band"],
     "model/naming.py": ["tests/test_fixtures_and_naming.py", "tests/test_runtime.py::test_split_and_fused_models_agree_and_convert"]
     + _FORMATS[:9] + _RUNTIME[3:5],
