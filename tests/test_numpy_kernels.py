@@ -364,3 +364,53 @@ def test_cast_and_folded_match_torch_bit_for_bit(src_dtype):
         big.refuse_nonfinite = True
         with pytest.raises(NonFinite):
             folded(big, 10.0).raw()
+
+
+def test_well_conditioned_cells_take_the_cholesky_route_in_the_precision_their_output_needs():
+    """bf16/fp16 outputs of bf16/fp32 factors work in float32, float64 factors or wider outputs in
+    float64; well conditioned factors of any magnitude float64 holds take the Cholesky route (transforms
+    planned), not the slower QR one, and the plan is the SVD of the product."""
+    from longcat_lora.algebra.cells import Cell, Term, Workspace, plan_cell, work_dtype
+    from longcat_lora.algebra.lowrank import RankRule
+    from longcat_lora.model.sources import TensorSource
+
+    rng = np.random.default_rng(8)
+
+    def cell(dtype: torch.dtype, scale: float) -> Cell:
+        up = torch.from_numpy(rng.standard_normal((48, 6)) * scale).to(dtype)
+        down = torch.from_numpy(rng.standard_normal((6, 40)) * scale).to(dtype)
+        return Cell((0, 48), [Term(TensorSource(up), TensorSource(down), 0.5)])
+
+    bf, f32, f64 = cell(torch.bfloat16, 1.0), cell(torch.float32, 1.0), cell(torch.float64, 1e-20)
+    assert [work_dtype(d, c) for d, c in (("BF16", bf), ("F16", f32), ("BF16", f64), ("F32", bf), ("F64", bf))] \
+        == [np.float32, np.float32, np.float64, np.float64, np.float64]
+    assert work_dtype("BF16") == np.float32
+    for c, out in ((bf, "BF16"), (f32, "F16"), (f64, "BF16"), (f64, "F64")):
+        plan = plan_cell(c, RankRule(rank=3), Workspace(), "m", work_dtype(out, c), stored=3)
+        assert plan.x is not None and plan.y is not None, (out, "took the QR route")
+        t = c.terms[0]
+        dw = 0.5 * t.up.load().double().numpy() @ t.down.load().double().numpy()
+        want = np.linalg.svd(dw, compute_uv=False)
+        assert np.allclose(plan.s[:6], want[:6], rtol=1e-5)
+
+
+def test_rank_rules_count_energy_the_singular_values_never_captured():
+    """extract passes the change's full squared norm: what its leading singular values miss counts as
+    error (and against the energy share)."""
+    from longcat_lora.algebra.lowrank import RankRule
+
+    s = np.array([1.0, 0.0])
+    assert RankRule(max_error=0.5).choose(s) == 1  # all energy in s[0]: rank 1 suffices
+    assert RankRule(max_error=0.5).choose(s, total=4.0) == 2  # 3 of 4 never captured: no rank suffices
+    assert RankRule(max_error=0.9).choose(s, total=4.0) == 1  # error sqrt(3/4) = 0.87 at rank 1
+    assert RankRule(energy=0.2).choose(s, total=4.0) == 1 and RankRule(energy=0.3).choose(s, total=4.0) == 2
+
+
+def test_factored_svd_refuses_factors_that_do_not_multiply():
+    from longcat_lora.algebra.lowrank import factored_svd
+    from longcat_lora.errors import LoraError
+
+    for up, down in ((torch.ones(3, 2), torch.ones(3, 4)), (torch.ones(3), torch.ones(1, 4)),
+                     (torch.ones(3, 1), torch.ones(1, 4, 1))):
+        with pytest.raises(LoraError, match="do not multiply"):
+            factored_svd(up, down)
