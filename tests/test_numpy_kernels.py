@@ -414,3 +414,19 @@ def test_factored_svd_refuses_factors_that_do_not_multiply():
                      (torch.ones(3, 1), torch.ones(1, 4, 1))):
         with pytest.raises(LoraError, match="do not multiply"):
             factored_svd(up, down)
+
+
+def test_rank_above_a_modules_height_stores_the_height(tmp_path):
+    """A module with fewer output rows (4) than its LoRA rank (8): --rank 6 keeps min(6, 4) = 4, the
+    change exactly (full rank: only the output rounding is lost)."""
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(12)
+    src = str(tmp_path / "short.safetensors")
+    _write_proj_modules(src, [(rng.standard_normal((4, 8)), rng.standard_normal((8, 32)))], torch.float32)
+    out = str(tmp_path / "out.safetensors")
+    reported = _resize_json(src, out, "--rank", "6")
+    up = load_file(out)[_PROJ.format(i=0) + ".lora_up.weight"]
+    assert tuple(up.shape) == (4, 4)
+    true = _true_errors(src, out)
+    assert true[0] < 1e-6 and reported == pytest.approx(true, rel=1e-3, abs=1e-9)

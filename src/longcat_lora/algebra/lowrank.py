@@ -84,7 +84,7 @@ class RankRule:
             ok = np.flatnonzero(kept >= self.energy * tot)
             return int(ok[0]) + 1 if ok.size else q
         # tail[k] = sum(s[k:]^2), summed from the small end so small tails are accurate
-        tail = np.append(np.cumsum(sq[::-1])[::-1], 0.0)
+        tail = np.cumsum(sq[::-1])[::-1]  # keeping all q values (tail 0) is the fallback below
         if total is not None:
             tail = tail + max(tot - float(sq.sum()), 0.0)  # energy never captured by s
         ok = np.flatnonzero(tail <= (self.max_error ** 2) * tot)  # type: ignore[operator]
