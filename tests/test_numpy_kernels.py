@@ -430,3 +430,15 @@ def test_rank_above_a_modules_height_stores_the_height(tmp_path):
     assert tuple(up.shape) == (4, 4)
     true = _true_errors(src, out)
     assert true[0] < 1e-6 and reported == pytest.approx(true, rel=1e-3, abs=1e-9)
+
+
+def test_rank_rules_at_their_edges():
+    from longcat_lora.algebra.lowrank import RankRule, factored_svd
+
+    assert RankRule(rank=3).choose(np.zeros(2)) == 0  # an exactly zero change keeps nothing
+    assert RankRule(rank=3).choose(np.array([2.0, 0.0])) == 2
+    assert RankRule(energy=0.5).choose(np.array([2.0])) == 1  # one value is a rank, not a zero change
+    assert RankRule(max_error=0.0).choose(np.array([1.0, 0.0])) == 1  # an error of exactly 0 qualifies
+    assert RankRule(max_error=0.0).choose(np.array([1.0, 1e-30])) == 2
+    u, s, vh = factored_svd(torch.ones(3, 2), torch.ones(2, 4), k=0)
+    assert u.shape == (3, 0) and vh.shape == (0, 4) and s.shape == (2,)
