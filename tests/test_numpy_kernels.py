@@ -442,3 +442,23 @@ def test_rank_rules_at_their_edges():
     assert RankRule(max_error=0.0).choose(np.array([1.0, 1e-30])) == 2
     u, s, vh = factored_svd(torch.ones(3, 2), torch.ones(2, 4), k=0)
     assert u.shape == (3, 0) and vh.shape == (0, 4) and s.shape == (2,)
+
+
+def test_fused_up_blocks_shorter_than_the_rank_keep_their_height(tmp_path):
+    """adaLN's up blocks after the first start at row h: their height is rows[1] - rows[0], not the end
+    row. With h = 4 < rank 8 < in_features 16, --rank 6 keeps 4 per block (the change exactly, fp32
+    rounding aside)."""
+    from longcat_lora.testing.fixtures import write_native_lora
+
+    src = str(tmp_path / "in.safetensors")
+    write_native_lora(src, "refinement", dims=DitDims(hidden=4, ffn=8, adaln=16, final_out=4, depth=1), rank=8,
+                      dtype=torch.float32)
+    out = str(tmp_path / "out.safetensors")
+    p = subprocess.run([sys.executable, "-m", "longcat_lora", "resize", src, out, "--rank", "6", "--json"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": SRC})
+    assert p.returncode == 0, p.stderr
+    rows = {r["module"]: r for r in json.loads(p.stdout)["modules"]}
+    assert rows["blocks.0.adaLN_modulation.1"]["part_ranks"] == [4] * 6
+    assert rows["final_layer.adaLN_modulation.1"]["part_ranks"] == [4, 4]
+    assert rows["blocks.0.attn.qkv"]["part_ranks"] == [4, 4, 4]
+    assert max(r["rel_error"] for r in rows.values()) < 1e-6
