@@ -16,7 +16,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from ..model.adapter import LoraAdapter, LoraModule, Part
-from ..model.sources import Computed, NonFinite, Source, cat_rows, placed, promote
+from ..model.sources import Computed, Source, cat_rows, fold_into, placed, promote
 from ..errors import LoraError
 from ..formats import load_lora, save_lora
 from ..formats._common import in_file_order
@@ -48,9 +48,8 @@ def _folded_ups(ups: list[tuple[Source, float]]) -> Source:
     """Up blocks side by side, each multiplied by its ratio: one pass into the output buffer per cell.
 
     A ratio of 1 is a widening copy (exact); any other is computed in float64 and rounded once to the
-    output dtype (float32, or float64 for float64 inputs), the one rounding of an exact combine. An
-    input's values were checked for Inf/NaN as they were read; a product can only overflow if |ratio| > 1,
-    so only then is the result scanned (under the same flag as the reads)."""
+    output dtype (float32, or float64 for float64 inputs), the one rounding of an exact combine
+    (`fold_into`, which also refuses a product that overflows)."""
     h = ups[0][0].shape[0]
     cols = sum(u.shape[1] for u, _ in ups)
     dtype = promote("F32", *(u.dtype for u, _ in ups))
@@ -63,13 +62,8 @@ def _folded_ups(ups: list[tuple[Source, float]]) -> Source:
             c += u.shape[1]
             if ratio == 1.0:
                 decode(u.raw(), u.dtype, dst)
-                continue
-            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found by the scan below
-                np.multiply(decode(u.raw(), u.dtype, np.empty(dst.shape, np.float64)), ratio, out=dst,
-                            casting="same_kind")
-            if (abs(ratio) > 1.0 and any(s.refuse_nonfinite for s in u.stored())
-                    and not bool(np.isfinite(dst).all())):
-                raise NonFinite("non-finite values (NaN/Inf)")
+            else:
+                fold_into(u, ratio, dst)
         return out.view(np.uint8)
 
     return Computed((h, cols), dtype, make, tuple(u for u, _ in ups))

@@ -263,17 +263,21 @@ def folded(src: Source, factor: float) -> Source:
     if factor == 1.0:
         return src
     dtype = "F64" if src.dtype == "F64" else "F32"
+    out = lambda: fold_into(src, factor, np.empty(src.shape, _floats(dtype)))  # noqa: E731
+    return Computed(src.shape, dtype, lambda: out().view(np.uint8), (src,))
 
-    def make() -> np.ndarray:
-        x = decode(src.raw(), src.dtype, np.empty(src.shape, np.float64))
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
-            x *= factor
-            t = x.astype(_floats(dtype))
-        if any(s.refuse_nonfinite for s in src.stored()) and not bool(np.isfinite(t).all()):
-            raise NonFinite("non-finite values (NaN/Inf)")
-        return t.view(np.uint8)
 
-    return Computed(src.shape, dtype, make, (src,))
+def fold_into(src: Source, factor: float, out: np.ndarray) -> np.ndarray:
+    """Write src * factor into `out` (float32 or float64, any strides): computed in float64, rounded once.
+
+    The values read were checked for Inf/NaN as they were read (while the stored sources refuse them); a
+    product can only overflow if |factor| > 1, so only then is the result scanned (`NonFinite`)."""
+    x = decode(src.raw(), src.dtype, np.empty(src.shape, np.float64))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+        np.multiply(x, factor, out=out, casting="same_kind")
+    if abs(factor) > 1.0 and any(s.refuse_nonfinite for s in src.stored()) and not bool(np.isfinite(out).all()):
+        raise NonFinite("non-finite values (NaN/Inf)")
+    return out
 
 
 def cat_rows(srcs: list[Source]) -> Source:
