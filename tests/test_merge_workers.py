@@ -1,7 +1,7 @@
 """The CPU merge shares each weight's row chunks among threads of its own (torch single-threaded in each).
 
 Checked: the bytes do not depend on how many workers there are or which one takes which chunk (every
-chunk is the same operations in the same order); the chunks really are shared; an error in any chunk
+element is correctly rounded); the chunks really are shared; an error in any chunk
 fails the merge with nothing written and no thread left; torch's thread count is what it was, after a
 merge and after a failed one, and other work keeps torch's pool (only computing runs single-threaded).
 """
@@ -18,6 +18,7 @@ import torch
 
 import longcat_lora as L
 from longcat_lora.apply import merge, merge_compute as mc
+from longcat_lora.apply.exact import ExactMerge, NotFinite
 from longcat_lora.testing.dit import TINY
 from longcat_lora.testing.fixtures import write_base_checkpoint, write_native_lora
 
@@ -43,15 +44,15 @@ def test_bytes_do_not_depend_on_the_workers_and_chunks_are_shared(inputs, tmp_pa
     base, lora = inputs
     monkeypatch.setattr(mc, "CHUNK_ELEMENTS", 3 * TINY.dims.hidden)  # a few rows a chunk: many chunks
     who: list[str] = []
-    real = mc.nonfinite
+    real = ExactMerge.chunk
 
-    def noting(raw, dtype):  # called once per chunk, by the worker that computed it
+    def noting(self, *a, **k):  # called once per chunk, by the worker that computes it
         who.append(threading.current_thread().name)
         if len(who) < 60:
             time.sleep(0.002)  # long enough that a worker alone cannot take every chunk
-        return real(raw, dtype)
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(mc, "nonfinite", noting)
+    monkeypatch.setattr(ExactMerge, "chunk", noting)
     digests = {}
     for n in (1, 3):
         _workers(monkeypatch, n)
@@ -73,13 +74,15 @@ def test_an_error_in_one_chunk_fails_the_merge_with_nothing_left(inputs, tmp_pat
     monkeypatch.setattr(mc, "CHUNK_ELEMENTS", 3 * TINY.dims.hidden)
     before = torch.get_num_threads()
     seen = []
-    real = mc.nonfinite
+    real = ExactMerge.chunk
 
-    def poisoned(raw, dtype):
+    def poisoned(self, *a, **k):
         seen.append(1)
-        return len(seen) == 7 or real(raw, dtype)  # the 7th chunk "finds" a NaN
+        if len(seen) == 7:  # the 7th chunk "finds" a value its dtype cannot hold
+            raise NotFinite
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(mc, "nonfinite", poisoned)
+    monkeypatch.setattr(ExactMerge, "chunk", poisoned)
     out = tmp_path / "o"
     with pytest.raises(L.LoraError, match="merging gives non-finite values"):
         L.merge_checkpoint(base, str(out), [(lora, 1.0)], device="cpu")
@@ -94,14 +97,15 @@ def test_torch_keeps_its_pool_outside_the_computing(inputs, tmp_path, monkeypatc
     seen_in_compute, seen_in_load = [], []
     compute, load = mc.CpuStages.compute, mc.CpuStages.load
 
+    real = ExactMerge.chunk
+
+    def inside(self, *a, **k):
+        seen_in_compute.append(torch.get_num_threads())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ExactMerge, "chunk", inside)
+
     def watch_compute(self, job, slot):
-        real = mc.nonfinite
-
-        def inside(raw, dtype):
-            seen_in_compute.append(torch.get_num_threads())
-            return real(raw, dtype)
-
-        monkeypatch.setattr(mc, "nonfinite", inside)
         return compute(self, job, slot)
 
     def watch_load(self, job, slot):
@@ -121,25 +125,22 @@ def test_the_first_failing_chunk_names_the_error_whichever_worker_fails_first(in
     """Chunk 9 fails at once, chunk 5 a little later: the error is chunk 5's, as a sequential run gives."""
     base, lora = inputs
     _workers(monkeypatch, 3)
-    lcm = 704  # every adapted weight's width (64 or 176) divides it: all full chunks have one size
-    assert lcm % TINY.dims.hidden == 0 and lcm % TINY.dims.ffn == 0
-    monkeypatch.setattr(mc, "CHUNK_ELEMENTS", lcm)
-    full = lcm * 2  # bytes of a full bf16 chunk
-    real = mc.nonfinite
+    monkeypatch.setattr(mc, "CHUNK_ELEMENTS", 2 * TINY.dims.hidden)  # two rows a chunk of a hidden-wide weight
+    real = ExactMerge.chunk
     nine_failed = threading.Event()
 
-    def poisoned(raw, dtype):
-        if raw.nbytes == full:
-            idx = (raw.ctypes.data - raw.base.ctypes.data) // full
+    def poisoned(self, w64, r0, r1, *a, **k):
+        if self.cols == TINY.dims.hidden and self.rows >= 40:  # the first weight of that width: fail its chunks
+            idx = r0 // 2
             if idx == 9:
                 nine_failed.set()
                 raise RuntimeError("chunk 9")
             if idx == 5:
                 nine_failed.wait(2.0)  # fail after chunk 9 did
                 raise RuntimeError("chunk 5")
-        return real(raw, dtype)
+        return real(self, w64, r0, r1, *a, **k)
 
-    monkeypatch.setattr(mc, "nonfinite", poisoned)
+    monkeypatch.setattr(ExactMerge, "chunk", poisoned)
     for _ in range(4):  # which worker takes which chunk varies from run to run
         nine_failed.clear()
         with pytest.raises(RuntimeError, match="^chunk 5$"):

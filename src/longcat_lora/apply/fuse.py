@@ -1,10 +1,11 @@
 """Weight changes folded into a live model's layers, and the original weights kept to restore them.
 
-A float layer's weight becomes `(W.float() + dW).to(W.dtype)`: the change added in fp32 and cast
-once. An INT8 layer's weight is dequantized, the change added in fp32 and the result requantized per
-row with the official scheme (a new scale per row); the requantization error against the exact
-merged weight is reported. Every update is computed before any weight is written, and the first
-fold of a layer keeps its original tensors so that `restore` puts them back bit for bit.
+A float layer's weight becomes `W + sum strength * scale * up @ down`, each element the correctly
+rounded value of that exact sum in W's dtype (exact.py): the same bytes on every machine and device.
+An INT8 layer's weight is `weight_int8 * weight_scale` plus the change, correctly rounded to float32,
+then requantized per row with the official scheme (a new scale per row); the requantization error
+against that merged weight is reported. Every update is computed before any weight is written, and the
+first fold of a layer keeps its original tensors so that `restore` puts them back bit for bit.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import torch
 from torch import nn
 
 from ..errors import LoraError
-from .int8 import dequantize, is_int8_layer, quantize_rows, requant_error
+from ..io.dtypes import dtype_name
+from .exact import FMTS, ExactMerge, NotFinite, Scratch, Term
+from .int8 import is_int8_layer, quantize_rows, requant_error
+
+CHUNK_ELEMENTS = 1 << 20  # float64 elements computed at a time
 
 # a layer's weights before any merge: (weight,) or (weight_int8, weight_scale) of an INT8 layer
 Originals = dict[str, tuple[torch.Tensor, ...]]
@@ -59,24 +64,51 @@ class Update:
     news: tuple[torch.Tensor, ...]
 
 
-def plan(layer: str, module: nn.Module, delta: torch.Tensor, report: MergeReport) -> Update:
-    """The update adding `delta` (float32 [out, in], strength included) to a float or INT8 layer;
-    records the layer (and an INT8 layer's requantization error) in `report`. Writes nothing."""
-    if not bool(torch.isfinite(delta).all()):
-        raise LoraError(f"{layer}: the weight change to merge has non-finite values (NaN/Inf in the LoRA, or a "
-                        f"strength too large for float32); nothing was merged")
+def plan(layer: str, module: nn.Module, terms: list[Term], report: MergeReport) -> Update:
+    """The update adding `terms` (strengths included) to a float or INT8 layer; records the layer (and an
+    INT8 layer's requantization error) in `report`. Writes nothing."""
+    int8 = is_int8_layer(module)
+    if int8:
+        q0, s0 = module.weight_int8.detach(), module.weight_scale.detach()
+        rows, cols = q0.shape
+        device, dtype = q0.device, "F32"
+        s64 = s0.double()
+
+        def base_rows(r0: int, r1: int) -> torch.Tensor:  # q * s: exact in float64
+            return q0[r0:r1].double().mul_(s64[r0:r1, None])
+
+        def base_at(r, c):
+            rr, cc = torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)
+            return (q0[rr, cc].double() * s64[rr]).cpu().numpy()
+    else:
+        w = module.weight.detach()
+        rows, cols = w.shape
+        device, dtype = w.device, dtype_name(w.dtype)
+        if dtype not in FMTS:
+            raise LoraError(f"{layer}: cannot merge into a {dtype} weight (bf16, fp16, fp32 or fp64 only)")
+
+        def base_rows(r0: int, r1: int) -> torch.Tensor:
+            return w[r0:r1].double()
+
+        def base_at(r, c):
+            rr, cc = torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)
+            return w[rr, cc].double().cpu().numpy()
+    new = torch.empty(rows, cols, dtype=torch.float32 if int8 else w.dtype, device=device)
+    merge = ExactMerge(terms, rows, cols, dtype, device=device)
+    step, scratch = max(1, CHUNK_ELEMENTS // max(cols, 1)), Scratch()
+    try:
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            merge.chunk(base_rows(r0, r1), r0, r1, new[r0:r1], base_at, scratch)
+    except NotFinite:
+        raise LoraError(f"{layer}: merging gives non-finite values (NaN/Inf in the LoRA, or a result beyond "
+                        f"{'float32' if int8 else str(w.dtype).removeprefix('torch.')}); nothing was merged") from None
     report.layers.append(layer)
-    if is_int8_layer(module):
-        q0, s0 = module.weight_int8, module.weight_scale
-        exact = dequantize(q0.detach(), s0.detach()) + delta.to(q0.device)
-        q, sc = quantize_rows(exact)
-        report.requantized[layer] = RequantError(*requant_error(exact, q, sc))
-        return Update(layer, (q0, s0), (q, sc))
-    w = module.weight
-    new = (w.detach().float() + delta.to(w.device)).to(w.dtype)
-    if not bool(torch.isfinite(new).all()) and bool(torch.isfinite(w).all()):
-        raise LoraError(f"{layer}: merging overflows {str(w.dtype).removeprefix('torch.')}; nothing was merged")
-    return Update(layer, (w,), (new,))
+    if int8:
+        q, sc = quantize_rows(new)
+        report.requantized[layer] = RequantError(*requant_error(new, q, sc))
+        return Update(layer, (module.weight_int8, module.weight_scale), (q, sc))
+    return Update(layer, (module.weight,), (new,))
 
 
 def write(updates: list[Update], originals: Originals) -> None:

@@ -56,14 +56,6 @@ class LayerAdapter:
                                 f"{str(dtype).removeprefix('torch.')}); nothing was applied")
         return cls(name, torch.cat(downs, 0), blocks)
 
-    def delta(self, out_features: int) -> torch.Tensor:
-        """The layer's weight change at strength 1 from these (placed) weights, computed in float32."""
-        d = torch.zeros(out_features, self.down.shape[1], dtype=torch.float32, device=self.down.device)
-        down = self.down.float()
-        for b in self.blocks:
-            d[b.rows[0]:b.rows[1]] += b.scale * (b.up.float() @ down[b.cols[0]:b.cols[1]])
-        return d
-
 
 @dataclass
 class HookedLayer:

@@ -3,9 +3,9 @@
 BASE (opened by base_checkpoint.py) is a safetensors file or a directory of shards with a
 `*.safetensors.index.json`, in LongCat's original naming or FastVideo's split naming (recognised per
 tensor through the naming table). OUT mirrors BASE: same shard names, the same weight_map, every other
-file copied (side_files.py). Untouched tensors are copied byte for byte (copy_file_range); each adapted
-weight is computed in fp32 (one in-place addmm per LoRA part, on the chosen device) and cast once
-(merge_compute.py). The adapted weights go through a pipeline (pipeline.py): the next one is read while
+file copied (side_files.py). Untouched tensors are copied byte for byte (copy_file_range); each element
+of an adapted weight is the correctly rounded value of the exact sum (merge_compute.py, exact.py), so
+the output bytes are the same on every machine. The adapted weights go through a pipeline (pipeline.py): the next one is read while
 the current one is computed and the previous one is written, at most DEPTH of each in memory.
 Everything is validated before anything is written, and OUT is built in a temp directory beside it and
 renamed into place at the end.
@@ -24,7 +24,7 @@ from ..progress import progress_bar
 from ..model.adapter import LoraAdapter
 from ..errors import LoraError, Param
 from ..formats import load_lora
-from .merge_compute import CpuStages, DeviceStages, Job, exact_fp32, gflop, resolve_device
+from .merge_compute import CpuStages, DeviceStages, Job, gflop, resolve_device
 from .base_checkpoint import open_base
 from .int8_layout import check_fit, scan
 from .merge_int8 import Int8Merge, Requant
@@ -122,8 +122,8 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
         stages = _stages(jobs, device)
         pipe = Pipeline(jobs, stages, DEPTH)
         try:
-            with exact_fp32(device), atomic_output(out, overwrite=overwrite, inputs=inputs, directory=b.directory,
-                                                    replaceable=_earlier_output(str(base))) as tmp:
+            with atomic_output(out, overwrite=overwrite, inputs=inputs, directory=b.directory,
+                               replaceable=_earlier_output(str(base))) as tmp:
                 for shard, sf, entries in plan:
                     target = os.path.join(tmp, q8.out_shard(shard) if q8 else shard) if b.directory else tmp
                     # pipelined=False: the pipeline already computes ahead, and a job's bytes must be

@@ -1,24 +1,27 @@
 """The arithmetic of a checkpoint merge, as pipeline stages: `W' = W + sum strength * scale * up @ down`.
 
-Two implementations of `pipeline.Stages` over the same `Job`s:
+Every merged element is the correctly rounded value of that exact sum (exact.py), so the bytes depend
+only on the inputs: not on the CPU, the BLAS, threads, chunk workers, chunk size or device. Two
+implementations of `pipeline.Stages` over the same `Job`s:
 
-- `CpuStages`: row chunks of a few MiB, so each chunk is converted to fp32, updated (one in-place addmm
-  per LoRA part) and cast once while it sits in cache.
+- `CpuStages`: row chunks of a few MiB, so each chunk is converted to float64, summed (one in-place
+  addmm per LoRA part), rounded and checked while it sits in cache.
 - `DeviceStages` (`device="cuda"`): pinned host staging buffers; host-to-device copies on a copy stream,
-  fp32 compute and the cast to the output dtype on a compute stream, device-to-host copies on a third
-  stream, ordered by CUDA events (no synchronous `.cpu()`), so only output-dtype bytes come back. Every
-  buffer is allocated once at the largest job's size, one per pipeline slot, so copies of one job overlap
-  the compute of another. With `device="cpu"` the same code runs without streams (what the CPU-only
-  tests exercise).
+  the float64 sums and the rounding on a compute stream (the few elements the bulk cannot decide are
+  decided on the host), device-to-host copies on a third stream, ordered by CUDA events, so only
+  output-dtype bytes come back. Every buffer is allocated once at the largest job's size, one per
+  pipeline slot, so copies of one job overlap the compute of another. With `device="cpu"` the same code
+  runs without streams (what the CPU-only tests exercise).
 
-The non-finite check is on the output-dtype values in both: a merge never writes Inf/NaN.
+A merge never writes Inf/NaN: a value the output dtype cannot hold is an error naming the tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,14 +30,13 @@ import torch
 
 from ..errors import LoraError, Param
 from ..io.direct import ALIGN
-from ..io.dtypes import ITEMSIZE, nonfinite, torch_dtype
+from ..io.dtypes import ITEMSIZE, torch_dtype
 from ..io.reader import SafeFile
 from ..threads import single_threaded
+from .exact import ExactMerge, NotFinite, Scratch, Term
 from .targets import Target
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row chunk of a merged weight on the CPU (4 MiB)
+CHUNK_ELEMENTS = 1 << 19  # float64 elements per row chunk of a merged weight on the CPU (4 MiB)
 # `device="auto"` takes CUDA when the LoRA products are at least this many GFLOP. Below it, starting
 # CUDA (context and cuBLAS, about 0.5 s) costs more than the CPU spends on them: the issue-12 H100 host
 # merged 272 GFLOP on 16 cores at about 150 GFLOP/s effective, so the break-even is near 75 GFLOP; one
@@ -66,19 +68,29 @@ class Job:
         rows, cols = self.shape
         return rows * cols * ITEMSIZE[self.out_dtype]
 
-    def factors(self) -> list[tuple[tuple[int, int], torch.Tensor, torch.Tensor, float]]:
-        """(rows, up, down, strength * scale) of every part, in the file's dtype (on the CPU)."""
+    def terms(self, device: torch.device | str = "cpu", pin: bool = False) -> list[Term]:
+        """Every LoRA part on this weight as an exact float64 `Term` (rows relative to the weight)."""
         out = []
         for t, strength in self.adds:
             for p in t.parts():
-                factor = p.scale * strength
-                if not abs(factor) <= FLOAT32_MAX:  # NaN too: the GEMM's alpha is a float32
-                    raise LoraError(f"{self.sf.path}: {self.name!r}: strength x scale = {factor} is beyond float32 "
-                                    f"(strength {strength}, LoRA scale {p.scale})")
-                out.append((p.rows, p.up.load(), p.down.load(), factor))
+                if not math.isfinite(p.scale * strength):
+                    raise LoraError(f"{self.sf.path}: {self.name!r}: strength x scale = {p.scale * strength} is not "
+                                    f"finite (strength {strength}, LoRA scale {p.scale})")
+                up, down = p.up.load().double(), p.down.load().double()
+                if pin:
+                    up, down = up.pin_memory(), down.pin_memory()
+                out.append(Term(p.rows, up.to(device, non_blocking=pin), down.to(device, non_blocking=pin),
+                                strength, p.scale))
         return out
 
+    def base_values(self, raw: torch.Tensor) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """Exact base values at (rows, cols), as float64, from the job's stored bytes `raw` (on the host)."""
+        rows, cols = self.shape
+        w = raw[:self.in_bytes].view(torch_dtype(self.sf.info(self.name).dtype)).view(rows, cols)
+        return lambda r, c: w[torch.from_numpy(r), torch.from_numpy(c)].double().numpy()
+
     def nonfinite_error(self) -> LoraError:
+        """The error for a merged value the output dtype cannot hold (or NaN/Inf in the inputs)."""
         return LoraError(f"{self.sf.path}: merging gives non-finite values in {self.name!r} (as {self.out_dtype})")
 
 
@@ -116,21 +128,24 @@ class CpuStages:
     A job's chunks are shared out among `workers` threads of our own (each takes the next chunk when it
     is done with one), torch running single-threaded in each: with torch's own pool every GEMM is split
     in fixed halves and waits for the slower one, so whenever the reader or the writer takes a core the
-    whole product stalls; chunks taken as threads come free keep every core busy instead."""
+    whole product stalls; chunks taken as threads come free keep every core busy instead. The bytes do
+    not depend on the number of workers or the chunk size (every element is correctly rounded)."""
 
-    def __init__(self, depth: int, workers: int | None = None):
+    def __init__(self, depth: int, workers: int | None = None, chunk_elements: int | None = None):
         self.raw = [torch.empty(0, dtype=torch.uint8) for _ in range(depth)]
         self.out = [torch.empty(0, dtype=torch.uint8) for _ in range(depth)]
         self.pad = [0] * depth  # where each slot's output starts in its buffer (see `_out`)
-        self.parts: list[list] = [[] for _ in range(depth)]
+        self.terms: list[list[Term]] = [[] for _ in range(depth)]
         n = max(1, workers if workers is not None else torch.get_num_threads())
-        self.f32 = [torch.empty(0, dtype=torch.float32) for _ in range(n)]  # each worker's chunk
+        self.chunk_elements = chunk_elements or CHUNK_ELEMENTS
+        self.f64 = [torch.empty(0, dtype=torch.float64) for _ in range(n)]  # each worker's chunk
+        self.scratch = [Scratch() for _ in range(n)]
         self.pool = ThreadPoolExecutor(n, thread_name_prefix="merge-chunk") if n > 1 else None
 
     def load(self, job: Job, slot: int) -> None:
         self.raw[slot] = _grow(self.raw[slot], job.in_bytes)
         job.sf.read_into(job.name, memoryview(self.raw[slot][:job.in_bytes].numpy()))
-        self.parts[slot] = [(rows, up.float(), down.float(), a) for rows, up, down, a in job.factors()]
+        self.terms[slot] = job.terms()
 
     def compute(self, job: Job, slot: int) -> None:
         rows, cols = job.shape
@@ -138,17 +153,16 @@ class CpuStages:
         self.out[slot] = _grow(self.out[slot], job.out_bytes + ALIGN)
         pad = 0 if job.out_offset is None else (job.out_offset - self.out[slot].data_ptr()) % ALIGN
         self.pad[slot] = pad  # output bytes at an address congruent to their file offset: written in place
-        out_bytes = self._out(job, slot).numpy()
         out = self._out(job, slot).view(torch_dtype(job.out_dtype)).view(rows, cols)
-        row_bytes = cols * ITEMSIZE[job.out_dtype]
-        step = max(1, CHUNK_ELEMENTS // cols)
-        parts = self.parts[slot]
+        merge = ExactMerge(self.terms[slot], rows, cols, job.out_dtype)
+        base = job.base_values(self.raw[slot])
+        step = max(1, self.chunk_elements // cols)
         chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
         taken = itertools.count()  # next() is atomic: each chunk goes to exactly one worker
         failed: list[tuple[int, BaseException]] = []  # (chunk, error): the earliest chunk's error is raised
 
         def work(k: int) -> None:
-            self.f32[k] = _grow(self.f32[k], step * cols)
+            self.f64[k] = _grow(self.f64[k], step * cols)
             while not failed and (i := next(taken)) < len(chunks):
                 try:
                     chunk(k, *chunks[i])
@@ -156,25 +170,22 @@ class CpuStages:
                     failed.append((i, e))
 
         def chunk(k: int, r0: int, r1: int) -> None:
-            w = self.f32[k][:(r1 - r0) * cols].view(r1 - r0, cols)
-            w.copy_(src[r0:r1])  # to fp32
-            for (p0, p1), up, down, alpha in parts:
-                lo, hi = max(r0, p0), min(r1, p1)
-                if lo < hi:
-                    w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
-            out[r0:r1].copy_(w)  # cast once
-            if nonfinite(out_bytes[r0 * row_bytes:r1 * row_bytes], job.out_dtype):  # while in cache
-                raise job.nonfinite_error()
+            w = self.f64[k][:(r1 - r0) * cols].view(r1 - r0, cols)
+            w.copy_(src[r0:r1])  # to float64: exact
+            try:
+                merge.chunk(w, r0, r1, out[r0:r1], base, self.scratch[k])
+            except NotFinite:
+                raise job.nonfinite_error() from None
 
         with single_threaded():  # only while computing: other work of the merge keeps torch's pool
             if self.pool is None:
                 work(0)
             else:
-                for f in [self.pool.submit(work, k) for k in range(len(self.f32))]:
+                for f in [self.pool.submit(work, k) for k in range(len(self.f64))]:
                     f.result()  # waits for every worker: none still writes into the output
         if failed:  # as a sequential run would: the error of the first failing chunk
             raise min(failed, key=lambda x: x[0])[1]
-        self.parts[slot] = []
+        self.terms[slot] = []
 
     def _out(self, job: Job, slot: int) -> torch.Tensor:
         """The slot's output bytes: `pad` bytes into its buffer, so that their address is congruent to their
@@ -218,10 +229,9 @@ class DeviceStages:
 
         self.streams = [torch.cuda.Stream(dev) for _ in range(3)] if cuda else [None, None, None]
         self.h_in, self.h_out = [host(max_in) for _ in range(depth)], [host(max_out) for _ in range(depth)]
-        self.h_flag = [host(1) for _ in range(depth)]
         self.d_in, self.d_out = [device_buf(max_in) for _ in range(depth)], [device_buf(max_out) for _ in range(depth)]
-        self.d_flag = [device_buf(1, torch.bool) for _ in range(depth)]
-        self.f32 = device_buf(max_elems, torch.float32)  # used on the compute stream only, so one suffices
+        self.f64 = device_buf(max_elems, torch.float64)  # used on the compute stream only, so one suffices
+        self.scratch = Scratch()
 
         def event():
             if not cuda:
@@ -231,7 +241,7 @@ class DeviceStages:
 
         # per slot: inputs copied in, device input consumed, output computed, output copied back
         self.copied, self.consumed, self.computed, self.back = ([event() for _ in range(depth)] for _ in range(4))
-        self.parts: list[list] = [[] for _ in range(depth)]
+        self.terms: list[list[Term]] = [[] for _ in range(depth)]
 
     def _on(self, k: int):
         s = self.streams[k]
@@ -243,9 +253,7 @@ class DeviceStages:
 
     def load(self, job: Job, slot: int) -> None:
         job.sf.read_into(job.name, memoryview(self.h_in[slot][:job.in_bytes].numpy()))
-        pin = self.dev.type == "cuda"
-        self.parts[slot] = [(rows, up.pin_memory() if pin else up, down.pin_memory() if pin else down, a)
-                            for rows, up, down, a in job.factors()]
+        self.terms[slot] = job.terms()
 
     def compute(self, job: Job, slot: int) -> None:
         rows, cols = job.shape
@@ -254,36 +262,29 @@ class DeviceStages:
         with self._on(h2d):
             self._wait(h2d, self.consumed[slot])  # the job before in this slot has read d_in
             self.d_in[slot][:n].copy_(self.h_in[slot][:n], non_blocking=True)
-            parts = [(r, up.to(self.dev, non_blocking=True), down.to(self.dev, non_blocking=True), a)
-                     for r, up, down, a in self.parts[slot]]
             self.copied[slot].record(self.streams[h2d])
         with self._on(comp):
             self._wait(comp, self.copied[slot])
             self._wait(comp, self.back[slot])  # d_out of the job before in this slot is copied back
-            w = self.f32[:rows * cols].view(rows, cols)
+            w = self.f64[:rows * cols].view(rows, cols)
             w.copy_(self.d_in[slot][:n].view(torch_dtype(job.sf.info(job.name).dtype)).view(rows, cols))
             self.consumed[slot].record(self.streams[comp])
-            for (p0, p1), up, down, alpha in parts:
-                if self.streams[comp] is not None:  # allocated on the copy stream, used here
-                    up.record_stream(self.streams[comp])
-                    down.record_stream(self.streams[comp])
-                w[p0:p1].addmm_(up.float(), down.float(), alpha=alpha)
             out = self.d_out[slot][:m].view(torch_dtype(job.out_dtype)).view(rows, cols)
-            out.copy_(w)  # cast once, on the device
-            self.d_flag[slot].copy_(torch.isfinite(out).all().logical_not().reshape(1))
+            merge = ExactMerge(self.terms[slot], rows, cols, job.out_dtype, device=self.dev)
+            try:  # the few undecided elements are decided on the host (this waits for the stream)
+                merge.chunk(w, 0, rows, out, job.base_values(self.h_in[slot]), self.scratch)
+            except NotFinite:
+                raise job.nonfinite_error() from None
             self.computed[slot].record(self.streams[comp])
         with self._on(d2h):
             self._wait(d2h, self.computed[slot])
             self.h_out[slot][:m].copy_(self.d_out[slot][:m], non_blocking=True)
-            self.h_flag[slot].copy_(self.d_flag[slot].view(torch.uint8), non_blocking=True)
             self.back[slot].record(self.streams[d2h])
-        self.copied[slot].synchronize()  # h_in and the pinned factors of this slot may be reused now
-        self.parts[slot] = []
+        self.copied[slot].synchronize()  # h_in of this slot may be reused now
+        self.terms[slot] = []
 
     def finish(self, job: Job, slot: int) -> np.ndarray:
         self.back[slot].synchronize()
-        if int(self.h_flag[slot][0]):
-            raise job.nonfinite_error()
         return self.h_out[slot][:job.out_bytes].numpy()
 
     def close(self) -> None:
@@ -292,18 +293,4 @@ class DeviceStages:
             torch.cuda.synchronize(self.dev)
 
 
-@contextlib.contextmanager
-def exact_fp32(device: str):
-    """fp32 products in full fp32 on CUDA (no TF32) for the duration, whatever the process chose."""
-    if not device.startswith("cuda"):
-        yield
-        return
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
-__all__ = ["Job", "CpuStages", "DeviceStages", "gflop", "resolve_device", "exact_fp32", "AUTO_CUDA_GFLOP"]
+__all__ = ["Job", "CpuStages", "DeviceStages", "gflop", "resolve_device", "AUTO_CUDA_GFLOP"]

@@ -4,12 +4,14 @@ int8_layout.py reads and validates): the entries of each shard and the requantiz
 Two outputs (`merge_checkpoint` decides by `dtype`):
 
 - **requantized** (`--dtype keep`, the default): the same layout. Each adapted layer is computed as
-  `W' = dequant(W) + sum strength * dW` in fp32, row chunk by row chunk, and requantized per row with
-  the official scheme (`int8.quantize_rows`: a new scale per row). Every key, dtype, shape, shard name
+  `W' = weight_int8 * weight_scale + sum strength * dW`, each element the correctly rounded float32
+  value of that exact sum (exact.py), row chunk by row chunk, and requantized per row with the
+  official scheme (`int8.quantize_rows`: a new scale per row). The bytes depend only on the inputs. Every key, dtype, shape, shard name
   and the index stay as they were; untouched tensors are copied byte for byte. The requantization
   error of each layer (relative Frobenius error of `dequant(q', s')` against the fp32 `W'`, and the
   worst element error in units of its row's new scale) goes into the report.
-- **dequantized** (`--dtype bf16|fp16|fp32`): ordinary `<m>.weight` keys in that dtype in place of
+- **dequantized** (`--dtype bf16|fp16|fp32`): ordinary `<m>.weight` keys in that dtype (each element
+  the exact sum correctly rounded to it) in place of
   `weight_int8`/`weight_scale`, every other float tensor cast, shards and index renamed from
   `quantized_model*` to diffusers' `diffusion_pytorch_model*` (what the non-INT8 loader reads), the
   index's weight_map and total_size rewritten, `quantization_config.json` not copied.
@@ -35,9 +37,10 @@ import numpy as np
 import torch
 
 from ..errors import LoraError
+from .exact import ExactMerge, NotFinite, Scratch, Term
 from .int8 import quantize_rows
 from .int8_layout import INT8, PLAIN_STEM, QUANT_CONFIG, SCALE, Int8Layer, plain_name, shard_path, split_name
-from ..io.dtypes import ITEMSIZE, nonfinite, torch_dtype
+from ..io.dtypes import ITEMSIZE, torch_dtype
 from ..io.writer import Entry
 from ..io.reader import SafeFile
 
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
     from .base_checkpoint import Base
     from .targets import Target
 
-CHUNK_ELEMENTS = 1 << 20  # fp32 elements per row chunk (4 MiB), as in merge.py
+CHUNK_ELEMENTS = 1 << 19  # float64 elements per row chunk (4 MiB), as in merge_compute.py
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ class Int8Merge:
         self._pending: dict[str, torch.Tensor] = {}  # layer -> new scale, int8 written, scale not yet
         self._early: dict[str, torch.Tensor] = {}  # layer -> new scale written before its int8
         self._raw = torch.empty(0, dtype=torch.uint8)
+        self._f64 = torch.empty(0, dtype=torch.float64, device=device)
         self._f32 = torch.empty(0, dtype=torch.float32, device=device)
+        self._scratch = Scratch()
         self._err = torch.empty(0, dtype=torch.float32, device=device)
         self._out = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self._turn = 0
@@ -137,15 +142,13 @@ class Int8Merge:
         out = self._buffer(rows * cols).view(torch.int8).view(rows, cols)
         scale = torch.empty(rows, dtype=torch.float32)
         err2 = ref2 = steps = 0.0
-        for r0, r1, w in self._merged_rows(layer):
+        for r0, r1, w in self._merged_rows(layer, "F32", None):
             q, s = quantize_rows(w)
-            if not bool(torch.isfinite(s).all()):
-                raise LoraError(f"{shard_path(self.b, layer + INT8)}: merging gives non-finite values in {layer + INT8}")
             out[r0:r1].copy_(q)
             scale[r0:r1].copy_(s)
             # error q * s - W' in fp32, in place in a reused buffer (float64 temporaries cost more than the
             # merge): good to ~1e-5 of a step, far below the figures reported
-            e = self._scratch(w.numel(), w.device).view_as(w)
+            e = self._scratch_buf(w.numel(), w.device).view_as(w)
             e.copy_(q).mul_(s[:, None]).sub_(w)
             err2 += float(torch.linalg.vector_norm(e)) ** 2
             ref2 += float(torch.linalg.vector_norm(w)) ** 2
@@ -156,21 +159,20 @@ class Int8Merge:
         return out.view(torch.uint8).reshape(-1).numpy(), scale
 
     def _dequantized(self, layer: str) -> np.ndarray:
-        """dequant(W) (+ the LoRAs, if any) cast once to the output dtype."""
+        """weight_int8 * weight_scale (+ the LoRAs, if any), each element correctly rounded to the output dtype."""
         rows, cols = self.layers[layer].shape
         dt = self.out_dtype
         assert dt is not None
         nbytes = rows * cols * ITEMSIZE[dt]
         out = self._buffer(nbytes).view(torch_dtype(dt)).view(rows, cols)
-        for r0, r1, w in self._merged_rows(layer):
-            out[r0:r1].copy_(w)
-        data = out.view(torch.uint8).reshape(-1).numpy()
-        if nonfinite(data, dt):
-            raise LoraError(f"{shard_path(self.b, layer + INT8)}: dequantizing {layer + INT8} gives non-finite values "
-                            f"as {dt}")
-        return data
+        dev_out = out if self.device == "cpu" else torch.empty(rows, cols, dtype=out.dtype, device=self.device)
+        for _ in self._merged_rows(layer, dt, dev_out):
+            pass
+        if dev_out is not out:
+            out.copy_(dev_out)
+        return out.view(torch.uint8).reshape(-1).numpy()
 
-    def _scratch(self, n: int, device) -> torch.Tensor:
+    def _scratch_buf(self, n: int, device) -> torch.Tensor:
         if self._err.numel() < n or self._err.device != device:
             self._err = torch.empty(n, dtype=torch.float32, device=device)
         return self._err[:n]
@@ -182,11 +184,10 @@ class Int8Merge:
             self._out[k] = torch.empty(nbytes, dtype=torch.uint8)
         return self._out[k][:nbytes]
 
-    def _merged_rows(self, layer: str):
-        """Yield (r0, r1, W'[r0:r1]) in fp32: dequant(W) + sum strength * scale * up @ down, by row chunk.
-
-        The yielded chunk is a reused buffer, valid until the next one.
-        """
+    def _merged_rows(self, layer: str, dtype: str, into: torch.Tensor | None):
+        """Yield (r0, r1, W'[r0:r1]) by row chunk: `weight_int8 * weight_scale + sum strength * scale * up @ down`,
+        each element correctly rounded to `dtype`, written into rows of `into` (on the device), or into a
+        reused float32 chunk (valid until the next one) when `into` is None (dtype F32)."""
         info = self.layers[layer]
         rows, cols = info.shape
         qf = self.b.shards[info.q_shard]
@@ -194,24 +195,35 @@ class Int8Merge:
             self._raw = torch.empty(rows * cols, dtype=torch.uint8)
         raw = self._raw[:rows * cols]
         qf.read_into(layer + INT8, memoryview(raw.numpy()))
-        q = raw.view(torch.int8).view(rows, cols)
-        s = self.b.shards[info.s_shard].read(layer + SCALE).to(self.device)
-        factors = [(p.rows, p.up.load().to(device=self.device, dtype=torch.float32),
-                    p.down.load().to(device=self.device, dtype=torch.float32), p.scale * strength)
-                   for t, strength in self.adds.get(layer, []) for p in t.parts()]
+        q_host = raw.view(torch.int8).view(rows, cols)
+        s_host = self.b.shards[info.s_shard].read(layer + SCALE).to(torch.float64)
+        q = q_host.to(self.device)
+        s = s_host.to(self.device)
+        terms = [Term(p.rows, p.up.load().double(), p.down.load().double(), strength, p.scale)
+                 for t, strength in self.adds.get(layer, []) for p in t.parts()]
+        merge = ExactMerge(terms, rows, cols, dtype, device=self.device)
+
+        def base(r: np.ndarray, c: np.ndarray) -> np.ndarray:  # q * s is exact in float64 (8 x 24 bits)
+            rr, cc = torch.from_numpy(r), torch.from_numpy(c)
+            return (q_host[rr, cc].double() * s_host[rr]).numpy()
+
         step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-        if self._f32.numel() < step * cols:
+        if self._f64.numel() < step * cols:
+            self._f64 = torch.empty(step * cols, dtype=torch.float64, device=self.device)
+        if into is None and self._f32.numel() < step * cols:
             self._f32 = torch.empty(step * cols, dtype=torch.float32, device=self.device)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            w = self._f32[:(r1 - r0) * cols].view(r1 - r0, cols)
-            w.copy_(q[r0:r1])  # int8 -> fp32, exact
-            w.mul_(s[r0:r1, None])  # dequant, as the official layer computes it in fp32
-            for (p0, p1), up, down, alpha in factors:
-                lo, hi = max(r0, p0), min(r1, p1)
-                if lo < hi:
-                    w[lo - r0:hi - r0].addmm_(up[lo - p0:hi - p0], down, alpha=alpha)
-            yield r0, r1, w
+            w = self._f64[:(r1 - r0) * cols].view(r1 - r0, cols)
+            w.copy_(q[r0:r1]).mul_(s[r0:r1, None])  # the exact dequantized weight
+            dst = into[r0:r1] if into is not None else self._f32[:(r1 - r0) * cols].view(r1 - r0, cols)
+            try:
+                merge.chunk(w, r0, r1, dst, base, self._scratch)
+            except NotFinite:
+                what = "merging" if self.adds.get(layer) else "dequantizing"
+                raise LoraError(f"{shard_path(self.b, layer + INT8)}: {what} gives non-finite values in "
+                                f"{layer + INT8} (as {dtype})") from None
+            yield r0, r1, dst
 
     # ------------------------------------------------------------------ side files and summary
 

@@ -7,7 +7,7 @@ off (`enable_loras` / `disable_loras`, or diffusers' `set_adapters` shape), re-w
 adapters add, as with the official `enable_loras`; a disabled one costs nothing in the forward (a layer
 with no enabled adapter has no hook at all).
 
-`merge_lora` folds a weight change into the weights (fp32, cast once; `fuse`): a LoRA file's, or the
+`merge_lora` folds a weight change into the weights (each element correctly rounded; `fuse`): a LoRA file's, or the
 adapters already applied (by name, like diffusers' `fuse_lora(adapter_names=...)`), whose hooks then
 stand down. `unmerge_lora` restores the original weights bit for bit and puts merged adapters back in
 the forward. `_State.merged` is the record of what is folded in.
@@ -30,7 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..errors import LoraError
@@ -38,6 +37,7 @@ from ..formats import load_lora
 from ..model import naming
 from ..model.adapter import LoraAdapter
 from . import fuse
+from .exact import Term
 from .fuse import MergeReport
 from .layers import HookedLayer, LayerAdapter, adaptable_layers, layer_shape, placement, why_not
 from .targets import Target, find_targets
@@ -265,9 +265,10 @@ def remove_lora(model: nn.Module, names: str | Iterable[str] | None = None) -> N
 
 def merge_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter | None = None, strength: float = 1.0,
                skip_missing: bool = False, names: str | Iterable[str] | None = None) -> MergeReport:
-    """Fold a weight change into the weights: W += strength * dW, computed in fp32 and cast once to W's
-    dtype. An INT8 layer's weight is dequantized, changed in fp32 and requantized per row (official
-    scheme, new scales). `unmerge_lora` restores the original weights bit for bit.
+    """Fold a weight change into the weights: W += strength * dW, each element the correctly rounded value
+    of the exact sum in W's dtype (the same bytes on every machine). An INT8 layer's weight is
+    `weight_int8 * weight_scale` plus the change, correctly rounded to float32, requantized per row
+    (official scheme, new scales). `unmerge_lora` restores the original weights bit for bit.
 
     With `lora` (a path in any format, or a LoraAdapter), that LoRA's change is merged. Without it,
     applied adapters are fused (like diffusers' `fuse_lora(adapter_names=...)`): `names`, or None for
@@ -282,15 +283,14 @@ def merge_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter | None = 
         if names is not None:
             raise LoraError("names: give either a LoRA to merge (lora) or applied adapters' names, not both")
         with _targets(model, lora, skip_missing) as (targets, layers):  # everything computed before any write
-            updates = [fuse.plan(t.layer, layers[t.layer], strength * t.delta(torch.float32), report)
-                       for t in targets]
+            updates = [fuse.plan(t.layer, layers[t.layer], _target_terms(t, strength), report) for t in targets]
         merges = [_Merge(os.fspath(lora.path or "LoraAdapter") if isinstance(lora, LoraAdapter)
                          else os.fspath(lora), strength, False)]
     else:
         chosen = st.names(names, unmerged=True) if names is not None else list(st.active())
         if not chosen:
             raise LoraError("nothing to merge: no adapter is applied and enabled (give lora, or apply_lora first)")
-        updates = [fuse.plan(layer_name, layer.module, _fused_delta(layer, st, chosen, strength), report)
+        updates = [fuse.plan(layer_name, layer.module, _fused_terms(layer, st, chosen, strength), report)
                    for layer_name, layer in st.layers.items()
                    if any(a.name in chosen for a in layer.adapters)]
         merges = [_Merge(n, st.adapters[n].strength * strength, True) for n in chosen]
@@ -300,16 +300,20 @@ def merge_lora(model: nn.Module, lora: str | os.PathLike | LoraAdapter | None = 
     return report
 
 
-def _fused_delta(layer: HookedLayer, st: _State, chosen: list[str], strength: float) -> torch.Tensor:
-    """The float32 weight change of the `chosen` adapters on one layer, each at its strength times
-    `strength`, from their weights as applied."""
-    out = layer_shape(layer.module)[0]
-    total = None
+def _target_terms(t: Target, strength: float) -> list[Term]:
+    """A LoRA target's parts on its layer as exact float64 terms at `strength`."""
+    return [Term(p.rows, p.up.load().double(), p.down.load().double(), strength, p.scale) for p in t.parts()]
+
+
+def _fused_terms(layer: HookedLayer, st: _State, chosen: list[str], strength: float) -> list[Term]:
+    """The `chosen` adapters' parts on one layer, each at its strength times `strength`, from their
+    weights as applied (in the layer's placement)."""
+    out = []
     for a in layer.adapters:
         if a.name in chosen:
-            d = (st.adapters[a.name].strength * strength) * a.delta(out)
-            total = d if total is None else total + d
-    return total
+            s = st.adapters[a.name].strength * strength
+            out += [Term(b.rows, b.up.double(), a.down[b.cols[0]:b.cols[1]].double(), s, b.scale) for b in a.blocks]
+    return out
 
 
 def unmerge_lora(model: nn.Module) -> None:

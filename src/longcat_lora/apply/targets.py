@@ -9,14 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from ..model import naming
 from ..model.adapter import LoraAdapter, LoraModule, Naming, Part
 from ..errors import LoraError, UnmappedModulesError, q
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass
@@ -37,13 +33,6 @@ class Target:
                 out.append(Part((r0 - self.lo, r1 - self.lo), p.down,
                                 p.up.rows(r0 - p.rows[0], r1 - p.rows[0]), p.scale))
         return out
-
-    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """This layer's weight change at strength 1, computed in `dtype` (default float32)."""
-        import torch
-
-        layer = LoraModule(self.layer, self.hi - self.lo, self.module.in_features, self.parts())
-        return layer.delta(dtype or torch.float32)
 
 
 def find_targets(adapter: LoraAdapter, layer_shape: Callable[[str], tuple[int, int] | None],

@@ -1,0 +1,482 @@
+"""Merged weights whose every element is the correctly rounded value of `W + sum strength * scale * up @ down`.
+
+The bytes of a merge depend only on its inputs: not on the CPU (Intel or AMD, AVX2 or AVX-512 kernels),
+the BLAS, the number of threads or chunk workers, the chunk size, or the device. That holds by
+construction, because each output element is the one value the exact sum rounds to (round to nearest,
+ties to even, directly to the output dtype), and every machine agrees on that. Three levels compute it:
+
+1. **Bulk** (every element): the sum in float64 (`addmm_`, any BLAS, any summation order). Its error is
+   bounded by `g * (|v| + 2 * A_ij)` with `g = 2 * N * 2**-53` (N: the LoRA ranks summed, plus a few
+   roundings per part) and `A_ij = sum_p |strength_p * scale_p| * |up_p[i]| * |down_p[:, j]|` (2-norms,
+   Cauchy-Schwarz on `sum_k |up_ik * down_kj|`). The value is rounded to the output dtype; an element is
+   *flagged* when that rounding could differ from the exact sum's: for bf16 / fp16 outputs, when the
+   float32 value of the sum is exactly a midpoint of the output's grid (then, and only then, the bound
+   can cross it or rounding through float32 could round twice); for fp32 outputs, when the float64 sum
+   lies within 2**19 of its units in the last place of a float32 midpoint; in both, when the value is
+   too small for the bound to be relative (near zero, subnormal) or too large (overflow), or not finite.
+   About 1 in 65,000 elements (bf16), 1 in 500 (fp32).
+2. **Interval** (flagged elements): `v +- E_ij` with the per-element bound, each end rounded to the
+   output dtype; equal ends decide.
+3. **Exact** (the rest: ties, exact zeros, sums within 1e-15 of a midpoint): the sum in Python integers
+   (every input is a dyadic rational), rounded exactly.
+
+float64 outputs are summed in double-double arithmetic in a fixed order (level 1 cannot decide them),
+then levels 2 and 3 as above: exact, and slow (a float64 checkpoint of LongCat-Video is 108 GB).
+
+The cost against a plain float32 merge is the float64 products (about twice the float32 GEMM time) and
+a few cheap passes over each chunk; see the README's reproducibility section.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import LoraError
+
+
+@dataclass(frozen=True)
+class Fmt:
+    """An IEEE binary format: precision p (bits, the implicit one included), exponent range, bias."""
+
+    p: int
+    emin: int
+    emax: int
+    bits: int
+    np_uint: type
+    torch_int: torch.dtype
+
+    @property
+    def bias(self) -> int:
+        return self.emax
+
+    @property
+    def max(self) -> float:
+        return math.ldexp(2.0 - 2.0 ** (1 - self.p), self.emax)
+
+
+FMTS = {
+    "BF16": Fmt(8, -126, 127, 16, np.uint16, torch.int16),
+    "F16": Fmt(11, -14, 15, 16, np.uint16, torch.int16),
+    "F32": Fmt(24, -126, 127, 32, np.uint32, torch.int32),
+    "F64": Fmt(53, -1022, 1023, 64, np.uint64, torch.int64),
+}
+
+
+class NotFinite(ArithmeticError):
+    """The exact merged value is not finite in the output dtype (or an input was NaN/Inf)."""
+
+
+# ----------------------------------------------------------------------------- exact rounding
+
+
+def round_dyadic(n: int, e: int, dtype: str) -> int:
+    """The bits of n * 2**e rounded to nearest (ties to even) in `dtype`; an exact zero is +0.
+
+    >>> hex(round_dyadic(3, -1, "BF16"))  # 1.5
+    '0x3fc0'
+    """
+    f = FMTS[dtype]
+    sign = 0
+    if n < 0:
+        sign, n = 1, -n
+    if n == 0:
+        return 0
+    lead = n.bit_length() - 1 + e  # exponent of the leading bit
+    q = max(lead, f.emin) - (f.p - 1)  # exponent of the unit in the last place there
+    shift = q - e
+    if shift <= 0:
+        mant = n << -shift
+    else:
+        mant = n >> shift
+        rem = n - (mant << shift)
+        half = 1 << (shift - 1)
+        if rem > half or (rem == half and mant & 1):
+            mant += 1
+    if mant == 1 << f.p:  # carried into the next binade
+        mant >>= 1
+        q += 1
+    ebits = f.bits - f.p
+    if mant >= 1 << (f.p - 1):
+        biased = q + f.p - 1 + f.bias
+        if biased >= (1 << ebits) - 1:  # overflow: infinity
+            return (sign << (f.bits - 1)) | (((1 << ebits) - 1) << (f.p - 1))
+        return (sign << (f.bits - 1)) | (biased << (f.p - 1)) | (mant - (1 << (f.p - 1)))
+    return (sign << (f.bits - 1)) | mant  # subnormal (or zero after rounding)
+
+
+def dyadic(x: float) -> tuple[int, int]:
+    """(n, e) with x == n * 2**e exactly (x finite)."""
+    num, den = float(x).as_integer_ratio()
+    return num, -(den.bit_length() - 1)
+
+
+def exact_sum(base: float, terms: list[tuple[float, float, np.ndarray, np.ndarray]]) -> tuple[int, int]:
+    """`base + sum strength * scale * dot(up_row, down_col)` exactly, as (n, e): n * 2**e.
+
+    `terms`: (strength, scale, up row [r], down column [r]) float64 arrays holding exact copies of the
+    stored values."""
+    acc: list[tuple[int, int]] = [dyadic(base)]
+    for strength, scale, u, d in terms:
+        sn, se = dyadic(strength)
+        cn, ce = dyadic(scale)
+        an, ae = sn * cn, se + ce
+        if an == 0:
+            continue
+        for a, b in zip(u.tolist(), d.tolist()):
+            if a == 0.0 or b == 0.0:
+                continue
+            un, ue = dyadic(a)
+            dn, de = dyadic(b)
+            acc.append((an * un * dn, ae + ue + de))
+    emin = min(e for _, e in acc)
+    return sum(n << (e - emin) for n, e in acc), emin
+
+
+def round_f64(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Float64 values rounded to nearest (ties to even) directly to `dtype`, as unsigned bits.
+
+    bfloat16 and float16 go through float32 rounded to odd (truncated, the last bit set when inexact),
+    which has enough extra bits that rounding again gives the direct rounding (no double rounding)."""
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "F64":
+        return x.view(np.uint64).copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = x.astype(np.float32)
+    if dtype == "F32":
+        return t.view(np.uint32).copy()
+    back = t.astype(np.float64)
+    bits = t.view(np.uint32).copy()
+    finite = np.isfinite(x)
+    inexact = (back != x) & finite
+    away = inexact & (np.abs(back) > np.abs(x))  # rounded away from zero: one step back (truncation)
+    bits[away] -= 1
+    bits[inexact] |= 1  # round to odd
+    if dtype == "F16":
+        return bits.view(np.float32).astype(np.float16).view(np.uint16)
+    # float32 -> bfloat16, to nearest even on the low 16 bits (NaN stays NaN)
+    nan = np.isnan(x)
+    out = ((bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    out[nan] = 0x7FC0
+    return out
+
+
+def from_bits(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """The float64 values of `dtype` bits (exact)."""
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return bits.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- one weight
+
+
+@dataclass
+class Term:
+    """One LoRA part on one weight: rows[0]:rows[1] += strength * scale * up @ down."""
+
+    rows: tuple[int, int]
+    up: torch.Tensor  # float64 [rows, r]: the stored values, exactly
+    down: torch.Tensor  # float64 [r, cols]
+    strength: float
+    scale: float
+
+    @property
+    def alpha(self) -> float:
+        return self.strength * self.scale
+
+
+# The bulk's flag window for fp32 outputs: elements within this many float64 ulps of a float32 midpoint.
+F32_WINDOW = 1 << 19
+
+
+class ExactMerge:
+    """Correctly rounded `W + sum strength * scale * up @ down` for one weight, row chunk by row chunk.
+
+    `terms` hold float64 copies of the LoRA factors on the device that computes; `rows`, `cols` the
+    weight's shape; `out_dtype` one of BF16, F16, F32, F64. `chunk` takes the exact base values of rows
+    r0:r1 as float64 in `w64` (overwritten) and writes the rounded result into `out`.
+    """
+
+    def __init__(self, terms: list[Term], rows: int, cols: int, out_dtype: str, device: torch.device | str | None = None):
+        if out_dtype not in FMTS:
+            raise ValueError(f"out_dtype {out_dtype!r}")
+        self.terms = [t for t in terms if t.up.shape[1] and t.rows[0] < t.rows[1]]
+        # the factors where the sums run (`device`; default: where they are)
+        self.gemm = [(t.up if device is None else t.up.to(device, non_blocking=True),
+                      t.down if device is None else t.down.to(device, non_blocking=True), t) for t in self.terms]
+        self.rows, self.cols, self.out_dtype = rows, cols, out_dtype
+        n = sum(t.up.shape[1] + 3 for t in self.terms) + 2
+        self.g = 2.0 * n * 2.0 ** -53
+        if self.g > 2.0 ** -36:
+            raise LoraError(f"{len(self.terms)} LoRA parts of total rank {n} on one weight: too many to merge exactly")
+        # norms (upper bounds: computed in float64, inflated past their rounding), on the CPU as numpy
+        self.nu: list[np.ndarray] = []  # per term: |up row| over the whole weight's rows (0 outside its rows)
+        self.nd: list[np.ndarray] = []  # per term: |down column|
+        self.nd_max: list[float] = []
+        self.alphas = [abs(t.alpha) * (1 + 2.0 ** -50) for t in self.terms]
+        self.up_np = [t.up.cpu().numpy() for t in self.terms]
+        self.down_np = [t.down.cpu().numpy() for t in self.terms]
+        for t, u, d in zip(self.terms, self.up_np, self.down_np):
+            full = np.zeros(rows)
+            full[t.rows[0]:t.rows[1]] = np.sqrt(np.einsum("ij,ij->i", u, u)) * (1 + 2.0 ** -40)
+            cn = np.sqrt(np.einsum("ij,ij->j", d, d)) * (1 + 2.0 ** -40)
+            self.nu.append(full)
+            self.nd.append(cn)
+            self.nd_max.append(float(cn.max()) if cn.size else 0.0)
+        if not all(np.isfinite(a) for a in self.alphas) or not all(
+                np.isfinite(x).all() for x in self.nu + self.nd):
+            self.finite_inputs = False
+        else:
+            self.finite_inputs = True
+
+    # ------------------------------------------------------------------ bounds
+
+    def _row_bound(self, r0: int, r1: int) -> float:
+        """max over rows r0:r1 of A_i = sum_p |alpha_p| |up_p[i]| max_j |down_p[:, j]|."""
+        if not self.terms:
+            return 0.0
+        a = sum(al * nm * nu[r0:r1] for al, nm, nu in zip(self.alphas, self.nd_max, self.nu))
+        return float(np.max(a)) if np.size(a) else 0.0
+
+    def _bound(self, v: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """E_ij >= |v - exact| for the bulk's float64 values v at (rows, cols)."""
+        a = np.zeros(len(v))
+        for al, nu, nd in zip(self.alphas, self.nu, self.nd):
+            a += al * nu[rows] * nd[cols]
+        # (+ g * 2**-1022: the absolute error of float64 operations whose results are subnormal)
+        return (self.g * (np.abs(v) + 2.0 * a)) * (1 + 2.0 ** -30) + self.g * 2.0 ** -1022
+
+    def _change_free(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Where no term can change the element (a zero up row, down column or strength x scale)."""
+        a = np.zeros(len(rows))
+        for al, nu, nd in zip(self.alphas, self.nu, self.nd):
+            a += al * nu[rows] * nd[cols]
+        return a == 0.0
+
+    def _low_threshold(self, r0: int, r1: int, budget: float) -> float:
+        """|value| below which the relative window cannot be trusted: 2 g A (1+eps) / (budget - g (1+eps))."""
+        a = self._row_bound(r0, r1)
+        return 2.0 * self.g * a * (1 + 2.0 ** -20) / (budget - self.g * (1 + 2.0 ** -20))
+
+    # ------------------------------------------------------------------ the chunk
+
+    def chunk(self, w64: torch.Tensor, r0: int, r1: int, out: torch.Tensor,
+              base: Callable[[np.ndarray, np.ndarray], np.ndarray], scratch: Scratch | None = None) -> None:
+        """Rows r0:r1: `w64` holds the exact base values (float64, overwritten), `out` [r1-r0, cols] in the
+        output dtype receives the correctly rounded merged values; `base(rows, cols)` gives exact base
+        values (float64, absolute row indices) for the few elements decided exactly. Raises NotFinite."""
+        if self.out_dtype == "F64":
+            self._chunk_f64(w64, r0, r1, out, base)
+            return
+        for up, down, t in self.gemm:
+            lo, hi = max(r0, t.rows[0]), min(r1, t.rows[1])
+            if lo < hi:
+                w64[lo - r0:hi - r0].addmm_(up[lo - t.rows[0]:hi - t.rows[0]], down, alpha=t.alpha)
+        scratch = scratch or Scratch()
+        flat = self._bulk(w64, r0, r1, out, scratch)
+        if flat.numel():
+            self._resolve(w64, flat, r0, out, base)
+
+    def _bulk(self, w64: torch.Tensor, r0: int, r1: int, out: torch.Tensor, s: Scratch) -> torch.Tensor:
+        """Round every element; the flat indices (in the chunk) of those the bound may not decide."""
+        n = w64.numel()
+        flag = s.get("flag", n, torch.bool, w64.device).view_as(w64)
+        other = s.get("other", n, torch.bool, w64.device).view_as(w64)
+        if self.out_dtype in ("BF16", "F16"):
+            t32 = s.get("t32", n, torch.float32, w64.device).view_as(w64)
+            t32.copy_(w64)  # to nearest even: exact near midpoints only where flagged below
+            ti = t32.view(torch.int32)
+            m = s.get("m32", n, torch.int32, w64.device).view_as(w64)
+            f = FMTS[self.out_dtype]
+            smallest = 2.0 ** -126 if self.out_dtype == "BF16" else 2.0 ** -14  # below: subnormal output grids
+            lo = max(self._low_threshold(r0, r1, 2.0 ** -26), smallest)
+            torch.bitwise_and(ti, 0x7FFFFFFF, out=m)
+            torch.lt(m, _f32_bits_ceil(lo), out=flag)
+            torch.ge(m, _f32_bits_floor(f.max), out=other)  # at or past the largest value, Inf, NaN
+            flag.logical_or_(other)
+            low = 16 if self.out_dtype == "BF16" else 13  # float32 fraction bits below the output's
+            torch.bitwise_and(ti, (1 << low) - 1, out=m)
+            torch.eq(m, 1 << (low - 1), out=other)  # exactly a midpoint of the output grid
+            flag.logical_or_(other)
+            out.copy_(t32)
+        else:  # F32
+            vi = w64.view(torch.int64)
+            m = s.get("m64", n, torch.int64, w64.device).view_as(w64)
+            lo = max(self._low_threshold(r0, r1, F32_WINDOW * 2.0 ** -53), 2.0 ** -126)
+            torch.bitwise_and(vi, 0x7FFFFFFFFFFFFFFF, out=m)
+            torch.lt(m, _f64_bits(lo), out=flag)
+            torch.ge(m, _f64_bits(FMTS["F32"].max), out=other)
+            flag.logical_or_(other)
+            torch.add(vi, F32_WINDOW - (1 << 28), out=m)
+            m.bitwise_and_((1 << 29) - 1)
+            torch.lt(m, 2 * F32_WINDOW, out=other)
+            flag.logical_or_(other)
+            out.copy_(w64)
+        return flag.view(-1).nonzero().view(-1)
+
+    def _resolve(self, w64: torch.Tensor, flat: torch.Tensor, r0: int, out: torch.Tensor,
+                 base: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        """Decide the flagged elements (levels 2 and 3) and write their bits into `out`."""
+        idx = flat.cpu().numpy()
+        v = w64.view(-1)[flat].cpu().numpy()
+        rows, cols = idx // self.cols + r0, idx % self.cols
+        bits = self.decide(v, rows, cols, base)
+        out.view(FMTS[self.out_dtype].torch_int).view(-1)[flat] = torch.from_numpy(
+            bits.view(_signed(self.out_dtype))).to(out.device)
+
+    def decide(self, v: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+               base: Callable[[np.ndarray, np.ndarray], np.ndarray], err: np.ndarray | None = None) -> np.ndarray:
+        """Bits of the exact sum at (rows, cols), given float64 approximations `v` within `err` (default:
+        the bulk's bound): the interval decides where it can, the exact sum elsewhere."""
+        dt = self.out_dtype
+        if not np.isfinite(v).all() or not self.finite_inputs:
+            raise NotFinite
+        e = self._bound(v, rows, cols) if err is None else err
+        with np.errstate(over="ignore", invalid="ignore"):
+            a = np.nextafter(v - e, -np.inf)
+            b = np.nextafter(v + e, np.inf)
+        ra, rb = round_f64(a, dt), round_f64(b, dt)
+        bits = ra.copy()
+        todo = np.flatnonzero(ra != rb)
+        if todo.size:  # an element no term changes is its base value, rounded (an exact zero is +0)
+            free = todo[self._change_free(rows[todo], cols[todo])]
+            if free.size:
+                bits[free] = round_f64(base(rows[free], cols[free]) + 0.0, dt)
+                todo = np.setdiff1d(todo, free)
+        if todo.size:
+            wb = base(rows[todo], cols[todo])
+            for k, i in enumerate(todo):
+                bits[i] = round_dyadic(*exact_sum(float(wb[k]), self._terms_at(int(rows[i]), int(cols[i]))), dt)
+        if not np.isfinite(from_bits(bits, dt)).all():
+            raise NotFinite
+        return bits
+
+    def _terms_at(self, row: int, col: int) -> list[tuple[float, float, np.ndarray, np.ndarray]]:
+        out = []
+        for t, u, d in zip(self.terms, self.up_np, self.down_np):
+            if t.rows[0] <= row < t.rows[1]:
+                out.append((t.strength, t.scale, u[row - t.rows[0]], d[:, col]))
+        return out
+
+    # ------------------------------------------------------------------ float64 outputs
+
+    def _chunk_f64(self, w64: torch.Tensor, r0: int, r1: int, out: torch.Tensor,
+                   base: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        """Double-double sums in a fixed order, rounded with a bound, the rest exactly."""
+        hi = w64.cpu().numpy().copy()
+        lo = np.zeros_like(hi)
+        mag = np.abs(hi)  # sum of the magnitudes of everything added (for the bound)
+        count = 0
+        for t, u, d in zip(self.terms, self.up_np, self.down_np):
+            a, b = max(r0, t.rows[0]), min(r1, t.rows[1])
+            if a >= b:
+                continue
+            uu = u[a - t.rows[0]:b - t.rows[0]]
+            sh, sl = np.zeros((b - a, self.cols)), np.zeros((b - a, self.cols))
+            sm = np.zeros((b - a, self.cols))
+            for k in range(uu.shape[1]):
+                ph, pl = _two_prod(uu[:, k:k + 1], d[k:k + 1, :])
+                sh, sl = _dd_add(sh, sl, ph, pl)
+                sm += np.abs(ph)
+            ah, al = _two_prod(np.float64(t.strength), np.float64(t.scale))
+            xh, xl = _dd_mul(sh, sl, ah, al)
+            hi[a - r0:b - r0], lo[a - r0:b - r0] = _dd_add(hi[a - r0:b - r0], lo[a - r0:b - r0], xh, xl)
+            mag[a - r0:b - r0] += np.abs(float(ah)) * sm * 2
+            count += uu.shape[1] + 4
+        v = hi + lo
+        e = (count + 2) * 8 * 2.0 ** -106 * mag + 2.0 ** -1070
+        with np.errstate(over="ignore", invalid="ignore"):
+            ra = hi + np.nextafter(lo - e, -np.inf)
+            rb = hi + np.nextafter(lo + e, np.inf)
+        if not (np.isfinite(ra).all() and np.isfinite(rb).all()):
+            raise NotFinite
+        res = ra.copy()
+        todo = np.flatnonzero((ra.view(np.uint64) != rb.view(np.uint64)).reshape(-1))
+        if todo.size:
+            rr, cc = todo // self.cols + r0, todo % self.cols
+            wb = base(rr, cc)
+            flat = res.reshape(-1)
+            for k, i in enumerate(todo):
+                b = round_dyadic(*exact_sum(float(wb[k]), self._terms_at(int(rr[k]), int(cc[k]))), "F64")
+                flat[i] = np.array([b], dtype=np.uint64).view(np.float64)[0]
+        if not np.isfinite(v).all():
+            raise NotFinite
+        out.copy_(torch.from_numpy(res))
+
+
+class Scratch:
+    """Reused buffers for the bulk pass (one per worker thread)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+        b = self.bufs.get(name)
+        if b is None or b.numel() < n or b.device != torch.device(device):
+            b = self.bufs[name] = torch.empty(n, dtype=dtype, device=device)
+        return b[:n]
+
+
+def _signed(dtype: str):
+    return {"BF16": np.int16, "F16": np.int16, "F32": np.int32, "F64": np.int64}[dtype]
+
+
+def _f32_bits_ceil(x: float) -> int:
+    """The bits of the smallest float32 >= x (x >= 0), as an int (magnitude bits compare like values)."""
+    t = np.float32(x)
+    if float(t) < x:
+        t = np.nextafter(t, np.float32(np.inf))
+    return int(np.array(t, dtype=np.float32).view(np.int32))
+
+
+def _f32_bits_floor(x: float) -> int:
+    t = np.float32(x)
+    if float(t) > x:
+        t = np.nextafter(t, np.float32(0))
+    return int(np.array(t, dtype=np.float32).view(np.int32))
+
+
+def _f64_bits(x: float) -> int:
+    return int(np.array(x, dtype=np.float64).view(np.int64))
+
+
+# double-double helpers (numpy: every operation rounds once, none is fused, so the results are the same
+# on every machine)
+_SPLIT = 134217729.0  # 2**27 + 1
+
+
+def _split(a):
+    c = _SPLIT * a
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def _two_prod(a, b):
+    p = a * b
+    ah, al = _split(a)
+    bh, bl = _split(b)
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def _dd_add(ah, al, bh, bl):
+    s = ah + bh
+    bb = s - ah
+    e = (ah - (s - bb)) + (bh - bb)
+    e = e + al + bl
+    h = s + e
+    return h, e - (h - s)
+
+
+def _dd_mul(ah, al, bh, bl):
+    p, e = _two_prod(ah, bh)
+    e = e + (ah * bl + al * bh)
+    h = p + e
+    return h, e - (h - p)
+
+
+__all__ = ["ExactMerge", "Term", "NotFinite", "Scratch", "round_dyadic", "round_f64", "exact_sum", "FMTS"]
