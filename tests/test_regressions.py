@@ -750,6 +750,7 @@ def _header_file(tmp_path, header: str, nbytes: int) -> str:
     ('{"\\udc00":1}', "not valid Unicode"),
     ("[" * 126 + "]" * 126, "nested deeper than 127"),  # the header is level 1, the entry level 2
     ("9" * 309, "out of range"),  # an integer past the largest double, as serde_json reads it
+    ("-" + "9" * 309, "out of range"),  # and its negative (the library refuses both)
     (str(int(1.7976931348623157e308)), "out of range"),  # the largest double itself, as 309 digits
     ("1.7976931348623158e308", "out of range"),  # finite for Python, infinite for serde_json
 ])
@@ -873,13 +874,16 @@ def test_combine_nonfinite_refusal_offers_no_flag_combine_lacks(tmp_path):
     assert not out.exists()
 
 
-def test_merge_strength_beyond_float32_is_a_clean_refusal(tmp_path, merge_inputs):
+def test_merge_strength_that_overflows_is_a_clean_refusal(tmp_path, merge_inputs):
+    """Strengths whose result the output dtype cannot hold (or that are not finite) are one-line refusals;
+    a strength beyond float32 whose merged values still fit is merged (the sums are float64)."""
     d, bases, lora = merge_inputs
-    for strength in ("1e40", "inf", "-1e300"):  # (alpha_scale 0.3: 1e39 still fits float32)
+    for strength in ("inf", "-1e300", "1e308"):
         out = tmp_path / f"out{strength}"
         p = cli("merge", bases["bfloat16"], out, "--lora", f"{lora}:{strength}", "--device", "cpu", check=2)
-        assert p.stderr.count("\n") == 1 and ("float32" in p.stderr or "finite" in p.stderr), p.stderr
+        assert p.stderr.count("\n") == 1 and "finite" in p.stderr, p.stderr
         assert not out.exists()
+    cli("merge", bases["bfloat16"], tmp_path / "big", "--lora", f"{lora}:1e36", "--dtype", "fp32", "--device", "cpu")
 
 
 def test_single_threaded_overlapping_callers_restore_torch_threads():
@@ -911,3 +915,27 @@ def test_output_into_a_closed_pipe_stops_quietly(tmp_path):
     p.stdout.close()  # the reader is gone before the first write
     err = p.stderr.read()
     assert p.wait() == 141 and err == b""
+
+
+def test_one_entry_above_the_diagonal_keeps_a_standard_layer_whole(tmp_path):
+    """Issue 21's surviving mutant: the block-diagonal check must look at every column right of a block
+    (from (j+1)*r), not from (j+1)*h: with 4 rows and 2 columns per block, an entry in row 0, column 2
+    lies above the diagonal and must keep the up matrix whole (split, it would be dropped)."""
+    up = torch.zeros(8, 4)
+    up[:4, :2] = torch.arange(1, 9, dtype=torch.float32).view(4, 2)
+    up[4:, 2:] = torch.arange(9, 17, dtype=torch.float32).view(4, 2)
+    up[0, 2] = 0.5
+    down = torch.arange(24, dtype=torch.float32).view(4, 6) / 8
+    path = str(tmp_path / "k.safetensors")
+    save_file({"diffusion_model.blocks.0.ffn.w1.lora_down.weight": down,
+               "diffusion_model.blocks.0.ffn.w1.lora_up.weight": up,
+               "diffusion_model.blocks.0.ffn.w1.alpha": torch.tensor(4.0)}, path)
+    m = L.load_lora(path).modules["blocks.0.ffn.w1"]
+    assert len(m.parts) == 1
+    assert torch.equal(m.delta(), up.double() @ down.double())
+    up[0, 2] = 0.0  # without it the layer is block-diagonal and splits in two, with the same change
+    save_file({"diffusion_model.blocks.0.ffn.w1.lora_down.weight": down,
+               "diffusion_model.blocks.0.ffn.w1.lora_up.weight": up,
+               "diffusion_model.blocks.0.ffn.w1.alpha": torch.tensor(4.0)}, path)
+    m = L.load_lora(path).modules["blocks.0.ffn.w1"]
+    assert len(m.parts) == 2 and torch.equal(m.delta(), up.double() @ down.double())
