@@ -39,6 +39,49 @@ FASTVIDEO_TO_LONGCAT = {
 FINAL = {"final_layer.adaln_linear": "final_layer.adaLN_modulation.1", "final_layer.proj": "final_layer.linear"}
 
 
+# ComfyUI-WanVideoWrapper's LongCat model (its wanvideo/modules/model.py and LongCat/layers.py, read for
+# issue 18): official module suffix -> the wrapper's layer(s) in row order
+WANVIDEO_LAYERS = {
+    "blocks.{i}.attn.qkv": ("blocks.{i}.self_attn.q", "blocks.{i}.self_attn.k", "blocks.{i}.self_attn.v"),
+    "blocks.{i}.attn.proj": ("blocks.{i}.self_attn.o",),
+    "blocks.{i}.cross_attn.q_linear": ("blocks.{i}.cross_attn.q",),
+    "blocks.{i}.cross_attn.kv_linear": ("blocks.{i}.cross_attn.k", "blocks.{i}.cross_attn.v"),
+    "blocks.{i}.cross_attn.proj": ("blocks.{i}.cross_attn.o",),
+    "blocks.{i}.ffn.w1": ("blocks.{i}.ffn.w1",),
+    "blocks.{i}.ffn.w2": ("blocks.{i}.ffn.w2",),
+    "blocks.{i}.ffn.w3": ("blocks.{i}.ffn.w3",),
+    "blocks.{i}.adaLN_modulation.1": ("blocks.{i}.modulation.1",),
+    "final_layer.adaLN_modulation.1": ("head.modulation.1",),
+    "final_layer.linear": ("head.head",),
+    "blocks.{i}.audio_adaLN_modulation.1": ("blocks.{i}.audio_modulation.1",),
+    "blocks.{i}.audio_cross_attn.q_linear": ("blocks.{i}.audio_cross_attn.q_linear",),
+    "blocks.{i}.audio_cross_attn.kv_linear": ("blocks.{i}.audio_cross_attn.kv_linear",),  # stays fused there
+    "blocks.{i}.audio_cross_attn.proj": ("blocks.{i}.audio_cross_attn.proj",),
+    "audio_proj.proj1": ("multitalk_audio_proj.proj1",),
+    "audio_proj.proj1_vf": ("multitalk_audio_proj.proj1_vf",),
+    "audio_proj.proj2": ("multitalk_audio_proj.proj2",),
+    "audio_proj.proj3": ("multitalk_audio_proj.proj3",),
+}
+# the other base tensors (module paths; .weight / .bias appended); None: the wrapper has no such tensor
+WANVIDEO_PARAMS = {
+    "x_embedder.proj": "patch_embedding",
+    "t_embedder.mlp.0": "time_embedding.mlp.0",
+    "t_embedder.mlp.2": "time_embedding.mlp.2",
+    "y_embedder.y_proj.0": "text_embedding.0",
+    "y_embedder.y_proj.2": "text_embedding.2",
+    "blocks.{i}.pre_crs_attn_norm": "blocks.{i}.norm3",
+    "blocks.{i}.attn.q_norm": "blocks.{i}.self_attn.norm_q",
+    "blocks.{i}.attn.k_norm": "blocks.{i}.self_attn.norm_k",
+    "blocks.{i}.cross_attn.q_norm": "blocks.{i}.cross_attn.norm_q",
+    "blocks.{i}.cross_attn.k_norm": "blocks.{i}.cross_attn.norm_k",
+    "blocks.{i}.pre_video_crs_attn_norm": "blocks.{i}.norm_x",
+    "blocks.{i}.audio_cross_attn.q_norm": "blocks.{i}.audio_cross_attn.q_norm",
+    "blocks.{i}.audio_cross_attn.k_norm": "blocks.{i}.audio_cross_attn.k_norm",
+    "blocks.{i}.pre_audio_crs_attn_norm": None,
+    "audio_proj.norm": "multitalk_audio_proj.norm",
+}
+
+
 def load(path: str) -> dict[str, torch.Tensor]:
     with safe_open(path, framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}

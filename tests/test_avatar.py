@@ -59,9 +59,9 @@ def test_naming_table_knows_the_audio_modules_and_their_shapes():
         assert shapes[module] == shape, module
         kind, i = naming.kind_of(module)
         assert kind.avatar and i == (7 if module.startswith("blocks.") else None)
-        assert naming.fastvideo_layers(module) is None  # no FastVideo form: unmapped, not an empty tuple
-        assert naming.from_fastvideo(module) is None
-        assert naming.param_to_fastvideo(module + ".weight") == [(module + ".weight", 0, 1)]  # passes through
+        assert naming.layers(module, naming.Scheme.FASTVIDEO) is None  # no FastVideo form: unmapped, not ()
+        assert naming.Scheme.FASTVIDEO not in naming.resolve(module).schemes
+        assert naming.param_to(module + ".weight", naming.Scheme.FASTVIDEO) is None  # no such tensor there
     assert len(shapes) == 48 * 13 + 2 + 4
     assert naming.expected_shapes(naming.OFFICIAL) == {k: v for k, v in shapes.items() if "audio" not in k}
     assert naming.kind_of("blocks.0.audio_adaLN_modulation.1")[0].chunks == 3

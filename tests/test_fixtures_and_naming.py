@@ -47,15 +47,24 @@ def test_small_fixture_is_a_valid_file(native):
 
 
 def test_naming_table_round_trips():
-    for module, (out, inp) in naming.expected_shapes(naming.OFFICIAL).items():
-        layers = naming.fastvideo_layers(module)
-        assert layers
-        for j, layer in enumerate(layers):
-            assert naming.from_fastvideo(layer) == (module, j, len(layers))
-    assert naming.fastvideo_layers("blocks.3.attn.qkv") == (
+    for module, (out, inp) in naming.expected_shapes(naming.OFFICIAL, avatar=True).items():
+        for scheme in naming.Scheme:
+            layers = naming.layers(module, scheme)
+            if scheme is naming.Scheme.FASTVIDEO and naming.kind_of(module)[0].avatar:
+                assert layers is None
+                continue
+            assert layers
+            for j, layer in enumerate(layers):
+                found = naming.resolve(layer)
+                assert (found.module, found.split, found.nsplit) == (module, j, len(layers))
+                assert scheme in found.schemes
+                under = naming.resolve_underscored(layer.replace(".", "_"))
+                assert (under.module, under.split, under.nsplit) == (module, j, len(layers))
+    assert naming.layers("blocks.3.attn.qkv", naming.Scheme.FASTVIDEO) == (
         "blocks.3.self_attn.to_q", "blocks.3.self_attn.to_k", "blocks.3.self_attn.to_v")
-    assert naming.fastvideo_layers("final_layer.adaLN_modulation.1") == ("final_layer.adaln_linear",)
-    assert naming.fastvideo_layers("blocks.0.cross_attn.proj") == ("blocks.0.cross_attn.to_out",)
+    assert naming.layers("final_layer.adaLN_modulation.1", naming.Scheme.FASTVIDEO) == ("final_layer.adaln_linear",)
+    assert naming.layers("blocks.0.cross_attn.proj", naming.Scheme.FASTVIDEO) == ("blocks.0.cross_attn.to_out",)
+    assert naming.resolve("blocks.01.attn.qkv") is None and naming.resolve_underscored("blocks_01_attn_qkv") is None
     assert naming.kind_of("blocks.12.ffn.w2")[1] == 12
     assert naming.kind_of("blocks.0.audio_attn.qkv") is None
     assert naming.expected_shapes(naming.OFFICIAL)["blocks.0.ffn.w1"] == (11008, 4096)
@@ -184,3 +193,30 @@ def test_a_table_entry_added_in_a_test_reaches_shapes_fixtures_and_inspect(tmp_p
     monkeypatch.setattr(naming, "TABLE", naming.TABLE[:-2])
     r = inspect_lora(path)
     assert any("3 modules are not Linear layers" in f for f in r["findings"])
+
+
+def test_wanvideo_names_against_an_independent_table():
+    """Every LoRA target and every other base tensor named as ComfyUI-WanVideoWrapper's LongCat model names
+    it, checked against the table in tests/reference.py (written from the wrapper's model code, not from
+    naming.py): layers, split order, and the parameters that are not LoRA targets, Avatar's included."""
+    from reference import WANVIDEO_LAYERS, WANVIDEO_PARAMS
+
+    depth = 3
+    want = {}
+    for suffix, layers in WANVIDEO_LAYERS.items():
+        for i in range(depth) if suffix.startswith("blocks.") else [None]:
+            want[suffix.format(i=i)] = tuple(t.format(i=i) for t in layers)
+    got = {m: naming.layers(m, naming.Scheme.WANVIDEO)
+           for m in naming.expected_shapes(naming.DitDims(depth=depth), avatar=True)}
+    assert got == want
+    for official, wan in WANVIDEO_PARAMS.items():
+        for i in range(depth) if "{i}" in official else [None]:
+            for leaf in ("weight", "bias"):
+                o, w = f"{official.format(i=i)}.{leaf}", None if wan is None else f"{wan.format(i=i)}.{leaf}"
+                assert naming.param_to(o, naming.Scheme.WANVIDEO) == (None if w is None else [(w, 0, 1)]), o
+                if w is not None:
+                    assert naming.param_from(w) == (o, 0, 1)
+    # underscored names resolve only to modules the table has: no dot is guessed
+    assert naming.resolve_underscored("blocks_0_cross_attn_kv_linear").module == "blocks.0.cross_attn.kv_linear"
+    assert naming.resolve_underscored("blocks_0_cross_attn_kv") is None
+    assert naming.resolve_underscored("blocks_0_attn_qkv_x") is None

@@ -63,7 +63,7 @@ def test_official_linear_names_and_shapes(models):
         assert lin[module] == shape, module
     slin = {n for n, m in split.named_modules() if isinstance(m, nn.Linear)}
     for module in naming.expected_shapes(CFG.dims):
-        assert set(naming.fastvideo_layers(module)) <= slin
+        assert set(naming.layers(module, naming.Scheme.FASTVIDEO)) <= slin
 
 
 @pytest.mark.parametrize("layout", ["ref", "cfg"])

@@ -2,7 +2,7 @@
 
 BASE and TUNED are read as `merge` reads a base (a safetensors file or a sharded directory with an
 index), each in LongCat's or FastVideo's naming, recognised tensor by tensor through the naming table
-(`param_from_fastvideo`), so a FastVideo fine-tune of an official base works: FastVideo's split layers
+(`param_from`), so a FastVideo fine-tune of an official base works: FastVideo's split layers
 (to_q / to_k / to_v, to_k / to_v) are read back into the fused module's rows. LongCat's INT8 layers
 (`weight_int8` int8 + `weight_scale` per row, the official QuantizedLinear) are read as the weight they
 stand for, `weight_int8 * weight_scale[:, None]` (exact in float64, one rounding in float32). Every module of the

@@ -1,7 +1,7 @@
 """BASE and TUNED as extract reads them: every tensor under its LongCat parameter name, the two matched.
 
 A checkpoint is opened as `merge` opens a base (base_checkpoint.py), in LongCat's or FastVideo's naming,
-recognised tensor by tensor through the naming table (`param_from_fastvideo`): FastVideo's split layers
+recognised tensor by tensor through the naming table (`param_from`): FastVideo's and the wrapper's split layers
 (to_q / to_k / to_v, to_k / to_v) are read back as row pieces of the fused parameter, and LongCat's INT8
 layers (`weight_int8` int8 + `weight_scale` per row) as the weight they stand for. `plan_extraction`
 matches the two checkpoints (headers only); `same_values` compares the parameters that are not LoRA targets.
@@ -58,12 +58,12 @@ def canonical_params(b: Base) -> dict[str, CanonParam]:
     groups: dict[str, dict[int, str]] = {}
     splits: dict[str, int] = {}
     for tensor in b.tensors:
-        canon, j, n = naming.param_from_fastvideo(tensor)
+        canon, j, n = naming.param_from(tensor)
         g = groups.setdefault(canon, {})
         if splits.setdefault(canon, n) != n or j in g:
             other = next(iter(g.values()))
             raise LoraError(f"{b.path}: tensors {other!r} and {tensor!r} both hold {canon} "
-                            f"(LongCat and FastVideo names for one parameter)")
+                            f"(two names for one parameter)")
         g[j] = tensor
     out: dict[str, CanonParam] = {}
     for canon, g in groups.items():

@@ -127,7 +127,8 @@ def _targets(model: nn.Module, lora: str | os.PathLike | LoraAdapter, skip_missi
         targets, missing = find_targets(adapter, shape, True, "the model")
         unfit = []  # present in the model, but not a layer the runtime can adapt: say why
         for name in missing:
-            names = [name, *(naming.fastvideo_layers(name) or ())]
+            names = [name, *(n for s in (naming.Scheme.FASTVIDEO, naming.Scheme.WANVIDEO)
+                             for n in naming.layers(name, s) or ())]
             unfit += [f"{n} ({why_not(modules[n])})" for n in names if n in modules]
         if unfit:
             raise LoraError(f"{len(unfit)} layers the LoRA targets cannot be adapted: " + "; ".join(unfit[:5]))

@@ -68,7 +68,7 @@ def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     todo = []
     missing = []
     for m in in_file_order(adapter):
-        layers = (m.name,) if m.naming is Naming.FASTVIDEO else naming.fastvideo_layers(m.name)
+        layers = (m.name,) if m.naming is Naming.FASTVIDEO else naming.layers(m.name, naming.Scheme.FASTVIDEO)
         if layers is None:
             missing.append(m.name)
         else:

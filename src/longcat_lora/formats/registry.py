@@ -70,7 +70,7 @@ def detect(keys: list[str], where: str) -> Format:
 def _looks_like_base(keys: list[str]) -> bool:
     for k in keys:
         module, leaf = naming.split_param(k.removeprefix("model.diffusion_model.").removeprefix("diffusion_model."))
-        if leaf in ("weight", "bias") and (naming.kind_of(module) or naming.from_fastvideo(module)):
+        if leaf in ("weight", "bias") and naming.resolve(module):
             return True
     return False
 

@@ -1,8 +1,13 @@
-"""The one LongCat <-> FastVideo naming table, and the DiT shapes each module has.
+"""The one naming table of the LongCat-Video DiT, and the shapes each module has.
 
-Everything that names a module (LoRA formats, base checkpoints, the runtime, inspect) goes through
-this table; nothing else spells the mapping out. LongCat's original names are the canonical ones.
-Shapes are data too (which DiT dimension, how many row splits), so expected shapes, the sizes
+Three schemes name the same modules (`Scheme`): LongCat's original names (the canonical ones), FastVideo's
+port (`self_attn.to_q` ...) and ComfyUI-WanVideoWrapper's LongCat model (Wan-style: `self_attn.q`,
+`modulation.1`, `head.head` ...). Everything that names a module (LoRA formats, base checkpoints, the
+runtime, inspect) goes through this table; nothing else spells a mapping out. A fused projection
+(`attn.qkv`) is one layer in some schemes and several in others: each scheme lists its layers in row
+order, so a layer name gives the module and its share of the rows. Names written with underscores for
+dots (kohya's `lora_unet_blocks_0_attn_qkv`) are matched against the same templates, so a dot is never
+guessed. Shapes are data too (which DiT dimension, how many row splits), so expected shapes, the sizes
 `inspect` infers from a file, and the test fixtures all derive from `TABLE`: a new module (such as
 Avatar's audio modules) is one entry, plus a `DitDims` field if it brings a new dimension.
 """
@@ -11,6 +16,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, fields
+from enum import StrEnum
+
+
+class Scheme(StrEnum):
+    """A naming of the DiT's modules."""
+
+    LONGCAT = "longcat"  # LongCat-Video's own (official) names: the canonical ones
+    FASTVIDEO = "fastvideo"  # FastVideo's LongCat port
+    WANVIDEO = "wanvideo"  # ComfyUI-WanVideoWrapper's LongCat model (Wan-style names)
 
 
 @dataclass(frozen=True)
@@ -32,6 +46,8 @@ class DitDims:
 
 
 OFFICIAL = DitDims()
+# LongCat-Video-Avatar 1.5's audio projection (Whisper features: 5 blocks x 1280 channels instead of 12 x 768)
+AVATAR_15 = DitDims(audio_proj_in=32000, audio_proj_vf_in=51200)
 
 
 @dataclass(frozen=True)
@@ -51,10 +67,15 @@ class ModuleKind:
     inp: str  # DitDims field: the input features
     chunks: int = 1  # equal row splits; out_features = chunks * dims.<out>
     avatar: bool = False  # only in LongCat-Video-Avatar's DiT (the audio modules)
+    wanvideo: tuple[str, ...] = ()  # the wrapper's layer(s), likewise
 
     @property
     def per_block(self) -> bool:
         return "{i}" in self.longcat
+
+    def templates(self, scheme: Scheme) -> tuple[str, ...]:
+        """This module's layer name templates in `scheme`, in row order (() where it has no form)."""
+        return (self.longcat,) if scheme is Scheme.LONGCAT else getattr(self, scheme.value)
 
     def shape(self, dims: DitDims) -> tuple[int, int]:
         """(out_features, in_features) of this Linear in a DiT of these dims."""
@@ -72,34 +93,44 @@ class ModuleKind:
 TABLE: tuple[ModuleKind, ...] = (
     ModuleKind("attn.qkv", "blocks.{i}.attn.qkv",
                ("blocks.{i}.self_attn.to_q", "blocks.{i}.self_attn.to_k", "blocks.{i}.self_attn.to_v"),
-               "hidden", "hidden", 3),
-    ModuleKind("attn.proj", "blocks.{i}.attn.proj", ("blocks.{i}.self_attn.to_out",), "hidden", "hidden"),
+               "hidden", "hidden", 3,
+               wanvideo=("blocks.{i}.self_attn.q", "blocks.{i}.self_attn.k", "blocks.{i}.self_attn.v")),
+    ModuleKind("attn.proj", "blocks.{i}.attn.proj", ("blocks.{i}.self_attn.to_out",), "hidden", "hidden",
+               wanvideo=("blocks.{i}.self_attn.o",)),
     ModuleKind("cross_attn.q_linear", "blocks.{i}.cross_attn.q_linear", ("blocks.{i}.cross_attn.to_q",),
-               "hidden", "hidden"),
+               "hidden", "hidden", wanvideo=("blocks.{i}.cross_attn.q",)),
     ModuleKind("cross_attn.kv_linear", "blocks.{i}.cross_attn.kv_linear",
-               ("blocks.{i}.cross_attn.to_k", "blocks.{i}.cross_attn.to_v"), "hidden", "hidden", 2),
+               ("blocks.{i}.cross_attn.to_k", "blocks.{i}.cross_attn.to_v"), "hidden", "hidden", 2,
+               wanvideo=("blocks.{i}.cross_attn.k", "blocks.{i}.cross_attn.v")),
     ModuleKind("cross_attn.proj", "blocks.{i}.cross_attn.proj", ("blocks.{i}.cross_attn.to_out",),
-               "hidden", "hidden"),
-    ModuleKind("ffn.w1", "blocks.{i}.ffn.w1", ("blocks.{i}.ffn.w1",), "ffn", "hidden"),
-    ModuleKind("ffn.w2", "blocks.{i}.ffn.w2", ("blocks.{i}.ffn.w2",), "hidden", "ffn"),
-    ModuleKind("ffn.w3", "blocks.{i}.ffn.w3", ("blocks.{i}.ffn.w3",), "ffn", "hidden"),
+               "hidden", "hidden", wanvideo=("blocks.{i}.cross_attn.o",)),
+    ModuleKind("ffn.w1", "blocks.{i}.ffn.w1", ("blocks.{i}.ffn.w1",), "ffn", "hidden", wanvideo=("blocks.{i}.ffn.w1",)),
+    ModuleKind("ffn.w2", "blocks.{i}.ffn.w2", ("blocks.{i}.ffn.w2",), "hidden", "ffn", wanvideo=("blocks.{i}.ffn.w2",)),
+    ModuleKind("ffn.w3", "blocks.{i}.ffn.w3", ("blocks.{i}.ffn.w3",), "ffn", "hidden", wanvideo=("blocks.{i}.ffn.w3",)),
     ModuleKind("adaLN_modulation.1", "blocks.{i}.adaLN_modulation.1", ("blocks.{i}.adaln_linear_1",),
-               "hidden", "adaln", 6),  # shift / scale / gate (msa), shift / scale / gate (mlp)
-    ModuleKind("final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1",
-               ("final_layer.adaln_linear",), "hidden", "adaln", 2),  # shift / scale
-    ModuleKind("final_layer.linear", "final_layer.linear", ("final_layer.proj",), "final_out", "hidden"),
+               "hidden", "adaln", 6, wanvideo=("blocks.{i}.modulation.1",)),  # shift/scale/gate (msa), (mlp)
+    ModuleKind("final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1", ("final_layer.adaln_linear",),
+               "hidden", "adaln", 2, wanvideo=("head.modulation.1",)),  # shift / scale
+    ModuleKind("final_layer.linear", "final_layer.linear", ("final_layer.proj",), "final_out", "hidden",
+               wanvideo=("head.head",)),
     # LongCat-Video-Avatar's audio modules (spec section 5). FastVideo has no Avatar model: no form there.
-    ModuleKind("audio_adaLN_modulation.1", "blocks.{i}.audio_adaLN_modulation.1", (),
-               "hidden", "adaln", 3, avatar=True),  # shift / scale / gate
-    ModuleKind("audio_cross_attn.q_linear", "blocks.{i}.audio_cross_attn.q_linear", (),
-               "hidden", "hidden", avatar=True),
-    ModuleKind("audio_cross_attn.kv_linear", "blocks.{i}.audio_cross_attn.kv_linear", (),
-               "hidden", "audio", 2, avatar=True),  # rows k, v
-    ModuleKind("audio_cross_attn.proj", "blocks.{i}.audio_cross_attn.proj", (), "hidden", "hidden", avatar=True),
-    ModuleKind("audio_proj.proj1", "audio_proj.proj1", (), "audio_inter", "audio_proj_in", avatar=True),
-    ModuleKind("audio_proj.proj1_vf", "audio_proj.proj1_vf", (), "audio_inter", "audio_proj_vf_in", avatar=True),
-    ModuleKind("audio_proj.proj2", "audio_proj.proj2", (), "audio_inter", "audio_inter", avatar=True),
-    ModuleKind("audio_proj.proj3", "audio_proj.proj3", (), "audio_proj_out", "audio_inter", avatar=True),
+    # The wrapper keeps the audio attention's names (its kv_linear stays fused) and renames the rest.
+    ModuleKind("audio_adaLN_modulation.1", "blocks.{i}.audio_adaLN_modulation.1", (), "hidden", "adaln", 3,
+               avatar=True, wanvideo=("blocks.{i}.audio_modulation.1",)),  # shift / scale / gate
+    ModuleKind("audio_cross_attn.q_linear", "blocks.{i}.audio_cross_attn.q_linear", (), "hidden", "hidden",
+               avatar=True, wanvideo=("blocks.{i}.audio_cross_attn.q_linear",)),
+    ModuleKind("audio_cross_attn.kv_linear", "blocks.{i}.audio_cross_attn.kv_linear", (), "hidden", "audio", 2,
+               avatar=True, wanvideo=("blocks.{i}.audio_cross_attn.kv_linear",)),  # rows k, v
+    ModuleKind("audio_cross_attn.proj", "blocks.{i}.audio_cross_attn.proj", (), "hidden", "hidden",
+               avatar=True, wanvideo=("blocks.{i}.audio_cross_attn.proj",)),
+    ModuleKind("audio_proj.proj1", "audio_proj.proj1", (), "audio_inter", "audio_proj_in", avatar=True,
+               wanvideo=("multitalk_audio_proj.proj1",)),
+    ModuleKind("audio_proj.proj1_vf", "audio_proj.proj1_vf", (), "audio_inter", "audio_proj_vf_in", avatar=True,
+               wanvideo=("multitalk_audio_proj.proj1_vf",)),
+    ModuleKind("audio_proj.proj2", "audio_proj.proj2", (), "audio_inter", "audio_inter", avatar=True,
+               wanvideo=("multitalk_audio_proj.proj2",)),
+    ModuleKind("audio_proj.proj3", "audio_proj.proj3", (), "audio_proj_out", "audio_inter", avatar=True,
+               wanvideo=("multitalk_audio_proj.proj3",)),
 )
 
 # Module kinds in the published files (spec section 2).
@@ -121,109 +152,174 @@ def dims_named(avatar: bool) -> tuple[str, ...]:
     return tuple(f.name for f in fields(DitDims) if f.name in named)
 
 
-# Base-checkpoint parameters that are not LoRA targets, LongCat -> FastVideo (FastVideo's
-# param_names_mapping). The parameter-free norms (mod_norm_attn, mod_norm_ffn, norm_final) have no tensors.
-OTHER_PARAMS: tuple[tuple[str, str], ...] = (
-    ("x_embedder.proj", "patch_embed.proj"),
-    ("t_embedder.mlp.0", "time_embedder.linear_1"),
-    ("t_embedder.mlp.2", "time_embedder.linear_2"),
-    ("y_embedder.y_proj.0", "caption_embedder.linear_1"),
-    ("y_embedder.y_proj.2", "caption_embedder.linear_2"),
-    ("blocks.{i}.pre_crs_attn_norm", "blocks.{i}.norm_cross"),
-    ("blocks.{i}.attn.q_norm", "blocks.{i}.self_attn.q_norm"),
-    ("blocks.{i}.attn.k_norm", "blocks.{i}.self_attn.k_norm"),
-    ("blocks.{i}.cross_attn.q_norm", "blocks.{i}.cross_attn.q_norm"),
-    ("blocks.{i}.cross_attn.k_norm", "blocks.{i}.cross_attn.k_norm"),
-    ("blocks.{i}.mod_norm_attn", "blocks.{i}.norm_attn"),
-    ("blocks.{i}.mod_norm_ffn", "blocks.{i}.norm_ffn"),
-    ("final_layer.norm_final", "final_layer.norm"),
+# Base-checkpoint parameters that are not LoRA targets, by scheme: (LongCat, FastVideo, wrapper); None
+# where a scheme has no such tensor (FastVideo has no Avatar model; the wrapper has no audio pre-norm).
+# The parameter-free norms (mod_norm_attn, mod_norm_ffn, norm_final) have no tensors in any scheme.
+OTHER_PARAMS: tuple[tuple[str, str | None, str | None], ...] = (
+    ("x_embedder.proj", "patch_embed.proj", "patch_embedding"),
+    ("t_embedder.mlp.0", "time_embedder.linear_1", "time_embedding.mlp.0"),
+    ("t_embedder.mlp.2", "time_embedder.linear_2", "time_embedding.mlp.2"),
+    ("y_embedder.y_proj.0", "caption_embedder.linear_1", "text_embedding.0"),
+    ("y_embedder.y_proj.2", "caption_embedder.linear_2", "text_embedding.2"),
+    ("blocks.{i}.pre_crs_attn_norm", "blocks.{i}.norm_cross", "blocks.{i}.norm3"),
+    ("blocks.{i}.attn.q_norm", "blocks.{i}.self_attn.q_norm", "blocks.{i}.self_attn.norm_q"),
+    ("blocks.{i}.attn.k_norm", "blocks.{i}.self_attn.k_norm", "blocks.{i}.self_attn.norm_k"),
+    ("blocks.{i}.cross_attn.q_norm", "blocks.{i}.cross_attn.q_norm", "blocks.{i}.cross_attn.norm_q"),
+    ("blocks.{i}.cross_attn.k_norm", "blocks.{i}.cross_attn.k_norm", "blocks.{i}.cross_attn.norm_k"),
+    ("blocks.{i}.mod_norm_attn", "blocks.{i}.norm_attn", "blocks.{i}.norm1"),
+    ("blocks.{i}.mod_norm_ffn", "blocks.{i}.norm_ffn", "blocks.{i}.norm2"),
+    ("final_layer.norm_final", "final_layer.norm", "head.norm"),
+    # LongCat-Video-Avatar
+    ("blocks.{i}.pre_video_crs_attn_norm", None, "blocks.{i}.norm_x"),
+    ("blocks.{i}.audio_cross_attn.q_norm", None, "blocks.{i}.audio_cross_attn.q_norm"),
+    ("blocks.{i}.audio_cross_attn.k_norm", None, "blocks.{i}.audio_cross_attn.k_norm"),
+    ("blocks.{i}.pre_audio_crs_attn_norm", None, None),  # only with audio_prenorm=True
+    ("audio_proj.norm", None, "multitalk_audio_proj.norm"),
 )
+_OTHER_COLUMN = {Scheme.LONGCAT: 0, Scheme.FASTVIDEO: 1, Scheme.WANVIDEO: 2}
 
 
-def _regex(template: str) -> re.Pattern[str]:
-    # A block index as PyTorch spells it: ASCII digits, no leading zero, at most 9 of them. "blocks.01"
-    # or "blocks.\u0661" (an Arabic-Indic one) would otherwise alias block 1, and a 5000-digit index
-    # would be parsed into a huge block count.
-    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(0|[1-9][0-9]{0,8})") + "$")
+@dataclass(frozen=True)
+class Layer:
+    """What a layer name stands for: rows `split` of `nsplit` equal parts of LongCat module `module` (block
+    `block`), in the schemes whose names include it (several: `blocks.0.ffn.w1` is the same in all three)."""
+
+    module: str
+    split: int
+    nsplit: int
+    schemes: frozenset[Scheme]
+    kind: ModuleKind
+    block: int | None
 
 
-_Patterns = tuple[list[tuple[re.Pattern[str], ModuleKind]], list[tuple[re.Pattern[str], ModuleKind, int]]]
-_compiled: tuple[tuple[ModuleKind, ...] | None, _Patterns] = (None, ([], []))
+# A block index as PyTorch spells it: ASCII digits, no leading zero, at most 9 of them. "blocks.01" or
+# "blocks.\u0661" (an Arabic-Indic one) would otherwise alias block 1, and a 5000-digit index would be
+# parsed into a huge block count. Every per-block template starts with "blocks.{i}.".
+_BLOCK = {".": re.compile(r"^blocks\.(0|[1-9][0-9]{0,8})\."), "_": re.compile(r"^blocks_(0|[1-9][0-9]{0,8})_")}
+_compiled: tuple[tuple[ModuleKind, ...] | None, dict] = (None, {})
 
 
-def _patterns() -> _Patterns:
-    """TABLE's LongCat and FastVideo name patterns, compiled once per TABLE (a test may replace it)."""
+def _lookups() -> dict:
+    """TABLE's and OTHER_PARAMS' names as dicts keyed by template (block index as "{i}"), with dots and
+    with underscores, compiled once per TABLE (a test may replace it)."""
     global _compiled
-    table, patterns = _compiled
+    table, found = _compiled
     if table is not TABLE:
-        table = TABLE
-        patterns = ([(_regex(k.longcat), k) for k in table],
-                    [(_regex(t), k, j) for k in table for j, t in enumerate(k.fastvideo)])
-        _compiled = (table, patterns)
-    return patterns
+        found = {".": {}, "_": {}, "other": {}}
+        for k in TABLE:
+            for scheme in Scheme:
+                names = k.templates(scheme)
+                for j, t in enumerate(names):
+                    for sep in ".", "_":
+                        entry = found[sep].setdefault(t.replace(".", sep), {})
+                        if entry.setdefault("at", (k, j, len(names))) != (k, j, len(names)):
+                            raise AssertionError(f"naming table: {t!r} names two different layers")
+                        entry.setdefault("schemes", set()).add(scheme)
+        for row in OTHER_PARAMS:
+            for c, t in enumerate(row):
+                if t is not None:
+                    found["other"].setdefault(t, []).append((c, row))
+        _compiled = (TABLE, found)
+    return found
+
+
+def _template(name: str, sep: str) -> tuple[str, int | None]:
+    """(name with its block index as "{i}", the index) for a name starting with a block, else (name, None)."""
+    m = _BLOCK[sep].match(name)
+    if m is None:
+        return name, None
+    return f"blocks{sep}{{i}}{sep}" + name[m.end():], int(m.group(1))
+
+
+def _match(name: str, sep: str = ".") -> Layer | None:
+    t, i = _template(name, sep)
+    entry = _lookups()[sep].get(t)
+    if entry is None or (i is None) == entry["at"][0].per_block:
+        return None
+    k, j, n = entry["at"]
+    return Layer(k.longcat.format(i=i), j, n, frozenset(entry["schemes"]), k, i)
 
 
 def kind_of(module: str) -> tuple[ModuleKind, int | None] | None:
     """(kind, block index) of a LongCat module name, or None if the DiT has no such Linear."""
-    for rx, k in _patterns()[0]:
-        m = rx.match(module)
-        if m:
-            return k, (int(m.group(1)) if k.per_block else None)
-    return None
+    found = _match(module)
+    if found is None or Scheme.LONGCAT not in found.schemes:
+        return None
+    return found.kind, found.block
 
 
-def fastvideo_layers(module: str) -> tuple[str, ...] | None:
-    """FastVideo layer names for a LongCat module, in row order (equal row splits), or None (unknown
-    module, or one FastVideo has no form for, such as the Avatar audio modules)."""
+def resolve(layer: str) -> Layer | None:
+    """The module a layer name in any scheme stands for (LongCat, FastVideo or the wrapper's), or None.
+
+    >>> resolve("blocks.3.self_attn.k").module, resolve("blocks.3.self_attn.k").split
+    ('blocks.3.attn.qkv', 1)
+    """
+    return _match(layer)
+
+
+def resolve_underscored(name: str) -> Layer | None:
+    """The same for a name written with underscores for dots (kohya's `lora_unet_` names, prefix removed):
+    matched against the table's templates with their dots as underscores, so `cross_attn_kv_linear` is
+    `cross_attn.kv_linear` because that module exists, never by guessing where the dots were.
+
+    >>> resolve_underscored("blocks_0_cross_attn_kv_linear").module
+    'blocks.0.cross_attn.kv_linear'
+    """
+    return _match(name, "_")
+
+
+def layers(module: str, scheme: Scheme) -> tuple[str, ...] | None:
+    """A LongCat module's layer names in `scheme`, in row order (equal row splits), or None (unknown
+    module, or one the scheme has no form for, such as the Avatar audio modules in FastVideo)."""
     found = kind_of(module)
-    if found is None or not found[0].fastvideo:
+    if found is None or not found[0].templates(scheme):
         return None
     k, i = found
-    return tuple(t.format(i=i) for t in k.fastvideo)
+    return tuple(t.format(i=i) for t in k.templates(scheme))
 
 
-def from_fastvideo(layer: str) -> tuple[str, int, int] | None:
-    """(LongCat module, split index, number of splits) of a FastVideo layer name, or None."""
-    for rx, k, j in _patterns()[1]:
-        m = rx.match(layer)
-        if m:
-            i = int(m.group(1)) if k.per_block else None
-            return k.longcat.format(i=i), j, len(k.fastvideo)
+def _rename(name: str, to: Scheme, frm: Scheme | None) -> str | None:
+    """An OTHER_PARAMS module name from `frm` (any scheme when None) to `to`: the name, "" where `to` has
+    no such tensor, None if the table does not know the name."""
+    t, i = _template(name, ".")
+    for c, row in _lookups()["other"].get(t, []):
+        if frm is None or c == _OTHER_COLUMN[frm]:
+            target = row[_OTHER_COLUMN[to]]
+            if target is None:
+                return ""
+            if ("{i}" in target) != (i is not None):
+                return None
+            return target.format(i=i)
     return None
 
 
-_OTHER_LC = [(_regex(a), b) for a, b in OTHER_PARAMS]
-_OTHER_FV = [(_regex(b), a) for a, b in OTHER_PARAMS]
+def param_to(name: str, scheme: Scheme) -> list[tuple[str, int, int]] | None:
+    """The tensor(s) of `scheme` for a LongCat base parameter: [(name, split index, splits)]; None where
+    the scheme has no such tensor (FastVideo has no Avatar modules), for the caller to refuse.
 
-
-def _rename(module: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
-    for rx, template in table:
-        m = rx.match(module)
-        if m:
-            return template.format(i=m.group(1)) if m.groups() else template
-    return None
-
-
-def param_to_fastvideo(name: str) -> list[tuple[str, int, int]]:
-    """FastVideo tensor(s) for a LongCat base parameter: [(name, split index, splits)].
-
-    A fused Linear's weight and bias split by rows into equal parts; unknown names pass through.
+    A fused Linear's weight and bias split by rows into equal parts; names the table does not know
+    pass through unchanged.
     """
     module, leaf = split_param(name)
-    layers = fastvideo_layers(module)
-    if layers is not None:
-        return [(f"{layer}.{leaf}", j, len(layers)) for j, layer in enumerate(layers)]
-    other = _rename(module, _OTHER_LC)
+    names = layers(module, scheme)
+    if names is not None:
+        return [(f"{layer}.{leaf}", j, len(names)) for j, layer in enumerate(names)]
+    if kind_of(module) is not None:  # a LoRA-targetable Linear the scheme has no form for
+        return None
+    other = _rename(module, scheme, Scheme.LONGCAT)
+    if other == "":
+        return None
     return [(f"{other}.{leaf}" if other else name, 0, 1)]
 
 
-def param_from_fastvideo(name: str) -> tuple[str, int, int]:
-    """(LongCat name, split index, splits) of a FastVideo base parameter; unknown names pass through."""
+def param_from(name: str) -> tuple[str, int, int]:
+    """(LongCat name, split index, splits) of a base parameter named in any scheme; unknown names pass
+    through (split 0 of 1)."""
     module, leaf = split_param(name)
-    found = from_fastvideo(module)
+    found = resolve(module)
     if found is not None:
-        return f"{found[0]}.{leaf}", found[1], found[2]
-    other = _rename(module, _OTHER_FV)
+        return f"{found.module}.{leaf}", found.split, found.nsplit
+    other = _rename(module, Scheme.LONGCAT, None)
     return (f"{other}.{leaf}" if other else name), 0, 1
 
 

@@ -438,7 +438,9 @@ def convert_state_dict(sd: dict[str, torch.Tensor], to: str) -> dict[str, torch.
     if to == "fastvideo":
         out = {}
         for name, t in sd.items():
-            targets = naming.param_to_fastvideo(name)
+            targets = naming.param_to(name, naming.Scheme.FASTVIDEO)
+            if targets is None:
+                raise ValueError(f"{name}: FastVideo's naming has no such tensor")
             n = len(targets)
             for new, j, _ in targets:
                 out[new] = t.chunk(n, dim=0)[j].clone() if n > 1 else t
@@ -447,7 +449,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], to: str) -> dict[str, torch.
         pieces: dict[str, dict[int, torch.Tensor]] = {}
         counts: dict[str, int] = {}
         for name, t in sd.items():
-            new, j, n = naming.param_from_fastvideo(name)
+            new, j, n = naming.param_from(name)
             pieces.setdefault(new, {})[j] = t
             counts[new] = n
         out = {}
