@@ -1,7 +1,7 @@
 """Where each LoRA module lands in a model or checkpoint, in either naming.
 
-A LoRA module (LongCat naming) lands on its own fused Linear if the model has it, or else on the
-FastVideo split layers the naming table gives it (rows split equally). Used by the runtime
+A LoRA module (LongCat naming) lands on its own fused Linear if the model has it, or else on its layers
+in another scheme of the naming table (FastVideo's, ComfyUI-WanVideoWrapper's; rows split equally). Used by the runtime
 (`apply_lora`, `merge_lora`) and by checkpoint merging alike.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..model import naming
 from ..model.adapter import LoraAdapter, LoraModule, Naming, Part
-from ..errors import LoraError, UnmappedModulesError, q
+from ..errors import LoraError, UnknownModulesError, UnmappedModulesError, q
 
 
 @dataclass
@@ -35,6 +35,27 @@ class Target:
         return out
 
 
+def _layers(m: LoraModule, layer_shape: Callable[[str], tuple[int, int] | None], what: str) -> tuple[str, ...]:
+    """The model's layer(s) for a module: its fused layer, else its layers in the first scheme of the
+    naming table (FastVideo's, the wrapper's) whose layers the model has; () if none. A model holding
+    only some of a scheme's layers for the module (q but not k) is refused: a layout mixed within one
+    weight cannot take the LoRA's rows."""
+    if m.naming is not Naming.LONGCAT:
+        return ()
+    if layer_shape(m.name) is not None:
+        return (m.name,)
+    for scheme in (naming.Scheme.FASTVIDEO, naming.Scheme.WANVIDEO):
+        names = naming.layers(m.name, scheme) or ()
+        present = [n for n in names if layer_shape(n) is not None]
+        if present and len(present) < len(names):
+            absent = [n for n in names if n not in present]
+            raise LoraError(f"{what} has {', '.join(map(q, present))} but not {', '.join(map(q, absent))}: the LoRA "
+                            f"adapts all of {q(m.name)} (layouts mixed within one weight)")
+        if present:
+            return names
+    return ()
+
+
 def find_targets(adapter: LoraAdapter, layer_shape: Callable[[str], tuple[int, int] | None],
                  skip_missing: bool = False, what: str = "the model") -> tuple[list[Target], list[str]]:
     """Targets for every module of `adapter`; `layer_shape(name)` gives (out, in) of a layer or None.
@@ -42,21 +63,18 @@ def find_targets(adapter: LoraAdapter, layer_shape: Callable[[str], tuple[int, i
     Every shape is checked before anything is returned. Modules with no layer raise (listing them all)
     unless skip_missing, in which case they are returned as the second value.
     """
+    unknown = sorted(m.name for m in adapter.modules.values() if m.naming is Naming.UNKNOWN)
+    if unknown and not skip_missing:  # of no LongCat model: refused before the model is even looked at
+        raise UnknownModulesError(unknown)
     targets: list[Target] = []
     missing: list[str] = []
     bad: list[str] = []
     for m in sorted(adapter.modules.values(), key=lambda m: m.name):
-        fused = layer_shape(m.name)
-        if fused is not None:
-            layers: tuple[str, ...] = (m.name,)
-        elif m.naming is Naming.LONGCAT:
-            layers = naming.fastvideo_layers(m.name) or ()
-        else:
-            layers = ()
-        shapes = [layer_shape(name) for name in layers]
-        if not layers or any(s is None for s in shapes):
+        layers = _layers(m, layer_shape, what)
+        if not layers:
             missing.append(m.name)
             continue
+        shapes = [layer_shape(name) for name in layers]
         h = m.out_features // len(layers)
         for j, (name, shape) in enumerate(zip(layers, shapes)):
             if shape != (h, m.in_features):
