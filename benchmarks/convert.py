@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _util import median, run, settle  # noqa: E402
 
 LAYOUTS = ("cfg_step", "refinement")
-FORMATS = ("fastvideo", "longcat", "peft", "diffusers", "comfyui")
+FORMATS = ("fastvideo", "longcat", "peft", "diffusers", "kohya")
 RATIO_TARGET = 1.5
 RSS_TARGET = 300  # MiB
 

@@ -218,15 +218,77 @@ def diffusers_delta(path: str) -> dict[str, torch.Tensor]:
     return _standard_deltas(load(path), "transformer.", ".lora_A.weight", ".lora_B.weight", scale)
 
 
-def kohya_delta(path: str) -> dict[str, torch.Tensor]:
-    """module -> dW of a kohya / ComfyUI / Wan2GP file: dW = alpha / rank * up @ down (alpha = rank when
-    absent), optional `diffusion_model.` prefix."""
-    sd = {k.removeprefix("diffusion_model."): v for k, v in load(path).items()}
+def _dotted(underscored: str) -> str:
+    """kohya's `lora_unet_blocks_0_attn_qkv` -> `blocks.0.attn.qkv`, by matching the official module
+    templates written with underscores (no dot is guessed)."""
+    name = underscored.removeprefix("lora_unet_")
+    templates = list(WANVIDEO_LAYERS) + [t for ts in WANVIDEO_LAYERS.values() for t in ts]
+    for t in templates:
+        rx = "^" + re.escape(t.replace(".", "_")).replace(re.escape("{i}"), r"(\d+)") + "$"
+        m = re.match(rx, name)
+        if m:
+            return t.format(i=m.group(1)) if m.groups() else t
+    return underscored
+
+
+def diffsynth_delta(path: str) -> dict[str, torch.Tensor]:
+    """module -> dW of a DiffSynth-Studio file: `<module>.lora_A[.<adapter>].weight` / `lora_B...`, optional
+    `pipe.dit.` / `dit.` prefix, scale alpha / rank with a `<module>.alpha`, else 1."""
+    sd = {}
+    for k, v in load(path).items():
+        for p in ("pipe.dit.", "dit."):
+            k = k.removeprefix(p)
+        sd[re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k)] = v
 
     def scale(m: str, rank: int) -> float:
         return float(sd[m + ".alpha"].double().reshape(())) / rank if m + ".alpha" in sd else 1.0
 
-    return _standard_deltas(sd, "", ".lora_down.weight", ".lora_up.weight", scale)
+    return _standard_deltas(sd, "", ".lora_A.weight", ".lora_B.weight", scale)
+
+
+def kohya_delta(path: str) -> dict[str, torch.Tensor]:
+    """module -> dW of a kohya / ComfyUI / Wan2GP file: dW = alpha / rank * up @ down (alpha = rank when
+    absent), optional `diffusion_model.` prefix, kohya's `lora_unet_` underscore names; layers named as
+    ComfyUI-WanVideoWrapper names them (WANVIDEO_LAYERS) are placed on their rows of the official module."""
+    sd = {}
+    for k, v in load(path).items():
+        k = k.removeprefix("diffusion_model.")
+        if k.startswith("lora_unet_"):
+            layer, dot, leaf = k.partition(".")
+            k = _dotted(layer) + dot + leaf
+        sd[k] = v
+
+    def scale(m: str, rank: int) -> float:
+        return float(sd[m + ".alpha"].double().reshape(())) / rank if m + ".alpha" in sd else 1.0
+
+    return _place_wanvideo(_standard_deltas(sd, "", ".lora_down.weight", ".lora_up.weight", scale))
+
+
+def _place_wanvideo(deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Layer deltas, the wrapper's split layers joined by rows into their official modules (zeros where
+    a split is missing); other names as they are."""
+    where = {}
+    for official, layers in WANVIDEO_LAYERS.items():
+        for j, layer in enumerate(layers):
+            rx = "^" + re.escape(layer).replace(re.escape("{i}"), r"(\d+)") + "$"
+            where[rx] = (official, j, len(layers))
+    rows: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    nsplit = {}
+    out = {}
+    for name, d in deltas.items():
+        for rx, (official, j, n) in where.items():
+            m = re.match(rx, name)
+            if m:
+                module = official.format(i=m.group(1)) if m.groups() else official
+                rows[module][j] = d
+                nsplit[module] = n
+                break
+        else:
+            out[name] = d
+    for module, parts in rows.items():
+        h, w = next(iter(parts.values())).shape
+        out[module] = torch.cat([parts.get(j, torch.zeros(h, w, dtype=torch.float64)) for j in range(nsplit[module])], 0)
+    return out
 
 
 def lora_delta(path: str) -> dict[str, torch.Tensor]:
@@ -234,6 +296,9 @@ def lora_delta(path: str) -> dict[str, torch.Tensor]:
     import os
 
     if os.path.isdir(path):
+        with safe_open(os.path.join(path, "adapter_model.safetensors"), framework="pt") as f:
+            if any(k.endswith(".lora_down.weight") for k in f.keys()):  # diffusion-pipe's directories
+                return kohya_delta(os.path.join(path, "adapter_model.safetensors"))
         return peft_delta(path)
     with safe_open(path, framework="pt") as f:
         keys = list(f.keys())
@@ -243,6 +308,8 @@ def lora_delta(path: str) -> dict[str, torch.Tensor]:
         return diffusers_delta(path)
     if any(k.endswith(".lora_down.weight") for k in keys):
         return kohya_delta(path)
+    if any(re.search(r"\.lora_[AB]\.[^.]+\.weight$", k) or k.startswith(("pipe.dit.", "dit.")) for k in keys):
+        return diffsynth_delta(path)
     return fastvideo_delta(path)
 
 

@@ -219,7 +219,7 @@ def three(native, tmp_path):
     c = native("cfg_step", rank=2, dtype=torch.float16, alpha_scale=1.25, seed=2, name="c.safetensors")
     b_peft, c_comfy = str(tmp_path / "b_peft"), str(tmp_path / "c.comfy.safetensors")
     convert(b, b_peft, "peft")
-    convert(c, c_comfy, "comfyui")
+    convert(c, c_comfy, "kohya")
     da, db, dc = official_delta(a), official_delta(b), official_delta(c)
     s = (0.7, -1.5, 2.0)
     ref = {m: s[0] * da[m] + s[1] * db.get(m, 0) + s[2] * dc.get(m, 0) for m in da}

@@ -139,7 +139,7 @@ def test_convert_to_fastvideo_refuses_naming_audio_modules(avatar_lora, tmp_path
     assert worst(base, official_delta(back)) < 1e-6
 
 
-@pytest.mark.parametrize("fmt", ["peft", "diffusers", "comfyui", "longcat"])
+@pytest.mark.parametrize("fmt", ["peft", "diffusers", "kohya", "longcat"])
 def test_other_formats_keep_audio_modules_bit_exact(avatar_lora, tmp_path, fmt):
     mid, back = str(tmp_path / f"mid.{fmt}"), str(tmp_path / "back.safetensors")
     cli("convert", avatar_lora, mid, "--to", fmt)

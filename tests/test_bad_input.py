@@ -4,6 +4,7 @@ import os
 import pickle
 import struct
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -120,7 +121,7 @@ def test_nan_weights_refused_unless_allowed(native, tmp_path):
     sd = good_qkv()
     sd[f"{P}.lora_up.blocks.2.weight"][1, 1] = float("nan")
     src = write_sd(tmp_path / "nan.safetensors", sd)
-    for to in ("fastvideo", "longcat", "peft", "comfyui", "diffusers"):
+    for to in ("fastvideo", "longcat", "peft", "kohya", "diffusers"):
         out = tmp_path / f"o.{to}"
         p = cli("convert", src, out, "--to", to, check=2)
         assert "non-finite" in p.stderr and "nan.safetensors" in p.stderr
@@ -137,19 +138,42 @@ def test_nan_weights_refused_unless_allowed(native, tmp_path):
 
 
 def test_unmapped_modules_refused_or_skipped_with_a_list(tmp_path):
-    audio = "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___audio_attn___lorahyphen___qkv"
-    sd = {**good_qkv(), f"{audio}.lora_down.weight": torch.randn(2, 8), f"{audio}.lora_up.weight": torch.randn(4, 2),
+    """An Avatar audio module has no FastVideo name: refused there (or skipped and listed), held by the
+    formats that name it."""
+    audio = "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___audio_cross_attn___lorahyphen___q_linear"
+    sd = {**good_qkv(), f"{audio}.lora_down.weight": torch.randn(2, 8), f"{audio}.lora_up.weight": torch.randn(8, 2),
           f"{audio}.alpha_scale": torch.tensor(0.5)}
     src = write_sd(tmp_path / "avatar.safetensors", sd)
     p = cli("convert", src, tmp_path / "fv.safetensors", "--to", "fastvideo", check=2)
-    assert "blocks.0.audio_attn.qkv" in p.stderr and "--skip-unmapped" in p.stderr
+    assert "blocks.0.audio_cross_attn.q_linear" in p.stderr and "--skip-unmapped" in p.stderr
+    assert "no name in FastVideo's naming" in p.stderr and p.stderr.count("\n") == 1
     assert not (tmp_path / "fv.safetensors").exists()
     p = cli("convert", src, tmp_path / "fv.safetensors", "--to", "fastvideo", "--skip-unmapped")
-    assert "skipped" in p.stderr and "blocks.0.audio_attn.qkv" in p.stderr
-    # formats in LongCat naming hold it
-    cli("convert", src, tmp_path / "peft", "--to", "peft")
-    cli("convert", tmp_path / "peft", tmp_path / "back.safetensors", "--to", "longcat")
-    cli("verify", src, tmp_path / "back.safetensors")
+    assert "skipped" in p.stderr and "blocks.0.audio_cross_attn.q_linear" in p.stderr
+    for to in ("peft", "wanvideo", "kohya"):  # formats that name it hold it
+        out = tmp_path / to
+        cli("convert", src, out, "--to", to)
+        cli("convert", out, tmp_path / f"back_{to}.safetensors", "--to", "longcat")
+        cli("verify", src, tmp_path / f"back_{to}.safetensors")
+
+
+@pytest.mark.parametrize("to", ["longcat", "fastvideo", "peft", "diffusers", "kohya", "wanvideo"])
+def test_a_module_of_no_longcat_model_is_never_written(tmp_path, to):
+    """Issue 18: a module no naming of the table knows is refused by every writer (one line listing it,
+    with what it resembles), and --skip-unmapped leaves it out and lists it; verify lists it as unknown."""
+    odd = "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkvx"
+    sd = {**good_qkv(), f"{odd}.lora_down.weight": torch.randn(2, 8), f"{odd}.lora_up.weight": torch.randn(4, 2),
+          f"{odd}.alpha_scale": torch.tensor(0.5)}
+    src = write_sd(tmp_path / "odd.safetensors", sd)
+    out = tmp_path / ("o" if to == "peft" else "o.safetensors")
+    p = cli("convert", src, out, "--to", to, check=2)
+    assert p.stderr.count("\n") == 1 and "not modules of LongCat-Video or LongCat-Video-Avatar" in p.stderr
+    assert "blocks.N.attn.* is a module path in LongCat's naming, but 'qkvx' is no layer there" in p.stderr
+    assert "blocks.0.attn.qkvx" in p.stderr and "--skip-unmapped" in p.stderr and not out.exists()
+    p = cli("convert", src, out, "--to", to, "--skip-unmapped")
+    assert "blocks.0.attn.qkvx" in p.stderr and out.exists()
+    p = cli("verify", src, src)
+    assert "unknown module" in p.stdout and "blocks.0.attn.qkvx" in p.stdout
 
 
 def test_output_safety(native, tmp_path):

@@ -46,7 +46,8 @@ def test_inspect_text_cfg_step_and_findings(native, tmp_path):
     f = " | ".join(r["findings"])
     assert "ffn.w1: blocks 7 not covered (covers 0-6, 8-47)" in f
     assert "1 modules have unexpected shapes: blocks.3.attn.proj [64, 32] (expected [64, 64])" in f
-    assert "not Linear layers of the LongCat-Video DiT: blocks.0.audio.q" in f
+    assert "1 modules are not modules of LongCat-Video or LongCat-Video-Avatar in any naming known here" in f
+    assert "blocks.0.audio.q" in f
     assert r["looks_like"] == "other"
     assert any("no alpha_scale" in n for n in r["notes"])
 
@@ -63,7 +64,7 @@ def test_inspect_official_sizes_are_recognised(tmp_path):
 
 def test_inspect_every_format_and_truncated_alpha_note(native, tmp_path):
     src = native("refinement", rank=4)
-    for fmt in ("fastvideo", "peft", "diffusers", "comfyui"):
+    for fmt in ("fastvideo", "peft", "diffusers", "kohya"):
         out = tmp_path / fmt
         cli("convert", src, out, "--to", fmt)
         r = json.loads(cli("inspect", out, "--json").stdout)

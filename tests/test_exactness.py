@@ -109,7 +109,7 @@ def test_up_blocks_ordered_by_integer_index(tmp_path):
     src = str(tmp_path / "n12.safetensors")
     save_file(sd, src)
     ref = official_delta(src)
-    for fmt in ("fastvideo", "peft", "comfyui", "diffusers", "longcat"):
+    for fmt in ("fastvideo", "peft", "kohya", "diffusers", "longcat"):
         out = str(tmp_path / f"out.{fmt}")
         convert(src, out, fmt)
         assert worst(ref, lora_delta(out)) == 0.0, fmt  # independent reader of each format

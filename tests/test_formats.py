@@ -13,11 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from longcat_lora import LoraError, convert, load_lora
 from longcat_lora.model.adapter import Naming
+from longcat_lora.model.naming import Scheme
 from conftest import DIMS, cli
 from linear_bag import LinearBag
 from reference import lora_delta, official_delta, rel_err, worst
 
-FORMATS = ["longcat", "fastvideo", "peft", "diffusers", "comfyui"]
+FORMATS = ["longcat", "fastvideo", "peft", "diffusers", "kohya", "wanvideo"]
 
 
 class _Records(logging.Handler):
@@ -166,9 +167,9 @@ def kohya_delta(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_comfyui_file_semantics(mixed_rank_native, tmp_path):
+def test_kohya_file_semantics(mixed_rank_native, tmp_path):
     out = str(tmp_path / "comfy.safetensors")
-    cli("convert", mixed_rank_native, out, "--to", "comfyui")
+    cli("convert", mixed_rank_native, out, "--to", "kohya")
     sd = load_file(out)
     assert all(k.startswith("diffusion_model.") for k in sd)
     assert sd["diffusion_model.blocks.0.attn.qkv.lora_down.weight"].shape == (12, DIMS.hidden)
@@ -223,11 +224,11 @@ def test_split_parts_with_different_ranks_and_alphas(tmp_path):
     assert n[f"{qkv}.lora_down.weight"].shape == (48, h)  # 3 blocks, padded to rank 16
     assert n[f"{qkv}.lora_up.blocks.1.weight"].abs().max() == 0  # to_k absent: a zero block
     assert worst(ref, official_delta(native)) < 1e-6
-    for fmt in ("peft", "comfyui", "diffusers", "fastvideo"):
+    for fmt in ("peft", "kohya", "diffusers", "fastvideo"):
         out = str(tmp_path / f"o.{fmt}")
         convert(native, out, fmt)
         assert worst(ref, lora_delta(out)) < 1e-6, fmt
-    assert worst(ref, kohya_delta(str(tmp_path / "o.comfyui"))) < 1e-6
+    assert worst(ref, kohya_delta(str(tmp_path / "o.kohya"))) < 1e-6
 
 
 def test_verify_across_formats_detects_perturbation(native, tmp_path):
@@ -315,15 +316,24 @@ def test_fastvideo_names_in_other_formats_map_to_longcat_modules(tmp_path):
         m = a.modules["blocks.2.attn.qkv"]
         assert m.out_features == 192 and [p.rows for p in m.parts] == [(128, 192)]
         assert torch.allclose(m.delta()[128:], 0.5 * (B.double() @ A.double()))
-    # an unknown name keeps the format's own naming, and round-trips through it
+    # an unknown name is kept as read, and never written: refused, or left out with skip_unmapped
     (tmp_path / "p").mkdir()
-    save_file({"base_model.model.blocks.0.audio_attn.q.lora_A.weight": A,
-               "base_model.model.blocks.0.audio_attn.q.lora_B.weight": B},
+    save_file({"base_model.model.blocks.0.self_attn.to_qkv.lora_A.weight": A,
+               "base_model.model.blocks.0.self_attn.to_qkv.lora_B.weight": B,
+               "base_model.model.blocks.0.ffn.w1.lora_A.weight": A.clone(),
+               "base_model.model.blocks.0.ffn.w1.lora_B.weight": torch.randn(176, 3, generator=g)},
               str(tmp_path / "p" / "adapter_model.safetensors"))
     (tmp_path / "p" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 3, "lora_alpha": 3}))
-    convert(str(tmp_path / "p"), str(tmp_path / "again"), "peft")
+    with load_lora(str(tmp_path / "p")) as a:
+        assert a.modules["blocks.0.self_attn.to_qkv"].naming is Naming.UNKNOWN
+    with pytest.raises(LoraError, match=r"1 modules are not modules of LongCat-Video or LongCat-Video-Avatar .*"
+                                        r"\(blocks.N.self_attn.\* is a module path in FastVideo's and the wrapper's "
+                                        r"\(Wan-style\) naming, but 'to_qkv' is no layer there\).*: blocks.0.self_attn.to_qkv$"):
+        convert(str(tmp_path / "p"), str(tmp_path / "again"), "peft")
+    assert not (tmp_path / "again").exists()
+    assert convert(str(tmp_path / "p"), str(tmp_path / "again"), "peft", skip_unmapped=True) == ["blocks.0.self_attn.to_qkv"]
     with load_lora(str(tmp_path / "again")) as a:
-        assert a.modules["blocks.0.audio_attn.q"].naming is Naming.LONGCAT
+        assert list(a.modules) == ["blocks.0.ffn.w1"]
 
 
 # ------------------------------------------------------------------ the format interface and registry
@@ -340,9 +350,14 @@ OWNERS = {
     "base_model.model.blocks.0.attn.qkv.lora_A.weight": "peft",
     "base_model.model.blocks.0.attn.qkv.lora_alpha": "peft",
     "transformer.blocks.0.attn.qkv.lora_B.weight": "diffusers",
-    "diffusion_model.blocks.0.attn.qkv.lora_down.weight": "comfyui",
-    "blocks.0.attn.qkv.lora_up.weight": "comfyui",
-    "transformer.blocks.0.attn.qkv.alpha": "comfyui",
+    "diffusion_model.blocks.0.attn.qkv.lora_down.weight": "kohya",
+    "blocks.0.attn.qkv.lora_up.weight": "kohya",
+    "transformer.blocks.0.attn.qkv.alpha": "kohya",
+    "diffusion_model.blocks.0.self_attn.q.lora_down.weight": "kohya",  # the wrapper's names: kohya keys
+    "lora_unet_blocks_0_attn_qkv.lora_up.weight": "kohya",
+    "blocks.0.attn.qkv.lora_A.default.weight": "diffsynth",  # a PEFT adapter-name segment
+    "pipe.dit.blocks.0.attn.qkv.lora_B.weight": "diffsynth",
+    "dit.blocks.0.attn.qkv.alpha": "diffsynth",
     "blocks.0.attn.qkv.weight": None,
     "blocks.0.attn.qkv.lora_A.bias": None,
     "transformer.blocks.0.attn.qkv.weight": None,
@@ -354,8 +369,8 @@ def test_each_key_has_at_most_one_owner_and_detection_asks_the_formats():
     from longcat_lora.formats import FORMATS, Format
     from longcat_lora.formats.registry import detect, owner
 
-    assert list(FORMATS) == ["longcat", "fastvideo", "peft", "diffusers", "comfyui"]  # registration order
-    assert [f.name for f in FORMATS.values() if f.fallback] == ["fastvideo", "comfyui"]  # keys without a prefix
+    assert list(FORMATS) == ["longcat", "fastvideo", "peft", "diffusers", "kohya", "wanvideo", "diffsynth"]
+    assert [f.name for f in FORMATS.values() if f.fallback] == ["fastvideo", "kohya"]  # keys without a prefix
     for key, want in OWNERS.items():
         got = owner(key)
         assert (got and got.name) == want, key
@@ -364,7 +379,7 @@ def test_each_key_has_at_most_one_owner_and_detection_asks_the_formats():
         if want:
             assert detect([key, "stray.weight"], "f.safetensors").name == want
     assert all(isinstance(f, Format) and f.directory == (f.name == "peft") for f in FORMATS.values())
-    with pytest.raises(LoraError, match=r"^f: mixed formats in one file: comfyui \('a.alpha'\) and fastvideo "
+    with pytest.raises(LoraError, match=r"^f: mixed formats in one file: kohya \('a.alpha'\) and fastvideo "
                                         r"\('b.lora_A'\)$"):
         detect(["a.alpha", "b.lora_A", "c.lora_B"], "f")
     with pytest.raises(LoraError, match=r"^f: no LoRA tensors found \(e.g. 'x.y'\)$"):
@@ -389,12 +404,12 @@ def _toy_format():
         adapter = LoraAdapter({}, "toy", sf.path, files=[sf])
         for layer, keys in c.group_keys(sf, patterns, "toy LoRA").items():
             alpha = c.scalar(sf, keys.alpha)[0]
-            c.add_standard_layer(adapter.modules, sf, layer, keys, lambda r, alpha=alpha: alpha / r,
-                                 naming_=Naming.LONGCAT)
+            c.add_standard_layer(adapter, sf, layer, keys, lambda r, alpha=alpha: alpha / r)
         return c.finish(adapter, sf.path)
 
     def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
-        entries, infos = c.standard_entries(adapter, opts, lambda m: f"toy.{m}.down", lambda m: f"toy.{m}.up", "toy")
+        entries, infos = c.layer_entries(adapter, opts, Scheme.LONGCAT, lambda m: f"toy.{m}.down",
+                                         lambda m: f"toy.{m}.up", lambda scale, rank: scale * rank, "toy")
         entries += [c.scalar_entry(f"toy.{i.module}.alpha", i.alpha, "F64") for i in infos]
         write_safetensors(path, entries, c.metadata(adapter), opts.progress)
 
@@ -431,8 +446,8 @@ def test_a_new_format_is_one_module_and_one_registration(native, tmp_path, capsy
     finally:
         registry._REGISTRY.pop("toy", None)
     assert "toy" not in FORMATS
-    with pytest.raises(LoraError, match=r"unknown format 'toy' \(choose from longcat, fastvideo, peft, diffusers, "
-                                        r"comfyui\)"):
+    with pytest.raises(LoraError, match=r"unknown output format 'toy' \(choose from longcat, fastvideo, peft, "
+                                        r"diffusers, kohya, wanvideo, comfyui\)"):
         convert(src, str(tmp_path / "x"), "toy")
     with pytest.raises(TypeError, match="exactly for a directory format"):
         Format("bad", toy.owns_key, toy.read, toy.write, directory=True)
@@ -455,7 +470,7 @@ def test_two_formats_claiming_one_key_is_caught_not_decided_by_order(monkeypatch
                                                              fallback=True))
     assert registry.owner(native_key).name == "longcat"  # a fallback yields to a prefixed format
     assert registry.owner("blocks.0.attn.qkv.weight").name == "greedy"
-    with pytest.raises(AssertionError, match=r"claimed by formats \['comfyui', 'greedy'\]"):
+    with pytest.raises(AssertionError, match=r"claimed by formats \['kohya', 'greedy'\]"):
         registry.owner("blocks.0.attn.qkv.lora_up.weight")  # two fallbacks
 
 

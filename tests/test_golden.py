@@ -24,7 +24,7 @@ import longcat_lora as L
 from longcat_lora.testing.dit import TINY
 from longcat_lora.testing.fixtures import write_base_checkpoint, write_native_lora
 
-FORMATS = ("longcat", "fastvideo", "peft", "diffusers", "comfyui")
+FORMATS = ("longcat", "fastvideo", "peft", "diffusers", "kohya", "wanvideo")
 # (layout, dtype, rank, alpha_scale): both layouts, bf16 and fp32, integral and non-integral alpha
 INPUTS = {
     "cfg_bf16": ("cfg_step", torch.bfloat16, 4, 0.5),
@@ -83,36 +83,41 @@ def produce(work: str) -> dict[str, str]:
 
 
 GOLDEN = {
-    # recorded from the code before the restructuring (see the module docstring)
+    # conversions recorded before the restructuring of issue 9 (the kohya rows under their old name, comfyui:
+    # issue 18 gave that name to the wanvideo form, whose rows were recorded then); merges at issue 21
     'base_fastvideo_bfloat16': 'd4eeb7cf0b5882046d1594885c69f664cc10db85fa6307ee80b046944720eed2',
     'base_longcat_float32': 'e0f375ce350377c78aac05518f3d5b8daced8fd384cfe1b613db20e0f9e0b37d',
     'cfg_bf16': 'b3728941b6296f81133a103f4cdf7c729c107c50bd541fe2818c6f61a2367b24',
-    'cfg_bf16.comfyui': 'e7e3231c2a9eff261f6a535fd52a0303617aa74a47c53c5d91ea0a98be8999a7',
     'cfg_bf16.diffusers': '66438656cd0c68e7f032c9ac971df8f3188b5b2f6f499b8c59bf7c851387f4c7',
     'cfg_bf16.fastvideo': 'e80d7fdaf1407940c587176d91a9cf9f0af66be2cede9842761c5195be7e0b07',
+    'cfg_bf16.kohya': 'e7e3231c2a9eff261f6a535fd52a0303617aa74a47c53c5d91ea0a98be8999a7',
     'cfg_bf16.longcat': '05b5fdf7c1c8844b39e957d7dfcd00a1be6ccec4ebacd6e27322ffc130364145',
     'cfg_bf16.peft': '1cd4782a865318862c0b3770dbaba749b537c190937b9d3ab8c0e0b2d839444c',
+    'cfg_bf16.wanvideo': '3f155594f5e2f4c5a1b13b051cd7612359135976e4cd9e41d9b4606d2ffd2d7e',
     'cfg_f32_a03': 'f2f5625faf78a71fd9a662b25fb66aa119990b0faafa738b335a5676c9f7cdb3',
-    'cfg_f32_a03.comfyui': '560637797ba79d561856761f99887053095ecd60f028665010b553b3c3143ffe',
     'cfg_f32_a03.diffusers': '034d031afd60b94d68e33a8f68772c52667f97c31a97f84897ad554523061a09',
     'cfg_f32_a03.fastvideo': '1eef75b5f4679a673895493a359a72c7360e01f4e0ad68e61c0c79a710410e94',
+    'cfg_f32_a03.kohya': '560637797ba79d561856761f99887053095ecd60f028665010b553b3c3143ffe',
     'cfg_f32_a03.longcat': '0df5e721af72b7e052eefbbcddf74c31a255f0c156d5d0962101f5699e42bc65',
     'cfg_f32_a03.peft': 'ba47f5c3dde96f830fc150c9bea1de58f744e3622edc0a32d51d65ab14aa55fa',
+    'cfg_f32_a03.wanvideo': 'a8f82fd72e3b78b6bb220215537f1de99233e9e6013f7de28a75abbd2960fbd6',
     'merge_fv_keep': 'bfb08d03d02078a5c3d3a9fe82958badc993b69c14c2cd2baddab112f5a5f759',
     'merge_lc_bf16': '5c08596b11ecc5a22c2f0e538eff3a09c827491299ce2a298782849d2aa22d15',
     'merge_lc_keep': 'ebb7f0ead7cbd41f06019ad60a47584beced4de7700ec39a04219c96afbb2969',
     'ref_bf16_a03': '33800cd5f0c5f03478d5e8388c74ed78edb360872d833add79f11829d16bf0ea',
-    'ref_bf16_a03.comfyui': '79c742757380a11ae1865910930782ddb819ea81157c35d36799faa1e674109b',
     'ref_bf16_a03.diffusers': '424c6ecab91ffedd935337d1b86c07f2397b0e95da743bb5e2b91e97ada56136',
     'ref_bf16_a03.fastvideo': '5f5f78483e40dd3c465c534ad39d99ac405307f333d528e69abe2b4bac2ef408',
+    'ref_bf16_a03.kohya': '79c742757380a11ae1865910930782ddb819ea81157c35d36799faa1e674109b',
     'ref_bf16_a03.longcat': 'e2b59b2b44d80f548c8b5fee608f678055989d5b77193f4a78cb36e36b29a2ae',
     'ref_bf16_a03.peft': '067c1e1c1fd9a5ac0e17aa3f63e577169ac93847e880c6d062eb6aaa89e91dcf',
+    'ref_bf16_a03.wanvideo': '4d7e490d03e13870d7554883999cdbb3670dd27cd81b6d814657cbb2f7524216',
     'ref_f32': '1dbf315eeccf1858b76fc21b8f58b84d3198a19ed42f9bb01ebd7ccfd2c212ac',
-    'ref_f32.comfyui': 'eb9743840389a01bcb633a9d2f686874e5694714174616f8e3efa304f38b3a6b',
     'ref_f32.diffusers': 'f4e3b6f4608d1fa690b51929a2f1446bc14930e19b39a058d19fc1c78f948ef6',
     'ref_f32.fastvideo': 'e3a1fa02c68e9beaffccf37ab26628b54908e91878f5e650a54b1612e1c25fe5',
+    'ref_f32.kohya': 'eb9743840389a01bcb633a9d2f686874e5694714174616f8e3efa304f38b3a6b',
     'ref_f32.longcat': 'd294a4f4832a1918674d19e120555392fd767cfc4f50e9edd4827136786e913d',
     'ref_f32.peft': '5f01eabb7cf26802ae2ba6ffe41bfe2bd11fe3ca1be6766ad32664f552adbb81',
+    'ref_f32.wanvideo': '37ebbccaebb6108426564196e8a7a41deee961c0a0588ca04fbe5d624d610064',
 }
 
 

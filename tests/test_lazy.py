@@ -21,7 +21,7 @@ from longcat_lora.model.sources import NonFinite, TensorSource, folded
 from longcat_lora.testing.dit import TINY
 from longcat_lora.testing.fixtures import write_native_lora
 
-FORMATS = ("longcat", "fastvideo", "peft", "diffusers", "comfyui")
+FORMATS = ("longcat", "fastvideo", "peft", "diffusers", "kohya")
 SCALAR_SHAPES = ((), (1,))
 
 

@@ -98,7 +98,7 @@ def test_fastvideo_alpha_below_one_means_scale_one(tmp_path, alpha, scale):
     A2, B2 = sd["blocks.0.ffn.w2.lora_A"].double(), sd["blocks.0.ffn.w2.lora_B"].double()
     assert rel_err(got["blocks.0.ffn.w2"], scale * (B2 @ A2)) < 1e-15
     # and through the other formats too (a second reader of the same semantics)
-    L.convert(path, str(tmp_path / "k.safetensors"), "comfyui")
+    L.convert(path, str(tmp_path / "k.safetensors"), "kohya")
     from reference import kohya_delta
     kd = kohya_delta(str(tmp_path / "k.safetensors"))
     assert rel_err(kd["blocks.0.ffn.w2"], scale * (B2 @ A2)) < 1e-15
@@ -282,7 +282,7 @@ def _last_module(path):
     return max(downs)[1].removesuffix(".lora_down.weight")
 
 
-@pytest.mark.parametrize("to", ["fastvideo", "longcat", "comfyui", "peft"])
+@pytest.mark.parametrize("to", ["fastvideo", "longcat", "kohya", "peft"])
 def test_failed_convert_leaves_existing_out_byte_identical(tmp_path, to):
     """Mutant: writing the output straight to OUT instead of a temp file beside it. A convert that fails
     on the last module (a NaN) with --overwrite leaves an existing OUT byte-identical and no temp file."""
@@ -459,7 +459,7 @@ def test_verify_when_the_two_sides_split_rows_differently(tmp_path, monkeypatch,
     src = write_native_lora(str(tmp_path / "a.safetensors"), "cfg_step", dims=DIMS, rank=3, dtype=torch.float32,
                             alpha_scale=0.5, seed=6)
     k = str(tmp_path / "k.safetensors")
-    L.convert(src, k, "comfyui")
+    L.convert(src, k, "kohya")
     sd = load_file(k)
     up = sd["diffusion_model.blocks.0.attn.qkv.lora_up.weight"]
     assert up[0, 3] == 0 and up.shape == (48, 9)
@@ -557,7 +557,7 @@ def test_peft_rank_zero_is_refused_as_not_positive(tmp_path, field):
 
 # --------------------------------------------------------------- every reader reads back what its writer wrote
 
-@pytest.mark.parametrize("fmt", ["fastvideo", "peft", "diffusers", "comfyui"])
+@pytest.mark.parametrize("fmt", ["fastvideo", "peft", "diffusers", "kohya"])
 def test_every_format_reads_back_bit_exact(tmp_path, fmt):
     """native -> fmt -> native through this package's own reader of fmt: the same tensors, bit for bit
     (alpha 0.5 * rank is integral, so nothing is folded). The other tests read most outputs with the
@@ -586,7 +586,7 @@ def test_short_reads_are_resumed_at_the_right_offset(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "preadv", short)
     L.convert(src, str(tmp_path / "b.safetensors"), "fastvideo")
-    L.convert(src, str(tmp_path / "c.safetensors"), "comfyui")
+    L.convert(src, str(tmp_path / "c.safetensors"), "kohya")
     monkeypatch.undo()
     assert open(tmp_path / "a.safetensors", "rb").read() == open(tmp_path / "b.safetensors", "rb").read()
     from reference import kohya_delta
@@ -606,7 +606,7 @@ def test_layer_whose_first_rows_have_no_part_writes_the_zero_band(tmp_path):
                "blocks.0.self_attn.to_v.lora_alpha": torch.tensor(3.0)}, src)
     want = torch.zeros(3 * h, h, dtype=torch.float64)
     want[2 * h:] = B.double() @ A.double()
-    for fmt in ("peft", "comfyui", "diffusers"):
+    for fmt in ("peft", "kohya", "diffusers"):
         out = str(tmp_path / f"v.{fmt}")
         L.convert(src, out, fmt)
         got = lora_delta(out)

@@ -38,7 +38,7 @@ def loras(tmp_path_factory):
                             alpha_scale=0.3, seed=2)
     out = {"ref": ref, "cfg": cfg}
     for name, src in (("ref", ref), ("cfg", cfg)):
-        for fmt in ("fastvideo", "peft", "comfyui", "diffusers"):
+        for fmt in ("fastvideo", "peft", "kohya", "diffusers"):
             out[f"{name}.{fmt}"] = str(d / f"{name}.{fmt}")
             L.convert(src, out[f"{name}.{fmt}"], fmt)
     return out
@@ -75,7 +75,7 @@ def test_parity_all_paths(models, loras, layout):
     want = _official(fused, [(loras[layout], 0.7)])
     assert rel_err(want, base) > 1e-3  # the LoRA changes the output measurably
     errs = {}
-    for fmt in ("", ".fastvideo", ".peft", ".comfyui", ".diffusers"):
+    for fmt in ("", ".fastvideo", ".peft", ".kohya", ".diffusers"):
         name = L.apply_lora(fused, loras[layout + fmt], strength=0.7)
         errs["fused" + fmt] = rel_err(want, _run(fused))
         L.remove_lora(fused, name)
@@ -121,7 +121,7 @@ def test_remove_restores_outputs_and_state_dict_exactly(models, loras):
     fused, _ = models
     sd = {k: v.clone() for k, v in fused.state_dict().items()}
     before = _run(fused)
-    L.apply_lora(fused, loras["ref.comfyui"], 1.5)
+    L.apply_lora(fused, loras["ref.kohya"], 1.5)
     assert fused.state_dict().keys() == sd.keys()  # hooks: no new parameters or buffers
     L.merge_lora(fused, loras["cfg"], 0.5)
     assert not torch.equal(before, _run(fused))

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = "src/longcat_lora"
 CORE = ["formats/__init__.py", "formats/_common.py", "formats/base.py", "formats/registry.py", "formats/longcat.py",
-        "formats/fastvideo.py", "formats/peft.py", "formats/diffusers.py", "formats/comfyui.py", "model/adapter.py",
+        "formats/fastvideo.py", "formats/peft.py", "formats/diffusers.py", "formats/kohya.py", "formats/wanvideo.py", "formats/diffsynth.py", "model/adapter.py",
         "model/sources.py", "model/layout.py", "model/naming.py", "io/dtypes.py", "io/reader.py", "io/serdejson.py",
         "io/writer.py", "io/outputs.py", "io/direct.py", "apply/runtime.py", "apply/layers.py", "apply/fuse.py", "apply/targets.py",
         "apply/merge.py", "apply/base_checkpoint.py", "apply/side_files.py", "apply/pipeline.py",
@@ -61,7 +61,7 @@ _FORMATS = [E + "test_fastvideo_tensors_are_the_native_slices", E + "test_reads_
             R + "test_fold_is_computed_in_float64_and_rounded_once", R + "test_fastvideo_alpha_below_one_means_scale_one",
             R + "test_fastvideo_writer_folds_when_alpha_is_below_one", E + "test_int_alpha_truncation_is_what_fastvideo_does",
             E + "test_round_trip_native_fastvideo_native_bit_exact[None-dtype3]",
-            F + "test_split_parts_with_different_ranks_and_alphas", F + "test_comfyui_file_semantics",
+            F + "test_split_parts_with_different_ranks_and_alphas", F + "test_kohya_file_semantics",
             F + "test_fastvideo_names_in_other_formats_map_to_longcat_modules",
             F + "test_round_trip_bit_exact[dtype0-peft]", R + "test_peft_alpha_pattern_for_a_default_rank_module",
             R + "test_peft_weights_file_reads_like_its_directory", R + "test_peft_rank_zero_is_refused_as_not_positive",

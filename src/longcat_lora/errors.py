@@ -74,3 +74,16 @@ class UnmappedModulesError(LoraError):
         self.modules = list(modules)
         shown = ", ".join(q(m) for m in self.modules[:8]) + (f", ... ({len(self.modules)} in all)" if len(self.modules) > 8 else "")
         super().__init__(*(what if isinstance(what, tuple) else (what,)), f": {shown}")
+
+
+class UnknownModulesError(UnmappedModulesError):
+    """Modules that no LongCat model has, in any naming the table knows: refused (skip_unmapped leaves them out)."""
+
+    def __init__(self, modules: list[str]):
+        from .model.naming import hint
+
+        hints = sorted({h for m in modules if (h := hint(m))})
+        super().__init__((f"{len(modules)} modules are not modules of LongCat-Video or LongCat-Video-Avatar in any "
+                          f"naming known here" + (f" ({'; '.join(hints)})" if hints else "") + " (pass ",
+                          Param("skip_unmapped"), " to leave them out)"), modules)
+

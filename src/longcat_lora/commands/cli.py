@@ -15,7 +15,7 @@ import sys
 
 from .. import __version__
 from ..errors import NAME_ONLY, LoraError, Param, q
-from ..formats import FORMATS, convert, load_lora
+from ..formats import convert, load_lora, outputs
 from ..io.interrupts import Terminated, handle_signals
 
 
@@ -45,6 +45,8 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"only in {args.a}: {q(name)}")
     for name in c.only_b:
         print(f"only in {args.b}: {q(name)}")
+    for name in c.unknown:
+        print(f"unknown module (not in LongCat-Video or LongCat-Video-Avatar in any naming known here): {q(name)}")
     ok = c.equivalent(args.rtol)
     print(f"{len(c.errors)} modules compared; worst relative error {c.worst:.3e} at {q(c.worst_module or '-')} "
           f"(rtol {args.rtol:g}): {'equivalent' if ok else 'NOT equivalent'}")
@@ -174,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert a LoRA to another format")
     s.add_argument("input")
     s.add_argument("output")
-    s.add_argument("--to", required=True, choices=sorted(FORMATS))
+    s.add_argument("--to", required=True, choices=sorted(outputs()))
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.add_argument("--skip-unmapped", action="store_true",
                    help="leave out (and list) modules the target format cannot name")
@@ -207,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "keeping at least this share of ||dW||_F^2, in (0, 1]")
         s.add_argument("--max-error", type=float, metavar="E", help=f"{what}: per up block, the smallest rank "
                        "whose relative Frobenius error is at most E, in [0, 1)")
-        s.add_argument("--to", default="longcat", choices=sorted(FORMATS), help="output format (default longcat)")
+        s.add_argument("--to", default="longcat", choices=sorted(outputs()), help="output format (default longcat)")
         s.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32", "fp64"],
                        help="dtype of the new factors (default: the input's; its rounding is in the reported error)")
         s.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -78,6 +78,41 @@ def _same(dims: naming.DitDims, avatar: bool) -> bool:
     return all(getattr(dims, f) == getattr(naming.OFFICIAL, f) for f in naming.dims_named(avatar))
 
 
+_SCHEMES = {"longcat": "LongCat's original names", "fastvideo": "FastVideo's names",
+            "wanvideo": "ComfyUI-WanVideoWrapper's Wan-style names", "kohya": "names with underscores for dots (kohya's lora_unet_)"}
+
+
+def naming_of(a: LoraAdapter) -> str:
+    """Which names the file's layers are in, from the schemes its readers counted (names every scheme
+    shares, like ffn.w1, say nothing)."""
+    seen = [s for s in ("longcat", "fastvideo", "wanvideo", "kohya") if a.schemes.get(s)]
+    if not seen:
+        return "LongCat's original names" if a.schemes.get("shared") else "no known names"
+    return " and ".join(_SCHEMES[s] for s in seen) + (" (mixed)" if len(seen) > 1 else "")
+
+
+def producer_of(a: LoraAdapter) -> list[str]:
+    """What the content shows of who wrote the file (metadata, an adapter-name segment, names, alphas)."""
+    meta: dict[str, str] = {}
+    for f in a.files:
+        meta.update(f.metadata or {})
+    out = []
+    base, arch = meta.get("ss_base_model_version"), meta.get("modelspec.architecture")
+    if base or arch or meta.get("ss_network_module"):
+        shown = ", ".join(f"{k} {v!r}" for k, v in (("ss_base_model_version", base), ("modelspec.architecture", arch))
+                          if v)
+        who = "musubi-tuner" if (base or "").startswith("longcat") or "LongCat" in (arch or "") else "a kohya-ss trainer"
+        out.append(f"{who} ({shown or 'ss_* metadata'})")
+    if a.hints.get("adapter") is not None:
+        out.append(f"DiffSynth-Studio or another PEFT trainer (adapter-name segment {a.hints['adapter']!r}, "
+                   f"prefix-free module paths)")
+    if a.format == "wanvideo" and not out:
+        out.append("diffusion-pipe, ComfyUI-WanVideoWrapper's tools or longcat-lora (the wrapper's Wan-style names)")
+    if any(k.startswith("longcat_lora.") for k in meta):
+        out.append("longcat-lora (its metadata)")
+    return out
+
+
 def inspect_lora(path: str, scan_values: bool = True) -> dict:
     """A JSON-able report: counts, ranks, scales, dtypes, coverage, and validation findings."""
     with load_lora(path) as a:
@@ -94,6 +129,7 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
         blocks_per_kind: dict[str, Counter] = defaultdict(Counter)
         coverage: dict[str, list[int]] = defaultdict(list)
         unknown, bad_shapes = [], []
+        known = 0
         dims = infer_dims(a)
         for m in a.modules.values():
             for p in m.parts:
@@ -103,6 +139,7 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             if kind is None:
                 unknown.append(m.name)
                 continue
+            known += 1
             k, i = kind
             blocks_per_kind[k.kind][len(m.parts)] += 1
             if i is not None:
@@ -125,10 +162,13 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
                 findings.append(f"{kind}: blocks {missing} not covered (covers {_ranges(idx)})")
         if coverage and not any("not covered" in f for f in findings):
             findings.append(f"blocks 0-{dims.depth - 1} all covered by every module type present")
-        if dims.depth != naming.OFFICIAL.depth:
+        if known and dims.depth != naming.OFFICIAL.depth:
             findings.append(f"depth {dims.depth} (the official DiT has {naming.OFFICIAL.depth} blocks)")
         off = naming.OFFICIAL
-        if _same(dims, False):
+        if not known:
+            findings.append("no module is a Linear layer of the LongCat-Video DiT in any naming known here: "
+                            "nothing to compare with its sizes")
+        elif _same(dims, False):
             findings.append(f"module sizes match the official LongCat-Video DiT ({_sizes(off, False)})")
         else:
             findings.append(f"module sizes imply a DiT of {_sizes(dims, False)}; the official one has "
@@ -144,11 +184,15 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
                 + "); FastVideo has no form for them")
         if bad_shapes:
             findings.append(f"{len(bad_shapes)} modules have unexpected shapes: " + "; ".join(bad_shapes[:5]))
-        else:
+        elif known:
             findings.append("every module's shape is consistent with that DiT")
         if unknown:
-            findings.append(f"{len(unknown)} modules are not Linear layers of the LongCat-Video DiT: "
-                            + ", ".join(q(n) for n in sorted(unknown)[:5]))
+            hints = sorted({h for n in unknown if (h := naming.hint(n))})
+            findings.append(f"{len(unknown)} modules are not modules of LongCat-Video or LongCat-Video-Avatar in any "
+                            f"naming known here (convert, merge and apply refuse them unless told to skip them): "
+                            + ", ".join(q(n) for n in sorted(unknown)[:5])
+                            + (f" ({'; '.join(hints[:3])})" if hints else ""))
+        findings += _loader_notes(a, kinds)
         if nonfinite:
             findings.append(f"{len(nonfinite)} tensors hold NaN/Inf: " + ", ".join(q(n) for n in nonfinite[:5]))
         return {
@@ -165,6 +209,8 @@ def inspect_lora(path: str, scan_values: bool = True) -> dict:
             "up_blocks": {k: {str(n): c for n, c in sorted(v.items())} for k, v in sorted(blocks_per_kind.items())},
             "coverage": {k: _ranges(sorted(set(v))) for k, v in sorted(coverage.items())},
             "looks_like": looks,
+            "naming": naming_of(a),
+            "producer": producer_of(a),
             "dims": {**{f: getattr(dims, f) for f in naming.dims_named(False)}, "depth": dims.depth,
                      **({f: getattr(dims, f) for f in naming.dims_named(True)} if audio_kinds else {})},
             "notes": list(a.notes),
@@ -180,6 +226,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"{r['path']}",
         f"  format        {r['format']}  ({r['looks_like']})",
+        f"  naming        {r['naming']}",
+        *([f"  producer      {'; '.join(r['producer'])}"] if r["producer"] else []),
         f"  file size     {num(r['file_size'])} bytes",
         f"  keys          {num(r['keys'])}",
         f"  modules       {num(r['modules'])}",
@@ -201,4 +249,21 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["inspect_lora", "format_report", "infer_dims"]
+def _loader_notes(a: LoraAdapter, kinds: set[str]) -> list[str]:
+    """What the file means to the loaders it looks made for."""
+    notes = []
+    fused = sorted(k for k in kinds if (kk := next((t for t in naming.TABLE if t.kind == k), None))
+                   and kk.wanvideo and kk.wanvideo != (kk.longcat,))
+    if a.format == "kohya" and a.schemes.get("longcat") and fused:
+        applies = sorted(kinds - set(fused))
+        notes.append(f"ComfyUI's LongCat model (ComfyUI-WanVideoWrapper) names {', '.join(fused)} otherwise and will "
+                     f"not find them: loaded there, only {', '.join(applies) if applies else 'nothing'} would apply "
+                     f"(the rest is a console warning); `convert --to wanvideo` (or comfyui) writes its form. "
+                     f"Wan2GP, DiffSynth-Studio and kohya-style loaders of the official model take this file as it is")
+    if a.format == "wanvideo" and kinds & {"final_layer.linear", "final_layer.adaLN_modulation.1"}:
+        notes.append("ComfyUI-WanVideoWrapper applies the final layer's modules (head.*) only with merge_loras on "
+                     "(its default): its unmerged path skips every key containing 'head'")
+    return notes
+
+
+__all__ = ["inspect_lora", "format_report", "infer_dims", "naming_of", "producer_of"]

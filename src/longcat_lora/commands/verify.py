@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.adapter import LoraAdapter, LoraModule
+from ..model.adapter import LoraAdapter, LoraModule, Naming
 
 DENSE_LIMIT = 1 << 22  # elements of a row segment formed densely
 
@@ -26,6 +26,7 @@ class Comparison:
     errors: dict[str, float] = field(default_factory=dict)
     only_a: list[str] = field(default_factory=list)
     only_b: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # modules of no LongCat model (compared by name as read)
 
     def equivalent(self, rtol: float) -> bool:
         return not math.isnan(self.worst) and self.worst <= rtol
@@ -93,6 +94,7 @@ def compare(a: LoraAdapter, b: LoraAdapter) -> Comparison:
     c = Comparison()
     c.only_a = sorted(n for _, n in ma.keys() - mb.keys())
     c.only_b = sorted(n for _, n in mb.keys() - ma.keys())
+    c.unknown = sorted({n for nm, n in ma.keys() | mb.keys() if nm is Naming.UNKNOWN})
     for k in sorted(ma.keys() | mb.keys()):
         c.errors[k[1]] = module_error(ma.get(k), mb.get(k))
     if c.errors:

@@ -20,21 +20,23 @@ from ..model.adapter import LoraAdapter
 from ..errors import LoraError, Param
 from ..model.sources import NonFinite
 from ..io.outputs import atomic_output, check_output
-from . import comfyui, diffusers, fastvideo, longcat, peft
+from . import diffsynth, diffusers, fastvideo, kohya, longcat, peft, wanvideo
 from ._common import WriteOptions
 from .base import Format
-from .registry import FORMATS, get, open_input, register
+from .registry import FORMATS, alias, get, open_input, outputs, register
 
-BUILTIN = (longcat.FORMAT, fastvideo.FORMAT, peft.FORMAT, diffusers.FORMAT, comfyui.FORMAT)
+BUILTIN = (longcat.FORMAT, fastvideo.FORMAT, peft.FORMAT, diffusers.FORMAT, kohya.FORMAT, wanvideo.FORMAT,
+           diffsynth.FORMAT)
 for _fmt in BUILTIN:
     register(_fmt)
+alias("comfyui", wanvideo.NAME)  # what ComfyUI users run LongCat-Video in: ComfyUI-WanVideoWrapper's model
 
 
 def detect_format(path: str) -> str:
-    """The format of a LoRA file or PEFT directory, judged by content (never by file name)."""
-    fmt, sf = open_input(path)
-    sf.close()
-    return fmt.name
+    """The format of a LoRA file or PEFT directory, judged by content (never by file name): its key form,
+    and for kohya-form keys with the wrapper's Wan-style names, `wanvideo`."""
+    with load_lora(path) as adapter:
+        return adapter.format
 
 
 def load_lora(path: str) -> LoraAdapter:
@@ -98,5 +100,5 @@ def convert(src: str, dst: str, to: str, **kwargs) -> list[str]:
             raise NonFinite(*e.parts, " (pass ", Param("allow_nonfinite"), " to convert anyway)") from None
 
 
-__all__ = ["BUILTIN", "FORMATS", "Format", "WriteOptions", "check_lora_output", "convert", "detect_format", "get",
-           "load_lora", "register", "save_lora"]
+__all__ = ["BUILTIN", "FORMATS", "Format", "WriteOptions", "alias", "check_lora_output", "convert", "detect_format",
+           "get", "load_lora", "outputs", "register", "save_lora"]

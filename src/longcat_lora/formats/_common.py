@@ -12,8 +12,9 @@ from functools import partial
 from ..model import naming
 from ..model.adapter import LoraAdapter, LoraModule, Naming, Part, validate_module
 from ..model.layout import split_diagonal, standard_layer
+from ..model.sources import folded, negated
 from ..model.sources import FileTensor, NonFinite, Source
-from ..errors import LoraError, Param, UnmappedModulesError, q
+from ..errors import LoraError, Param, UnknownModulesError, UnmappedModulesError, q
 from ..io.jsonsafe import field as json_field, is_int, is_number, type_name
 from .patterns import PatternTable
 from ..io.dtypes import FLOATS, INTS, decode_scalar, encode_scalar, representable
@@ -137,10 +138,19 @@ def finish(adapter: LoraAdapter, where: str) -> LoraAdapter:
 
 
 def unmapped(modules: list[str], opts: WriteOptions, target: str) -> None:
+    """Refuse (unless skip_unmapped, which lists them in opts.skipped) modules the target cannot name."""
     if modules and not opts.skip_unmapped:
         raise UnmappedModulesError((f"{len(modules)} modules have no name in {target} (pass ", Param("skip_unmapped"),
                                     " to leave them out)"), sorted(modules))
     opts.skipped.extend(sorted(modules))
+
+
+def refuse_unknown(adapter: LoraAdapter, opts: WriteOptions) -> None:
+    """Modules of no LongCat model are never written: refused, or left out and listed with skip_unmapped."""
+    unknown = sorted(m.name for m in adapter.modules.values() if m.naming is Naming.UNKNOWN)
+    if unknown and not opts.skip_unmapped:
+        raise UnknownModulesError(unknown)
+    opts.skipped.extend(unknown)
 
 
 # ------------------------------------------------------------------ standard A/B/alpha layers
@@ -183,55 +193,106 @@ def group_keys(sf: SafeFile, patterns: list[tuple[re.Pattern[str], str]], what: 
     return layers
 
 
-def add_standard_layer(modules: dict[str, LoraModule], sf: SafeFile, layer: str, keys: StdKeys,
-                       scale_of: Callable[[int], float], naming_: Naming) -> None:
-    """Add one A/B layer to `modules`, mapped to its LongCat module (splits and block-diagonals undone).
+def placement(adapter: LoraAdapter, layer: str, underscored: bool = False) -> tuple[str, int, int, Naming, int]:
+    """Where a file's layer lands: (module name, split, splits, naming, native up blocks per split).
 
-    FastVideo layer names are recognised in every format; a name the table does not know keeps the
-    format's own naming (`naming_`: LONGCAT, or FASTVIDEO for FastVideo files)."""
+    Names in every scheme of the naming table are recognised (LongCat's, FastVideo's, the wrapper's
+    Wan-style ones; with `underscored`, kohya's dots-as-underscores form of any of them). A name no scheme
+    knows is kept as read (`Naming.UNKNOWN`): such a module is never written, merged or applied. The
+    schemes seen are counted in `adapter.schemes`."""
+    found = naming.resolve_underscored(layer) if underscored else naming.resolve(layer)
+    if found is None:
+        adapter.schemes["unknown"] = adapter.schemes.get("unknown", 0) + 1
+        return layer, 0, 1, Naming.UNKNOWN, 1
+    label = "kohya" if underscored else (next(iter(found.schemes)).value if len(found.schemes) == 1 else "shared")
+    adapter.schemes[label] = adapter.schemes.get(label, 0) + 1
+    chunks = found.kind.chunks // found.nsplit if found.kind.chunks % found.nsplit == 0 else 1
+    return found.module, found.split, found.nsplit, Naming.LONGCAT, chunks
+
+
+def add_part(adapter: LoraAdapter, where: str, layer: str, name: str, split: int, nsplit: int, naming_: Naming,
+             part_rows: int, in_features: int, part: Part, refine=None) -> None:
+    """Add a layer's part at rows split*part_rows of module `name` (made with nsplit*part_rows outputs);
+    refuses a layer whose size disagrees with the module's other parts, or whose rows another layer of
+    the file already adapts (two names for one weight, e.g. `self_attn.to_q` beside `attn.qkv`)."""
+    m = adapter.modules.get(name)
+    if m is None:
+        m = adapter.modules[name] = LoraModule(name, nsplit * part_rows, in_features, [], naming_)
+    elif m.out_features != nsplit * part_rows:
+        raise LoraError(f"{where}: layer {q(layer)} has {part_rows} outputs but the other parts of {q(name)} "
+                        f"imply {m.out_features // nsplit}")
+    lo, hi = part.rows
+    for other in m.given:
+        if other.rows[0] < hi and lo < other.rows[1]:
+            raise LoraError(f"{where}: layer {q(layer)} adapts rows {lo}:{hi} of {q(name)}, which another layer "
+                            f"of the file adapts too (rows {other.rows[0]}:{other.rows[1]}: two names for one weight)")
+    m.add(part, refine)
+
+
+def add_standard_layer(adapter: LoraAdapter, sf: SafeFile, layer: str, keys: StdKeys,
+                       scale_of: Callable[[int], float], underscored: bool = False) -> None:
+    """Add one A/B layer to the adapter, mapped to its LongCat module (splits and block-diagonals undone;
+    see `placement` for the names recognised)."""
     a, b = weight(sf, keys.a), weight(sf, keys.b)
     if b.shape[1] != a.shape[0]:
         raise LoraError(f"{sf.path}: layer {q(layer)}: up/B {list(b.shape)} and down/A {list(a.shape)} "
                         f"disagree on rank")
     scale = scale_of(a.shape[0])
-    name, split, nsplit = layer, 0, 1
-    mapped = naming.from_fastvideo(layer)
-    if mapped is not None:
-        name, split, nsplit = mapped
-        naming_ = Naming.LONGCAT
-    elif naming.kind_of(layer) is not None:
-        naming_ = Naming.LONGCAT
-    found = naming.kind_of(name) if naming_ is Naming.LONGCAT else None
-    chunks = found[0].chunks // nsplit if found and found[0].chunks % nsplit == 0 else 1
+    name, split, nsplit, naming_, chunks = placement(adapter, layer, underscored)
     h = b.shape[0]
-    m = modules.get(name)
-    if m is None:
-        m = modules[name] = LoraModule(name, nsplit * h, a.shape[1], [], naming_)
-    elif m.out_features != nsplit * h:
-        raise LoraError(f"{sf.path}: layer {q(layer)} has {h} outputs but the other parts of {q(name)} "
-                        f"imply {m.out_features // nsplit}")
-    m.add(Part((split * h, (split + 1) * h), a, b, scale), partial(split_diagonal, hint=chunks))
+    add_part(adapter, sf.path, layer, name, split, nsplit, naming_, h, a.shape[1],
+             Part((split * h, (split + 1) * h), a, b, scale), partial(split_diagonal, hint=chunks))
 
 
 @dataclass
 class LayerInfo:
-    module: str
+    module: str  # the layer's name in the output
     rank: int
     alpha: float  # scale * rank
 
 
-def standard_entries(adapter: LoraAdapter, opts: WriteOptions, a_key: Callable[[str], str],
-                     b_key: Callable[[str], str], target: str) -> tuple[list[Entry], list[LayerInfo]]:
-    """One standard LoRA per module in LongCat naming (block-diagonal up matrix where it has parts)."""
-    unmapped([m.name for m in adapter.modules.values() if m.naming is not Naming.LONGCAT], opts, target)
-    out, infos = [], []
+def layer_entries(adapter: LoraAdapter, opts: WriteOptions, scheme: naming.Scheme, a_key: Callable[[str], str],
+                  b_key: Callable[[str], str], alpha_for: Callable[[float, int], float | None],
+                  target: str) -> tuple[list[Entry], list[LayerInfo]]:
+    """Standard LoRA layers (A/down, B/up, an alpha) for every module, named in `scheme`.
+
+    A module becomes one layer per name the scheme has for it (`naming.layers`: the wrapper's and
+    FastVideo's split q/k/v take their rows of the module, each its slice of the down matrix and its up
+    block); several parts on one layer become one LoRA of summed rank with a block-diagonal up matrix.
+    `alpha_for(scale, rank)` is the alpha the target's loader needs for that scale, or None when no
+    alpha gives it exactly: then a negative scale whose magnitude has an alpha is written as that alpha
+    on the negated up matrix (exact), and any other scale is folded into the up matrix (one rounding of
+    float32 or wider) with alpha = rank. Entries come per module, down/A matrices first, in input-file order (see
+    `in_file_order`); unknown modules are refused and modules the scheme cannot name are refused as
+    unmapped into `target` (both left out and listed with skip_unmapped)."""
+    refuse_unknown(adapter, opts)
+    todo, missing = [], []
     for m in in_file_order(adapter):
         if m.naming is not Naming.LONGCAT:
             continue
-        std = standard_layer(m, 0, m.out_features)
-        out.append(entry(a_key(m.name), std.a, opts, m.name))
-        out.append(entry(b_key(m.name), std.b, opts, m.name))
-        infos.append(LayerInfo(m.name, std.rank, std.scale * std.rank))
+        names = (m.name,) if scheme is naming.Scheme.LONGCAT else naming.layers(m.name, scheme)
+        (missing.append(m.name) if names is None else todo.append((m, names)))
+    unmapped(missing, opts, target)
+    out, infos = [], []
+    for m, names in todo:
+        if m.out_features % len(names):
+            raise LoraError(f"module {q(m.name)}: {m.out_features} outputs do not split into {len(names)} "
+                            f"layers in {target}")
+        h = m.out_features // len(names)
+        a_entries, b_entries = [], []
+        for j, layer in enumerate(names):
+            std = standard_layer(m, j * h, (j + 1) * h)
+            if std is None:  # no part adapts these rows
+                continue
+            b, alpha = std.b, alpha_for(std.scale, std.rank)
+            if alpha is None and std.scale < 0 and (flip := alpha_for(-std.scale, std.rank)) is not None:
+                b, alpha = negated(b), flip  # a negative scale as a positive alpha on -B: exact, same dtype
+            elif alpha is None:
+                b, alpha = folded(b, std.scale), float(std.rank)
+            a_entries.append(entry(a_key(layer), std.a, opts, m.name))
+            b_entries.append(entry(b_key(layer), b, opts, m.name))
+            infos.append(LayerInfo(layer, std.rank, alpha))
+        out += a_entries + b_entries
     return out, infos
 
 

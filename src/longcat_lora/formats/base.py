@@ -12,6 +12,7 @@ which one line registers (`registry.register`; the built-in ones are listed in `
   A format with side files finds them beside `sf.path` itself.
 - `write(adapter, path, opts)`: the adapter as this format at `path`, a file (or a directory for a
   directory format, created empty by the caller); `opts` are the `WriteOptions` every writer takes.
+  None for a format that is only read (DiffSynth-Studio's: another format loads there exactly).
 - Directory formats only (`directory=True`): `owns_path(dir)` gives the safetensors file to read when
   the directory is this format's (None when it is not), `describe` says what such a directory holds (for
   the message when no format claims one), and `replaceable(dir)` says why an existing directory is not
@@ -37,7 +38,7 @@ class Format:
     name: str
     owns_key: Callable[[str], bool]
     read: Callable[[SafeFile], LoraAdapter]
-    write: Callable[[LoraAdapter, str, WriteOptions], None]
+    write: Callable[[LoraAdapter, str, WriteOptions], None] | None  # None: a format read only
     fallback: bool = False
     directory: bool = False
     owns_path: Callable[[str], str | None] | None = None

@@ -11,12 +11,13 @@ import json
 import re
 
 from ..io import jsonsafe
-from ..model.adapter import LoraAdapter, Naming
+from ..model.adapter import LoraAdapter
 from ..errors import LoraError
 from ..io.reader import SafeFile
 from ..io.writer import write_safetensors
 from ._common import (WriteOptions, add_standard_layer, finish, group_keys, metadata, peft_config, peft_scales,
-                      standard_entries, standard_key)
+                      layer_entries, standard_key)
+from ..model.naming import Scheme
 from .base import Format
 
 NAME = "diffusers"
@@ -44,13 +45,14 @@ def read(sf: SafeFile) -> LoraAdapter:
     scale = peft_scales(config, sf.path) if config else None
     for layer, keys in group_keys(sf, _PATTERNS, "diffusers LoRA").items():
         fn = (lambda r: 1.0) if scale is None else (lambda r, layer=layer: scale(layer, r))
-        add_standard_layer(adapter.modules, sf, layer, keys, fn, naming_=Naming.LONGCAT)
+        add_standard_layer(adapter, sf, layer, keys, fn)
     return finish(adapter, sf.path)
 
 
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
-    entries, infos = standard_entries(adapter, opts, lambda m: f"{PREFIX}{m}.lora_A.weight",
-                                      lambda m: f"{PREFIX}{m}.lora_B.weight", "diffusers (LongCat naming)")
+    entries, infos = layer_entries(adapter, opts, Scheme.LONGCAT, lambda m: f"{PREFIX}{m}.lora_A.weight",
+                                   lambda m: f"{PREFIX}{m}.lora_B.weight", lambda scale, rank: scale * rank,
+                                   "LongCat naming")
     config = peft_config(infos)
     config.pop("peft_type")
     meta = json.dumps({PREFIX + k: v for k, v in config.items()}, sort_keys=True)

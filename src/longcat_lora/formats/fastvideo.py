@@ -17,15 +17,13 @@ import math
 import re
 
 from ..model import naming
-from ..model.adapter import LoraAdapter, Naming
-from ..model.layout import standard_layer
-from ..model.sources import folded
-from ..errors import LoraError, q
-from ..io.writer import Entry, write_safetensors
+from ..model.adapter import LoraAdapter
+from ..errors import q
+from ..io.writer import write_safetensors
 from ..io.dtypes import representable
 from ..io.reader import SafeFile
-from ._common import (WriteOptions, add_standard_layer, entry, finish, group_keys, in_file_order, metadata, scalar,
-                      scalar_entry, standard_key, unmapped)
+from ._common import (WriteOptions, add_standard_layer, finish, group_keys, layer_entries, metadata, scalar,
+                      scalar_entry, standard_key)
 from .base import Format
 
 NAME = "fastvideo"
@@ -54,45 +52,27 @@ def read(sf: SafeFile) -> LoraAdapter:
         alpha = scalar(sf, keys.alpha)[0] if keys.alpha else None
         if alpha is not None and alpha != int(alpha):
             truncated.append(f"{q(layer)} ({alpha:g} -> {int(alpha)})")
-        add_standard_layer(adapter.modules, sf, layer, keys,
-                           lambda rank, alpha=alpha: loader_scale(alpha, rank), naming_=Naming.FASTVIDEO)
+        add_standard_layer(adapter, sf, layer, keys, lambda rank, alpha=alpha: loader_scale(alpha, rank))
     if truncated:
         adapter.notes.append(f"{len(truncated)} layers have a non-integer lora_alpha that FastVideo's loader "
                              f"truncates, read as FastVideo applies it: e.g. {truncated[0]}")
     return finish(adapter, sf.path)
 
 
+def alpha_for(scale: float, rank: int) -> float | None:
+    """The lora_alpha FastVideo's loader turns into exactly `scale` (int(alpha) / rank), stored as float32;
+    None when there is none (the scale is then folded into lora_B)."""
+    alpha = scale * rank
+    if (math.isfinite(alpha) and alpha == int(alpha) and int(alpha) != 0 and int(alpha) / rank == scale
+            and representable(alpha, "F32")):
+        return alpha
+    return None
+
+
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
-    out: list[Entry] = []
-    alphas: list[Entry] = []
-    todo = []
-    missing = []
-    for m in in_file_order(adapter):
-        layers = (m.name,) if m.naming is Naming.FASTVIDEO else naming.layers(m.name, naming.Scheme.FASTVIDEO)
-        if layers is None:
-            missing.append(m.name)
-        else:
-            todo.append((m, layers))
-    unmapped(missing, opts, "FastVideo's naming")
-    for m, layers in todo:
-        if m.out_features % len(layers):
-            raise LoraError(f"module {q(m.name)}: {m.out_features} outputs do not split into {len(layers)} "
-                            f"FastVideo layers")
-        h = m.out_features // len(layers)
-        a_entries, b_entries = [], []
-        for j, layer in enumerate(layers):
-            std = standard_layer(m, j * h, (j + 1) * h)
-            if std is None:
-                continue
-            rank, b = std.rank, std.b
-            alpha = std.scale * rank
-            if not (math.isfinite(alpha) and alpha == int(alpha) and int(alpha) != 0
-                    and int(alpha) / rank == std.scale and representable(alpha, "F32")):  # stored as F32
-                b, alpha = folded(b, std.scale), float(rank)
-            a_entries.append(entry(f"{layer}.lora_A", std.a, opts, m.name))
-            b_entries.append(entry(f"{layer}.lora_B", b, opts, m.name))
-            alphas.append(scalar_entry(f"{layer}.lora_alpha", alpha, "F32"))
-        out += a_entries + b_entries
+    out, infos = layer_entries(adapter, opts, naming.Scheme.FASTVIDEO, lambda layer: f"{layer}.lora_A",
+                               lambda layer: f"{layer}.lora_B", alpha_for, "FastVideo's naming")
+    alphas = [scalar_entry(f"{i.module}.lora_alpha", i.alpha, "F32") for i in infos]
     write_safetensors(path, out + alphas, metadata(adapter), opts.progress)
 
 

@@ -11,13 +11,13 @@ import re
 from collections import defaultdict
 
 from ..model import naming
-from ..model.adapter import LoraAdapter, LoraModule, Naming, Part
+from ..model.adapter import LoraAdapter, Naming, Part
 from ..model.layout import native_blocks
 from ..errors import LoraError, q
 from ..io.writer import Entry, write_safetensors
 from ..io.reader import SafeFile
-from ._common import (WriteOptions, entry, exact_dtype, finish, in_file_order, metadata, scalar, scalar_entry,
-                      unmapped, weight)
+from ._common import (WriteOptions, add_part, entry, exact_dtype, finish, in_file_order, metadata, placement,
+                      refuse_unknown, scalar, scalar_entry, weight)
 from .base import Format
 
 NAME = "longcat"
@@ -88,8 +88,11 @@ def read(sf: SafeFile) -> LoraAdapter:
         else:
             scale = 1.0
             missing_alpha.append(module)
-        parts = [Part((i * h, (i + 1) * h), down.rows(i * r, (i + 1) * r), ups[i], scale) for i in range(n)]
-        adapter.modules[module] = LoraModule(module, n * h, down.shape[1], parts)
+        name, split, nsplit, naming_, _ = placement(adapter, module)
+        base = split * n * h  # a layer of another scheme (a split q of qkv, say) takes its rows of the module
+        for i in range(n):
+            add_part(adapter, sf.path, module, name, split, nsplit, naming_, n * h, down.shape[1],
+                     Part((base + i * h, base + (i + 1) * h), down.rows(i * r, (i + 1) * r), ups[i], scale))
     if missing_alpha:
         adapter.notes.append(f"{len(missing_alpha)} modules have no alpha_scale: 1.0 assumed "
                              f"(e.g. {q(missing_alpha[0])})")
@@ -101,7 +104,7 @@ def read(sf: SafeFile) -> LoraAdapter:
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     out: list[Entry] = []
     scales: list[Entry] = []
-    unmapped([m.name for m in adapter.modules.values() if m.naming is not Naming.LONGCAT], opts, "LongCat naming")
+    refuse_unknown(adapter, opts)
     for m in in_file_order(adapter):
         if m.naming is not Naming.LONGCAT:
             continue

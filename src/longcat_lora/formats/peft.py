@@ -13,13 +13,14 @@ import os
 import re
 
 from ..io import jsonsafe
-from ..model.adapter import LoraAdapter, Naming
+from ..model.adapter import LoraAdapter
 from ..errors import LoraError
 from ..io.reader import SafeFile
 from ..io.outputs import dir_problem
 from ..io.writer import write_safetensors
 from ._common import (WriteOptions, add_standard_layer, finish, group_keys, metadata, peft_config, peft_scales,
-                      standard_entries, standard_key)
+                      layer_entries, standard_key)
+from ..model.naming import Scheme
 from .base import Format
 
 NAME = "peft"
@@ -78,14 +79,14 @@ def read(sf: SafeFile) -> LoraAdapter:
     for layer, keys in group_keys(sf, _PATTERNS, "PEFT adapter").items():
         if keys.alpha is not None:
             raise LoraError(f"{sf.path}: unexpected tensor {keys.alpha!r}")
-        add_standard_layer(adapter.modules, sf, layer, keys, lambda r, layer=layer: scale(layer, r),
-                           naming_=Naming.LONGCAT)
+        add_standard_layer(adapter, sf, layer, keys, lambda r, layer=layer: scale(layer, r))
     return finish(adapter, sf.path)
 
 
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
-    entries, infos = standard_entries(adapter, opts, lambda m: f"{PREFIX}{m}.lora_A.weight",
-                                      lambda m: f"{PREFIX}{m}.lora_B.weight", "PEFT (LongCat naming)")
+    entries, infos = layer_entries(adapter, opts, Scheme.LONGCAT, lambda m: f"{PREFIX}{m}.lora_A.weight",
+                                   lambda m: f"{PREFIX}{m}.lora_B.weight", lambda scale, rank: scale * rank,
+                                   "LongCat naming")
     write_safetensors(os.path.join(path, WEIGHTS), entries, metadata(adapter), opts.progress)
     with open(os.path.join(path, CONFIG), "w", encoding="utf-8") as f:
         json.dump(peft_config(infos), f, indent=2)

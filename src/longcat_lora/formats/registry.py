@@ -18,6 +18,7 @@ from .base import Format
 
 _REGISTRY: dict[str, Format] = {}
 FORMATS: Mapping[str, Format] = MappingProxyType(_REGISTRY)  # name -> Format, in registration order
+_ALIASES: dict[str, str] = {}  # another name -> a format's name
 
 
 def register(fmt: Format) -> Format:
@@ -28,11 +29,25 @@ def register(fmt: Format) -> Format:
     return fmt
 
 
+def alias(name: str, of: str) -> None:
+    """Make `name` another name for the registered format `of` (for writing: `get(name)`)."""
+    if name in _REGISTRY or name in _ALIASES or of not in _REGISTRY:
+        raise ValueError(f"cannot alias {name!r} to {of!r}")
+    _ALIASES[name] = of
+
+
+def outputs() -> list[str]:
+    """The names `get` takes for writing: every format with a writer, and the aliases."""
+    return [n for n, f in _REGISTRY.items() if f.write is not None] + list(_ALIASES)
+
+
 def get(name: str) -> Format:
-    """The format called `name`; a LoraError listing the choices for any other name."""
-    fmt = _REGISTRY.get(name)
-    if fmt is None:
-        raise LoraError(f"unknown format {name!r} (choose from {', '.join(_REGISTRY)})")
+    """The format called `name` (or by an alias); a LoraError listing the choices for any other name, and
+    for a format that is only read."""
+    fmt = _REGISTRY.get(_ALIASES.get(name, name))
+    if fmt is None or fmt.write is None:
+        why = "a format that is only read; " if fmt is not None else ""
+        raise LoraError(f"unknown output format {name!r} ({why}choose from {', '.join(outputs())})")
     return fmt
 
 

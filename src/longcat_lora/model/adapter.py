@@ -47,10 +47,10 @@ Refine = Callable[[Part], list[Part]]
 
 
 class Naming(StrEnum):
-    """Which names a module's name is in."""
+    """Whether a module is one of the DiT's (keyed by its LongCat name) or unknown (kept as read)."""
 
-    LONGCAT = "longcat"  # LongCat's original module names (what the naming table knows): the normal case
-    FASTVIDEO = "fastvideo"  # a FastVideo layer name the naming table cannot translate, kept as read
+    LONGCAT = "longcat"  # a module of LongCat-Video or LongCat-Video-Avatar, under its original name
+    UNKNOWN = "unknown"  # a name no scheme of the naming table knows: never written, merged or applied
 
 
 class LoraModule:
@@ -117,6 +117,10 @@ class LoraAdapter:
     # dtype of the native alpha_scale tensors, when known, so native -> X -> native is bit-exact
     scale_dtype: str | None = None
     files: list[SafeFile] = field(default_factory=list, repr=False)
+    # which schemes of the naming table the file's layer names are in ("longcat", "fastvideo", "wanvideo";
+    # "kohya" when written with underscores), counted over names only that scheme has
+    schemes: dict[str, int] = field(default_factory=dict)
+    hints: dict[str, str] = field(default_factory=dict)  # what the file shows of its producer (inspect)
 
     def close(self) -> None:
         for f in self.files:

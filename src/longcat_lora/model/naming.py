@@ -339,3 +339,29 @@ def expected_shapes(dims: DitDims, avatar: bool = False) -> dict[str, tuple[int,
         for i in range(dims.depth) if k.per_block else [None]:
             out[k.longcat.format(i=i)] = k.shape(dims)
     return out
+
+
+_SCHEME_LABEL = {Scheme.LONGCAT: "LongCat's", Scheme.FASTVIDEO: "FastVideo's", Scheme.WANVIDEO: "the wrapper's (Wan-style)"}
+
+
+def hint(name: str) -> str | None:
+    """What an unknown module name resembles, for a refusal: a known layer behind an unknown prefix, or a
+    module path a scheme has, ending in a layer it does not have. None when it resembles nothing."""
+    for sep in ".", "_":
+        for k in range(len(name)):
+            if name[k] == sep and k + 1 < len(name):
+                tail = name[k + 1:]
+                found = _match(tail, sep)
+                if found is not None:
+                    return f"{name!r} ends in the layer {tail!r} after the prefix {name[:k + 1]!r}, which is not one the format takes"
+    t, i = _template(name, ".")
+    parent = t.rpartition(".")[0]
+    if not parent:
+        return None
+    schemes = sorted({s for k in TABLE for s in Scheme for tt in k.templates(s) if tt.rpartition(".")[0] == parent},
+                     key=list(Scheme).index)
+    if not schemes:
+        return None
+    shown = parent.replace("{i}", "N")
+    return (f"{shown}.* is a module path in {' and '.join(_SCHEME_LABEL[s] for s in schemes)} naming, but "
+            f"{t.rpartition('.')[2]!r} is no layer there")

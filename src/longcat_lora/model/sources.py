@@ -267,6 +267,19 @@ def folded(src: Source, factor: float) -> Source:
     return Computed(src.shape, dtype, lambda: out().view(np.uint8), (src,))
 
 
+def negated(src: Source) -> Source:
+    """-src exactly, in src's dtype: every sign bit flipped (so NaN/Inf stay what they are)."""
+    k = ITEMSIZE[src.dtype]
+    uint, sign = {2: (np.uint16, 0x8000), 4: (np.uint32, 0x80000000), 8: (np.uint64, 1 << 63)}[k]
+
+    def make() -> np.ndarray:
+        a = np.array(src.raw(), dtype=np.uint8, copy=True).reshape(src.shape[0], -1)
+        a.view(uint)[...] ^= uint(sign)
+        return a
+
+    return Computed(src.shape, src.dtype, make, (src,))
+
+
 def fold_into(src: Source, factor: float, out: np.ndarray) -> np.ndarray:
     """Write src * factor into `out` (float32 or float64, any strides): computed in float64, rounded once.
 

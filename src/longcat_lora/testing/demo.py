@@ -125,7 +125,7 @@ def run_demo(keep: str | None = None) -> int:
         rows = []
         worst = 0.0
         with load_lora(src) as original:
-            for fmt in FORMATS:
+            for fmt in [n for n, f in FORMATS.items() if f.write is not None]:
                 out = os.path.join(work, f"demo.{fmt}" + ("" if fmt == "peft" else ".safetensors"))
                 back = os.path.join(work, f"demo.{fmt}.back.safetensors")
                 convert(src, out, fmt, overwrite=True)
