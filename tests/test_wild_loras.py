@@ -223,3 +223,51 @@ def test_unknown_modules_are_refused_by_merge_apply_and_the_algebra(tmp_path):
 
     with pytest.raises(L.LoraError, match="not modules of LongCat-Video"):
         L.apply_lora(LongCatDiT(TINY), lora)
+
+
+def _many(path, n: int) -> str:
+    """A LoRA-looking file of n tiny tensors (FastVideo-style names, 2 per layer)."""
+    import struct
+
+    parts = [f'"blocks.{i // 2}.x.lora_{"AB"[i % 2]}":{{"dtype":"F32","shape":[1,1],"data_offsets":[{4 * i},{4 * i + 4}]}}'
+             for i in range(n)]
+    raw = ("{" + ",".join(parts) + "}").encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"\0" * (4 * n))
+    return str(path)
+
+
+def test_a_lora_with_more_tensors_than_any_longcat_lora_is_refused_before_parsing(tmp_path, monkeypatch):
+    """Issue 18 item 6: a hostile file of a million tiny tensors took minutes and gigabytes; a LoRA input
+    with more entries than MAX_LORA_TENSORS (no LongCat LoRA has a 25th of that) is one line, exit 2,
+    before its header is parsed. The count is of objects in the header, so no key spelling escapes it."""
+    import time
+
+    from longcat_lora.formats import registry
+
+    big = _many(tmp_path / "big.safetensors", registry.MAX_LORA_TENSORS + 1)
+    for args in (("inspect", big), ("convert", big, tmp_path / "o.safetensors", "--to", "longcat")):
+        t = time.perf_counter()
+        p = cli(*args, check=2)
+        assert p.stderr.count("\n") == 1 and "more than 65,536 tensor entries" in p.stderr, p.stderr
+        assert time.perf_counter() - t < 30  # (a generous bound for a loaded machine: it takes ~0.3 s)
+    assert not (tmp_path / "o.safetensors").exists()
+    # the edge, in process: the cap itself is read, one more is refused, spelled keys counted too
+    monkeypatch.setattr(registry, "MAX_LORA_TENSORS", 6)
+    with L.load_lora(_many(tmp_path / "six.safetensors", 6)) as a:
+        assert len(a.modules) == 3
+    with pytest.raises(L.LoraError, match="more than 6 tensor entries"):
+        L.load_lora(_many(tmp_path / "seven.safetensors", 7))
+    data = open(_many(tmp_path / "s.safetensors", 8), "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].replace(b'"data_offsets"', b'"data\\u005foffsets"')  # the same key, spelled
+    header += b" " * (-len(header) % 8)
+    spelled = tmp_path / "spelled.safetensors"
+    spelled.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
+    monkeypatch.setattr(registry, "MAX_LORA_TENSORS", 8)
+    with L.load_lora(str(spelled)) as a:  # a valid file (json reads the escape), 8 entries: read
+        assert len(a.files[0].tensors) == 8
+    monkeypatch.setattr(registry, "MAX_LORA_TENSORS", 7)
+    with pytest.raises(L.LoraError, match="more than 7 tensor entries"):
+        L.load_lora(str(spelled))

@@ -104,9 +104,15 @@ def weights_file(path: str) -> str:
     return path
 
 
+# The most tensors a LoRA of LongCat-Video may hold, with room to spare: the largest layout (every module
+# of the Avatar DiT, native form: 8 tensors per fused module) has about 2,500; a file past this is refused
+# before its header is parsed (a million tiny tensors would otherwise take minutes and gigabytes).
+MAX_LORA_TENSORS = 65_536
+
+
 def open_input(path: str) -> tuple[Format, SafeFile]:
     """A LoRA file or directory, opened and detected by content (never by file name)."""
-    sf = SafeFile(weights_file(str(path)))
+    sf = SafeFile(weights_file(str(path)), MAX_LORA_TENSORS, "LoRA of LongCat-Video (the largest holds ~2,500)")
     try:
         return detect(sf.keys(), sf.path), sf
     except BaseException:

@@ -171,10 +171,15 @@ def _stamp(st: os.stat_result) -> tuple[int, int]:
 
 
 class SafeFile:
-    """A safetensors file opened for lazy, validated, per-tensor reads."""
+    """A safetensors file opened for lazy, validated, per-tensor reads.
 
-    def __init__(self, path: str):
+    `max_tensors` (with `what`, the kind of file expected): refuse, before the header is parsed, a file
+    whose header could hold more tensors than that (counted as its `{` characters: every entry is an
+    object, so no spelling of a key slips past the count)."""
+
+    def __init__(self, path: str, max_tensors: int | None = None, what: str = "file"):
         self.path = str(path)
+        self.max_tensors, self.what = max_tensors, what
         self._fd = -1
         self._fd = open_regular(self.path)
         try:
@@ -228,6 +233,9 @@ class SafeFile:
         raw = os.pread(self._fd, n, 8)
         if len(raw) != n:
             raise LoraError(f"{self.path}: truncated while reading its header")
+        if self.max_tensors is not None and raw.count(b"{") - 1 > self.max_tensors:
+            raise LoraError(f"{self.path}: its header holds more than {self.max_tensors:,} tensor entries "
+                            f"({raw.count(b'{') - 1:,} objects); no {self.what} has that many: not read")
         base = 8 + n
         gc_was = gc.isenabled()
         gc.disable()  # a million small containers would trigger collections over and over
