@@ -14,6 +14,7 @@ import tempfile
 
 from .fixtures import write_native_lora
 from ..formats import FORMATS, convert, load_lora
+from . import producers
 from ..commands.inspect import format_report, inspect_lora
 from ..commands.verify import compare
 
@@ -135,6 +136,15 @@ def run_demo(keep: str | None = None) -> int:
                         c = compare(original, other)
                     rows.append((label, c.worst, len(c.errors)))
                     worst = max(worst, c.worst)
+            # the forms the ecosystem's trainers write, made from the same LoRA (testing/producers.py)
+            for label, make, out in (("DiffSynth-Studio form", producers.diffsynth, "demo.diffsynth.safetensors"),
+                                     ("musubi-tuner form", producers.musubi, "demo.musubi.safetensors"),
+                                     ("diffusion-pipe form", producers.diffusion_pipe, "demo.diffusion_pipe")):
+                path = make(src, os.path.join(work, out))
+                with load_lora(path) as other:
+                    c = compare(original, other)
+                rows.append((f"read: {label}", c.worst, len(c.errors)))
+                worst = max(worst, c.worst)
         print(f"  {'path':28s} {'modules':>8s} {'worst rel. error':>18s}")
         for label, err, n in rows:
             print(f"  {label:28s} {n:8d} {err:18.3e}")
