@@ -36,24 +36,31 @@ class Target:
 
 
 def _layers(m: LoraModule, layer_shape: Callable[[str], tuple[int, int] | None], what: str) -> tuple[str, ...]:
-    """The model's layer(s) for a module: its fused layer, else its layers in the first scheme of the
-    naming table (FastVideo's, the wrapper's) whose layers the model has; () if none. A model holding
-    only some of a scheme's layers for the module (q but not k) is refused: a layout mixed within one
-    weight cannot take the LoRA's rows."""
+    """The model's layer(s) for a module: its fused layer, else its layers in the scheme of the naming
+    table (FastVideo's, the wrapper's) whose layers the model has; () if none. A model holding only some
+    of a scheme's layers for the module (q but not k), or layers of two layouts for it (the fused qkv and
+    a split q), is refused: a layout mixed within one weight cannot take the LoRA's rows, and merging
+    into one of two copies would leave the other stale."""
     if m.naming is not Naming.LONGCAT:
         return ()
-    if layer_shape(m.name) is not None:
-        return (m.name,)
+    layouts = [(m.name,)]
     for scheme in (naming.Scheme.FASTVIDEO, naming.Scheme.WANVIDEO):
         names = naming.layers(m.name, scheme) or ()
-        present = [n for n in names if layer_shape(n) is not None]
-        if present and len(present) < len(names):
-            absent = [n for n in names if n not in present]
-            raise LoraError(f"{what} has {', '.join(map(q, present))} but not {', '.join(map(q, absent))}: the LoRA "
-                            f"adapts all of {q(m.name)} (layouts mixed within one weight)")
-        if present:
-            return names
-    return ()
+        if names and names not in layouts:
+            layouts.append(names)
+    held = [(names, [n for n in names if layer_shape(n) is not None]) for names in layouts]
+    held = [(names, present) for names, present in held if present]
+    if not held:
+        return ()
+    names, present = held[0]
+    if len(held) > 1:
+        raise LoraError(f"{what} has both {', '.join(map(q, present))} and {', '.join(map(q, held[1][1]))}: two "
+                        f"layouts of {q(m.name)} (refusing to merge into one of them)")
+    if len(present) < len(names):
+        absent = [n for n in names if n not in present]
+        raise LoraError(f"{what} has {', '.join(map(q, present))} but not {', '.join(map(q, absent))}: the LoRA "
+                        f"adapts all of {q(m.name)} (layouts mixed within one weight)")
+    return names
 
 
 def find_targets(adapter: LoraAdapter, layer_shape: Callable[[str], tuple[int, int] | None],
