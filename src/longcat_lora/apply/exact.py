@@ -356,6 +356,44 @@ class ExactMerge:
             raise NotFinite
         return bits
 
+    def compare(self, rows: np.ndarray, cols: np.ndarray, base: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                t: np.ndarray) -> np.ndarray:
+        """sign(exact sum - t) at (rows, cols), as int8 -1 / 0 / 1, for float64 values `t` (what requantizing
+        to fp8 needs where the float32 result is exactly a midpoint of its grid). An element no term changes
+        compares its base value; the others a float64 sum with the bulk's bound (any summation order), and
+        the exact sum where that cannot decide. `base` as for `chunk`. Raises NotFinite."""
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        t = np.asarray(t, dtype=np.float64)
+        out = np.zeros(len(t), dtype=np.int8)
+        if not len(t):
+            return out
+        if not self.finite_inputs or not np.isfinite(t).all():
+            raise NotFinite
+        b = np.asarray(base(rows, cols), dtype=np.float64)
+        free = self._change_free(rows, cols)
+        out[free] = np.sign(b[free] - t[free])  # the sign of a float64 difference is exact
+        todo = np.flatnonzero(~free)
+        if not todo.size:
+            return out
+        r, c, tt = rows[todo], cols[todo], t[todo]
+        v = b[todo].copy()
+        for term, u, d in zip(self.terms, self.up_np, self.down_np):
+            ii = np.flatnonzero((r >= term.rows[0]) & (r < term.rows[1]))
+            if ii.size:
+                v[ii] += term.alpha * np.einsum("ij,ji->i", u[r[ii] - term.rows[0]], d[:, c[ii]])
+        if not np.isfinite(v).all():
+            raise NotFinite
+        e = self._bound(v, r, c)
+        s = np.where(v - e > tt, 1, np.where(v + e < tt, -1, 0)).astype(np.int8)
+        for k in np.flatnonzero(s == 0):
+            n, ex = exact_sum(float(b[todo[k]]), self._terms_at(int(r[k]), int(c[k])))
+            tn, te = dyadic(float(tt[k]))
+            m = min(ex, te)
+            diff = (n << (ex - m)) - (tn << (te - m))
+            s[k] = (diff > 0) - (diff < 0)
+        out[todo] = s
+        return out
+
     def _terms_at(self, row: int, col: int) -> list[tuple[float, float, np.ndarray, np.ndarray]]:
         out = []
         for t, u, d in zip(self.terms, self.up_np, self.down_np):

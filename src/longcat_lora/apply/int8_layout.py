@@ -42,7 +42,8 @@ def scan(b: Base) -> dict[str, Int8Layer] | None:
     present, every scale positive and finite (the scales are read: out x 4 bytes per layer, released
     after the check), no scale without its int8 weight, no layer with both `.weight` and `.weight_int8`.
     """
-    names = [t for t in b.tensors if t.endswith(INT8) or t.endswith(SCALE)]
+    # a `.weight_scale` beside an fp8 `.weight` is a scaled fp8 weight's (fp8.py), not an INT8 layer's
+    names = [t for t in b.tensors if t.endswith(INT8) or (t.endswith(SCALE) and not _fp8_weight(b, t[:-len(SCALE)]))]
     if not names:
         return None
     layers: dict[str, Int8Layer] = {}
@@ -75,6 +76,11 @@ def scan(b: Base) -> dict[str, Int8Layer] | None:
                             f"positive and finite")
         layers[m] = Int8Layer(m, info.shape, b.tensors[t], b.tensors[s])  # type: ignore[arg-type]
     return layers
+
+
+def _fp8_weight(b: Base, layer: str) -> bool:
+    w = layer + ".weight"
+    return w in b.tensors and b.shards[b.tensors[w]].info(w).dtype in ("F8_E4M3", "F8_E5M2")
 
 
 def check_fit(layers: dict[str, Int8Layer], b: Base, adapter: LoraAdapter, lora: str) -> None:

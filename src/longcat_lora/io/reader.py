@@ -387,9 +387,10 @@ class SafeFile:
             a = a.reshape(nrows, -1) if nrows else a.reshape(0, math.prod(info.shape[1:]) * ITEMSIZE[info.dtype])
         return a
 
-    def read_into(self, name: str, buf: memoryview) -> None:
-        """Read a whole tensor's bytes into `buf` (exactly its size): no allocation, no page faults on reuse."""
-        start, count = self.byte_range(name)
+    def read_into(self, name: str, buf: memoryview, rows: tuple[int, int] | None = None) -> None:
+        """Read a tensor's bytes (or a range of its first dimension) into `buf` (exactly their size): no
+        allocation, no page faults on reuse."""
+        start, count = self.byte_range(name, rows)
         if buf.nbytes != count:
             raise ValueError(f"{name}: buffer of {buf.nbytes} bytes for {count}")
         self._pread(name, start, buf)
