@@ -13,6 +13,12 @@ implementations of `pipeline.Stages` over the same `Job`s:
   pipeline slot, so copies of one job overlap the compute of another. With `device="cpu"` the same code
   runs without streams (what the CPU-only tests exercise).
 
+A job reads its base weight as stored (a float tensor, or a row range of one: the q rows of a fused
+qkv for a split output), or as a quantized weight with its scales (a scaled fp8 weight, an INT8 one),
+whose exact values `stored * scale` are formed in float64. It writes the output dtype, or fp8 with fresh
+scales (fp8.py: the merged weight correctly rounded to float32 first, then the codes and power-of-two
+scales from it, ties decided against the exact sum).
+
 A merge never writes Inf/NaN: a value the output dtype cannot hold is an error naming the tensor.
 """
 
@@ -23,7 +29,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +40,7 @@ from ..io.dtypes import ITEMSIZE, torch_dtype
 from ..io.reader import SafeFile
 from ..threads import single_threaded
 from .exact import ExactMerge, NotFinite, Scratch, Term
+from .fp8 import Fp8Format, Requantizer, ScaleLayout
 from .targets import Target
 
 CHUNK_ELEMENTS = 1 << 19  # float64 elements per row chunk of a merged weight on the CPU (4 MiB)
@@ -45,28 +52,79 @@ AUTO_CUDA_GFLOP = 128.0
 
 
 @dataclass(frozen=True)
+class Scaled:
+    """The scales of a quantized stored weight (fp8 or INT8): tensor `name` of `sf` (rows `rows` of it, for
+    per-row scales of a row range), covering the job's rows as `layout` says."""
+
+    sf: SafeFile
+    name: str
+    layout: ScaleLayout
+    rows: tuple[int, int] | None = None
+
+    def values(self) -> torch.Tensor:
+        """The scales as float64 [nr, nc] (exact)."""
+        return self.sf.read(self.name, self.rows).double().reshape(self.layout.nr, self.layout.nc)
+
+
+@dataclass(frozen=True)
+class Fp8Out:
+    """Requantize the merged weight to `fmt` with fresh scales of `layout`, stored as `scale_dtype`."""
+
+    fmt: Fp8Format
+    layout: ScaleLayout
+    scale_dtype: str
+
+
+@dataclass(frozen=True)
 class Job:
-    """One adapted weight: `adds` (target, strength) folded into tensor `name` of `sf`, cast to `out_dtype`."""
+    """One adapted weight: `adds` (target, strength) folded into tensor `name` of `sf` (rows `rows` of it,
+    all when None; scaled by `scale` when it is quantized), written as `out_dtype` (fp8 with fresh scales
+    when `fp8` is set; only those scales when `scale_only`). `result` receives an fp8 job's new scale bytes
+    ("scale") and its requantization error ("report": relative, steps)."""
 
     sf: SafeFile
     name: str
     adds: tuple[tuple[Target, float], ...]
     out_dtype: str
     out_offset: int | None = None  # where its bytes start in the output file, when known (alignment)
+    rows: tuple[int, int] | None = None
+    scale: Scaled | None = None
+    fp8: Fp8Out | None = None
+    scale_only: bool = False
+    label: str = ""  # the output tensor's name, for messages (default: `name`)
+    result: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
         rows, cols = self.sf.info(self.name).shape
+        if self.rows is not None:
+            rows = self.rows[1] - self.rows[0]
         return rows, cols
 
     @property
+    def stored_dtype(self) -> str:
+        return self.sf.info(self.name).dtype
+
+    @property
     def in_bytes(self) -> int:
-        return self.sf.info(self.name).nbytes
+        return self.sf.byte_range(self.name, self.rows)[1]
 
     @property
     def out_bytes(self) -> int:
+        if self.scale_only:
+            assert self.fp8 is not None
+            return self.fp8.layout.nr * self.fp8.layout.nc * ITEMSIZE[self.fp8.scale_dtype]
         rows, cols = self.shape
         return rows * cols * ITEMSIZE[self.out_dtype]
+
+    @property
+    def merge_dtype(self) -> str:
+        """The dtype the merged weight is correctly rounded to: the output's, float32 before fp8."""
+        return "F32" if self.fp8 is not None else self.out_dtype
+
+    @property
+    def where(self) -> str:
+        return f"{self.sf.path}: {self.label or self.name!r}"
 
     def terms(self, device: torch.device | str = "cpu", pin: bool = False) -> list[Term]:
         """Every LoRA part on this weight as an exact float64 `Term` (rows relative to the weight)."""
@@ -83,15 +141,65 @@ class Job:
                                 strength, p.scale))
         return out
 
-    def base_values(self, raw: torch.Tensor) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-        """Exact base values at (rows, cols), as float64, from the job's stored bytes `raw` (on the host)."""
+    def read_into(self, raw: torch.Tensor) -> None:
+        """Read the job's stored bytes (its rows) into the start of `raw` (uint8)."""
+        buf = memoryview(raw[:self.in_bytes].numpy())
+        if self.rows is None:
+            self.sf.read_into(self.name, buf)
+        else:
+            self.sf.read_into(self.name, buf, self.rows)
+
+    def stored(self, raw: torch.Tensor) -> torch.Tensor:
+        """The job's stored values [rows, cols] in their dtype, viewing its raw bytes `raw`."""
         rows, cols = self.shape
-        w = raw[:self.in_bytes].view(torch_dtype(self.sf.info(self.name).dtype)).view(rows, cols)
-        return lambda r, c: w[torch.from_numpy(r), torch.from_numpy(c)].double().numpy()
+        return raw[:self.in_bytes].view(torch_dtype(self.stored_dtype)).view(rows, cols)
+
+    def base_values(self, raw: torch.Tensor, scales: torch.Tensor | None = None
+                    ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        """Exact base values at (rows, cols), as float64, from the job's stored bytes `raw` and its scales
+        (float64 [nr, nc], for a quantized weight) on the host. A scaled value is exact: an fp8 or int8
+        value (at most 8 bits) times a scale (at most 53) has at most 61, and a power of two aside from
+        that, fits float64 unless the scale itself is below 2**-1000."""
+        w = self.stored(raw)
+        if scales is None:
+            return lambda r, c: w[torch.from_numpy(r), torch.from_numpy(c)].double().numpy()
+        lay = self.scale.layout  # type: ignore[union-attr]
+
+        def values(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+            rr, cc = torch.from_numpy(r), torch.from_numpy(c)
+            return (w[rr, cc].double() * scales[rr // lay.bo, cc // lay.bi]).numpy()
+
+        return values
+
+    def dequantize_into(self, w64: torch.Tensor, src: torch.Tensor, scales: torch.Tensor | None, r0: int, r1: int) -> None:
+        """Rows r0:r1 of the exact base weight into `w64` (float64 [r1 - r0, cols]): the stored values,
+        times their scales for a quantized weight."""
+        w64.copy_(src[r0:r1])
+        if scales is not None:
+            lay = self.scale.layout  # type: ignore[union-attr]
+            w64.view(r1 - r0, lay.nc, lay.bi).mul_(lay.expand(scales, r0, r1))
 
     def nonfinite_error(self) -> LoraError:
         """The error for a merged value the output dtype cannot hold (or NaN/Inf in the inputs)."""
-        return LoraError(f"{self.sf.path}: merging gives non-finite values in {self.name!r} (as {self.out_dtype})")
+        dt = self.fp8.fmt.name if self.fp8 is not None else self.out_dtype
+        return LoraError(f"{self.sf.path}: merging gives non-finite values in {self.label or self.name!r} (as {dt})")
+
+    def requantizer(self) -> Requantizer | None:
+        if self.fp8 is None:
+            return None
+        return Requantizer(self.fp8.fmt, self.fp8.layout, self.fp8.scale_dtype, self.where)
+
+    def requantized(self, rq: Requantizer) -> None:
+        """Record an fp8 job's new scales (bytes) and error in `result`; a scale-only job must agree with the
+        weight job that computes the same layer again."""
+        scale = rq.scale_bytes()
+        before = self.result.get("scale")
+        if before is not None and not np.array_equal(before, scale):
+            raise RuntimeError(f"{self.where}: recomputing the merged weight gave other scales (non-deterministic "
+                               f"arithmetic on this device)")
+        self.result["scale"] = scale
+        if not self.scale_only:
+            self.result["report"] = rq.report()
 
 
 def gflop(adds: Sequence[tuple[Target, float]]) -> float:
@@ -134,8 +242,10 @@ class CpuStages:
     def __init__(self, depth: int, workers: int | None = None, chunk_elements: int | None = None):
         self.raw = [torch.empty(0, dtype=torch.uint8) for _ in range(depth)]
         self.out = [torch.empty(0, dtype=torch.uint8) for _ in range(depth)]
+        self.w32 = [torch.empty(0, dtype=torch.float32) for _ in range(depth)]  # an fp8 job's float32 result
         self.pad = [0] * depth  # where each slot's output starts in its buffer (see `_out`)
         self.terms: list[list[Term]] = [[] for _ in range(depth)]
+        self.scales: list[torch.Tensor | None] = [None] * depth
         n = max(1, workers if workers is not None else torch.get_num_threads())
         self.chunk_elements = chunk_elements or CHUNK_ELEMENTS
         self.f64 = [torch.empty(0, dtype=torch.float64) for _ in range(n)]  # each worker's chunk
@@ -144,38 +254,72 @@ class CpuStages:
 
     def load(self, job: Job, slot: int) -> None:
         self.raw[slot] = _grow(self.raw[slot], job.in_bytes)
-        job.sf.read_into(job.name, memoryview(self.raw[slot][:job.in_bytes].numpy()))
+        job.read_into(self.raw[slot])
+        self.scales[slot] = job.scale.values() if job.scale is not None else None
         self.terms[slot] = job.terms()
 
     def compute(self, job: Job, slot: int) -> None:
         rows, cols = job.shape
-        src = self.raw[slot][:job.in_bytes].view(torch_dtype(job.sf.info(job.name).dtype)).view(rows, cols)
+        src = job.stored(self.raw[slot])
+        scales = self.scales[slot]
         self.out[slot] = _grow(self.out[slot], job.out_bytes + ALIGN)
         pad = 0 if job.out_offset is None else (job.out_offset - self.out[slot].data_ptr()) % ALIGN
         self.pad[slot] = pad  # output bytes at an address congruent to their file offset: written in place
-        out = self._out(job, slot).view(torch_dtype(job.out_dtype)).view(rows, cols)
-        merge = ExactMerge(self.terms[slot], rows, cols, job.out_dtype)
-        base = job.base_values(self.raw[slot])
-        step = max(1, self.chunk_elements // cols)
+        rq = job.requantizer()
+        if rq is not None:
+            self.w32[slot] = _grow(self.w32[slot], rows * cols)
+            dst = self.w32[slot][:rows * cols].view(rows, cols)
+        else:
+            dst = self._out(job, slot).view(torch_dtype(job.out_dtype)).view(rows, cols)
+        merge = ExactMerge(self.terms[slot], rows, cols, job.merge_dtype)
+        base = job.base_values(self.raw[slot], scales)
+        step = max(1, self.chunk_elements // max(cols, 1))
+        if rq is not None:
+            step = rq.chunk_rows(step)
         chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-        taken = itertools.count()  # next() is atomic: each chunk goes to exactly one worker
-        failed: list[tuple[int, BaseException]] = []  # (chunk, error): the earliest chunk's error is raised
 
-        def work(k: int) -> None:
+        def merged(k: int, r0: int, r1: int) -> None:
             self.f64[k] = _grow(self.f64[k], step * cols)
-            while not failed and (i := next(taken)) < len(chunks):
-                try:
-                    chunk(k, *chunks[i])
-                except BaseException as e:  # noqa: BLE001 - raised below, after every worker stopped
-                    failed.append((i, e))
-
-        def chunk(k: int, r0: int, r1: int) -> None:
             w = self.f64[k][:(r1 - r0) * cols].view(r1 - r0, cols)
-            w.copy_(src[r0:r1])  # to float64: exact
+            job.dequantize_into(w, src, scales, r0, r1)  # to float64: exact
             try:
-                merge.chunk(w, r0, r1, out[r0:r1], base, self.scratch[k])
+                merge.chunk(w, r0, r1, dst[r0:r1], base, self.scratch[k])
             except NotFinite:
                 raise job.nonfinite_error() from None
+            if rq is not None:
+                rq.observe(dst[r0:r1], r0, r1)
+
+        self._each(chunks, merged)
+        if rq is not None:
+            rq.finish()
+            if not job.scale_only:
+                codes = self._out(job, slot).view(rows, cols)
+
+                def resolve(r: np.ndarray, c: np.ndarray, t: np.ndarray) -> np.ndarray:
+                    try:
+                        return merge.compare(r, c, base, t)
+                    except NotFinite:
+                        raise job.nonfinite_error() from None
+
+                self._each(chunks, lambda k, r0, r1: rq.quantize(dst[r0:r1], r0, r1, codes[r0:r1], resolve))
+            job.requantized(rq)
+            if job.scale_only:
+                self._out(job, slot).numpy()[:] = job.result["scale"]
+        self.terms[slot] = []
+        self.scales[slot] = None
+
+    def _each(self, chunks: list[tuple[int, int]], fn: Callable[[int, int, int], None]) -> None:
+        """fn(worker, r0, r1) for every chunk, shared out among the workers (each takes the next chunk when
+        it is done with one); the first failing chunk's error is raised, as a sequential run would."""
+        taken = itertools.count()  # next() is atomic: each chunk goes to exactly one worker
+        failed: list[tuple[int, BaseException]] = []  # (chunk, error)
+
+        def work(k: int) -> None:
+            while not failed and (i := next(taken)) < len(chunks):
+                try:
+                    fn(k, *chunks[i])
+                except BaseException as e:  # noqa: BLE001 - raised below, after every worker stopped
+                    failed.append((i, e))
 
         with single_threaded():  # only while computing: other work of the merge keeps torch's pool
             if self.pool is None:
@@ -183,9 +327,8 @@ class CpuStages:
             else:
                 for f in [self.pool.submit(work, k) for k in range(len(self.f64))]:
                     f.result()  # waits for every worker: none still writes into the output
-        if failed:  # as a sequential run would: the error of the first failing chunk
+        if failed:
             raise min(failed, key=lambda x: x[0])[1]
-        self.terms[slot] = []
 
     def _out(self, job: Job, slot: int) -> torch.Tensor:
         """The slot's output bytes: `pad` bytes into its buffer, so that their address is congruent to their
@@ -231,6 +374,10 @@ class DeviceStages:
         self.h_in, self.h_out = [host(max_in) for _ in range(depth)], [host(max_out) for _ in range(depth)]
         self.d_in, self.d_out = [device_buf(max_in) for _ in range(depth)], [device_buf(max_out) for _ in range(depth)]
         self.f64 = device_buf(max_elems, torch.float64)  # used on the compute stream only, so one suffices
+        # an fp8 job's float32 result, on the device and back on the host (requantized there)
+        max_fp8 = max((j.shape[0] * j.shape[1] for j in jobs if j.fp8 is not None), default=0)
+        self.d_f32 = device_buf(max_fp8, torch.float32)
+        self.h_f32 = torch.empty(max_fp8, dtype=torch.float32, pin_memory=cuda and max_fp8 > 0)
         self.scratch = Scratch()
 
         def event():
@@ -242,6 +389,7 @@ class DeviceStages:
         # per slot: inputs copied in, device input consumed, output computed, output copied back
         self.copied, self.consumed, self.computed, self.back = ([event() for _ in range(depth)] for _ in range(4))
         self.terms: list[list[Term]] = [[] for _ in range(depth)]
+        self.scales: list[torch.Tensor | None] = [None] * depth
 
     def _on(self, k: int):
         s = self.streams[k]
@@ -252,12 +400,15 @@ class DeviceStages:
             self.streams[k].wait_event(event)
 
     def load(self, job: Job, slot: int) -> None:
-        job.sf.read_into(job.name, memoryview(self.h_in[slot][:job.in_bytes].numpy()))
+        job.read_into(self.h_in[slot])
+        self.scales[slot] = job.scale.values() if job.scale is not None else None
         self.terms[slot] = job.terms()
 
     def compute(self, job: Job, slot: int) -> None:
         rows, cols = job.shape
         n, m = job.in_bytes, job.out_bytes
+        scales = self.scales[slot]
+        rq = job.requantizer()
         h2d, comp, d2h = range(3)
         with self._on(h2d):
             self._wait(h2d, self.consumed[slot])  # the job before in this slot has read d_in
@@ -267,21 +418,50 @@ class DeviceStages:
             self._wait(comp, self.copied[slot])
             self._wait(comp, self.back[slot])  # d_out of the job before in this slot is copied back
             w = self.f64[:rows * cols].view(rows, cols)
-            w.copy_(self.d_in[slot][:n].view(torch_dtype(job.sf.info(job.name).dtype)).view(rows, cols))
+            job.dequantize_into(w, job.stored(self.d_in[slot]), None if scales is None else scales.to(self.dev), 0, rows)
             self.consumed[slot].record(self.streams[comp])
-            out = self.d_out[slot][:m].view(torch_dtype(job.out_dtype)).view(rows, cols)
-            merge = ExactMerge(self.terms[slot], rows, cols, job.out_dtype, device=self.dev)
+            if rq is None:
+                out = self.d_out[slot][:m].view(torch_dtype(job.out_dtype)).view(rows, cols)
+            else:
+                out = self.d_f32[:rows * cols].view(rows, cols)
+            merge = ExactMerge(self.terms[slot], rows, cols, job.merge_dtype, device=self.dev)
+            base = job.base_values(self.h_in[slot], scales)
             try:  # the few undecided elements are decided on the host (this waits for the stream)
-                merge.chunk(w, 0, rows, out, job.base_values(self.h_in[slot]), self.scratch)
+                merge.chunk(w, 0, rows, out, base, self.scratch)
             except NotFinite:
                 raise job.nonfinite_error() from None
             self.computed[slot].record(self.streams[comp])
-        with self._on(d2h):
-            self._wait(d2h, self.computed[slot])
-            self.h_out[slot][:m].copy_(self.d_out[slot][:m], non_blocking=True)
-            self.back[slot].record(self.streams[d2h])
+        if rq is None:
+            with self._on(d2h):
+                self._wait(d2h, self.computed[slot])
+                self.h_out[slot][:m].copy_(self.d_out[slot][:m], non_blocking=True)
+                self.back[slot].record(self.streams[d2h])
+        else:  # fp8: the float32 result back to the host, requantized there in row chunks
+            self.computed[slot].synchronize()
+            h = self.h_f32[:rows * cols].view(rows, cols)
+            h.copy_(out)
+            step = rq.chunk_rows(max(1, CHUNK_ELEMENTS // max(cols, 1)))
+            chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+            for r0, r1 in chunks:
+                rq.observe(h[r0:r1], r0, r1)
+            rq.finish()
+            if not job.scale_only:
+                codes = self.h_out[slot][:m].view(rows, cols)
+
+                def resolve(r: np.ndarray, c: np.ndarray, t: np.ndarray) -> np.ndarray:
+                    try:
+                        return merge.compare(r, c, base, t)
+                    except NotFinite:
+                        raise job.nonfinite_error() from None
+
+                for r0, r1 in chunks:
+                    rq.quantize(h[r0:r1], r0, r1, codes[r0:r1], resolve)
+            job.requantized(rq)
+            if job.scale_only:
+                self.h_out[slot][:m].numpy()[:] = job.result["scale"]
         self.copied[slot].synchronize()  # h_in of this slot may be reused now
         self.terms[slot] = []
+        self.scales[slot] = None
 
     def finish(self, job: Job, slot: int) -> np.ndarray:
         self.back[slot].synchronize()
@@ -293,4 +473,4 @@ class DeviceStages:
             torch.cuda.synchronize(self.dev)
 
 
-__all__ = ["Job", "CpuStages", "DeviceStages", "gflop", "resolve_device", "AUTO_CUDA_GFLOP"]
+__all__ = ["Job", "Scaled", "Fp8Out", "CpuStages", "DeviceStages", "gflop", "resolve_device", "AUTO_CUDA_GFLOP"]
