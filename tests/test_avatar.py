@@ -139,7 +139,7 @@ def test_convert_to_fastvideo_refuses_naming_audio_modules(avatar_lora, tmp_path
     assert worst(base, official_delta(back)) < 1e-6
 
 
-@pytest.mark.parametrize("fmt", ["peft", "diffusers", "kohya", "longcat"])
+@pytest.mark.parametrize("fmt", ["peft", "diffusers", "kohya", "wanvideo", "longcat"])
 def test_other_formats_keep_audio_modules_bit_exact(avatar_lora, tmp_path, fmt):
     mid, back = str(tmp_path / f"mid.{fmt}"), str(tmp_path / "back.safetensors")
     cli("convert", avatar_lora, mid, "--to", fmt)
@@ -148,6 +148,10 @@ def test_other_formats_keep_audio_modules_bit_exact(avatar_lora, tmp_path, fmt):
     assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert sum("audio" in k for k in a) == 4 * (5 + 3 + 4 + 3) + 4 * 3  # the audio modules' keys are there
+    if fmt == "wanvideo":  # under the wrapper's names for them (an independent table)
+        mids = {k.removeprefix("diffusion_model.").rsplit(".", 2)[0] for k in load_file(mid)}
+        assert {"blocks.0.audio_modulation.1", "blocks.0.audio_cross_attn.kv_linear",
+                "multitalk_audio_proj.proj1_vf"} <= mids and not any("audio_adaLN" in m for m in mids)
 
 
 # ------------------------------------------------------------------ runtime on the Avatar DiT
