@@ -382,7 +382,7 @@ def test_device_auto_and_errors_name_parameters(setup, tmp_path, monkeypatch):
     assert resolve_device("auto", 1e6) == "cpu"
     for kw, msg in (({"device": "cuda"}, "device='cuda': no CUDA device is available"),
                     ({"device": "meta"}, "device='meta': must be cpu, cuda, cuda:N or auto"),
-                    ({"dtype": "int4"}, "dtype='int4': must be one of 'keep', 'bf16', 'fp16', 'fp32'")):
+                    ({"dtype": "int4"}, "dtype='int4': must be one of 'keep', 'bf16', 'fp16', 'fp32', 'fp8_e4m3fn_scaled'")):
         with pytest.raises(L.LoraError) as e:
             L.merge_checkpoint(bases["longcat"], str(tmp_path / "o"), [(loras["ref"], 1.0)], **kw)
         assert str(e.value) == msg and "--" not in str(e.value)

@@ -48,17 +48,23 @@ def _inside(path: str, folder: str) -> bool:
     return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
-def copy_rest(b: Base, tmp: str, out_dtype: str | None) -> None:
-    """Every file of BASE that is not a shard, the index rewritten only where sizes changed (see copy_side_file)."""
+def copy_rest(b: Base, tmp: str, out_dtype: str | None, dropped: frozenset[str] = frozenset()) -> None:
+    """Every file of BASE that is not a shard, the index rewritten only where sizes changed or tensors were
+    left out (`dropped`: a dequantized fp8 checkpoint's scales and marker; see copy_side_file)."""
     for entry in os.listdir(b.path):
         src, dst = os.path.join(b.path, entry), os.path.join(tmp, entry)
         if entry in b.shards:
             continue
         if entry == b.index_name and b.index is not None:
             index = json.loads(json.dumps(b.index))
+            if dropped:
+                index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in dropped}
             if out_dtype is not None:
-                total = sum(_out_nbytes(sf, k, out_dtype) for sf in b.shards.values() for k in sf.keys())
-                index.setdefault("metadata", {})["total_size"] = total
+                total = sum(_out_nbytes(sf, k, out_dtype) for sf in b.shards.values() for k in sf.keys()
+                            if k not in dropped)
+                if not isinstance(index.get("metadata"), dict):
+                    index["metadata"] = {}
+                index["metadata"]["total_size"] = total
             with open(dst, "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
                 f.write("\n")
@@ -68,7 +74,7 @@ def copy_rest(b: Base, tmp: str, out_dtype: str | None) -> None:
 
 def _out_nbytes(sf: SafeFile, name: str, out_dtype: str) -> int:
     info = sf.info(name)
-    dt = out_dtype if info.dtype in FLOATS else info.dtype
+    dt = out_dtype if info.dtype in FLOATS or info.dtype in ("F8_E4M3", "F8_E5M2") else info.dtype
     return info.nbytes // ITEMSIZE[info.dtype] * ITEMSIZE[dt]
 
 

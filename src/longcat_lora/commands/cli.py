@@ -67,9 +67,11 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
 def _merge(args: argparse.Namespace) -> int:
     from ..apply.merge import merge_checkpoint
 
-    report = merge_checkpoint(args.base, args.output, [parse_lora_arg(x) for x in args.lora], dtype=args.dtype,
-                              overwrite=args.overwrite, skip_unmapped=args.skip_unmapped, device=args.device,
-                              progress=True)
+    if not args.lora and args.layout == "keep":
+        raise LoraError("give at least one --lora PATH[:STRENGTH] (or --layout wanvideo to repack BASE without one)")
+    report = merge_checkpoint(args.base, args.output, [parse_lora_arg(x) for x in args.lora or []], dtype=args.dtype,
+                              layout=args.layout, overwrite=args.overwrite, skip_unmapped=args.skip_unmapped,
+                              device=args.device, progress=True)
     for m in report.skipped:
         print(f"skipped (no base weight): {q(m)}", file=sys.stderr)
     print(f"wrote {args.output}: {len(report.merged)} weights changed on {report.device}"
@@ -189,13 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance (default 1e-5)")
     s.set_defaults(fn=_verify)
 
-    s = sub.add_parser("merge", help="bake LoRAs into a base checkpoint (file or sharded directory)")
+    s = sub.add_parser("merge", help="bake LoRAs into a base checkpoint (file or sharded directory), or repack "
+                       "one for ComfyUI-WanVideoWrapper")
     s.add_argument("base")
     s.add_argument("output")
-    s.add_argument("--lora", action="append", required=True, metavar="PATH[:STRENGTH]",
-                   help="a LoRA in any format, optionally with a strength (default 1.0); repeatable")
-    s.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"],
-                   help="dtype of the output's float tensors (default: keep each tensor's)")
+    s.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]",
+                   help="a LoRA in any format, optionally with a strength (default 1.0); repeatable; required "
+                   "unless --layout wanvideo")
+    s.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32", "fp8_e4m3fn_scaled"],
+                   help="dtype of the output's float tensors (default: keep each tensor's, and an INT8 or fp8 "
+                   "base's scheme, requantized); bf16/fp16/fp32 dequantize an INT8 or fp8 base; "
+                   "fp8_e4m3fn_scaled (with --layout wanvideo): the block Linear weights as scaled fp8")
+    s.add_argument("--layout", default="keep", choices=["keep", "wanvideo"],
+                   help="keep BASE's layout (default), or write the single file ComfyUI-WanVideoWrapper loads "
+                   "(its Wan-style names, q/k/v split)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
     s.add_argument("--skip-unmapped", action="store_true", help="leave out (and list) LoRA modules with no base weight")
     s.add_argument("--device", default="auto", help="where to compute the weight changes: cpu, cuda, or auto "
@@ -257,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
 # The library names its parameters in messages (`errors.Param`); the command shows the flag that sets each.
 FLAGS = {"overwrite": "--overwrite", "skip_unmapped": "--skip-unmapped", "allow_nonfinite": "--allow-nonfinite",
          "dtype": "--dtype", "rank": "--rank", "energy": "--energy", "max_error": "--max-error",
-         "device": "--device"}
+         "device": "--device", "layout": "--layout"}
 
 
 def spell(p: Param) -> str:

@@ -6,6 +6,7 @@ Files are generated on demand, never committed. Tensors are written one at a tim
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import torch
@@ -74,10 +75,42 @@ def write_native_lora(path: str, layout: str = "refinement", **kwargs) -> str:
     return path
 
 
+def base_value(name: str, shape: tuple, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A base checkpoint tensor's fixture value: norm weights 1, everything else random (std 0.02), seeded
+    by its LongCat name, so one model has the same values in every layout written here."""
+    ones = name.endswith("norm.weight") or name.endswith("norm_cross.weight") or "_norm." in name
+    if ones and name.endswith("weight"):
+        return torch.ones(shape, dtype=dtype)
+    return _random(name, shape, dtype, seed)
+
+
+def official_specs(config, naming_: str = "longcat", audio_prenorm: bool = False) -> list[tuple[str, tuple]]:
+    """(name, shape) of every tensor of a reference DiT (`dit.DiTConfig`; an `AvatarConfig` for "avatar"),
+    in state-dict order: LongCat's names ("longcat"), FastVideo's ("fastvideo") or LongCat-Video-Avatar's
+    ("avatar": the official Avatar block's `pre_video_crs_attn_norm` affine LayerNorm too, and its
+    optional `pre_audio_crs_attn_norm` with audio_prenorm)."""
+    from .dit import LongCatAvatarDiT, LongCatDiT, LongCatDiTSplit
+
+    cls = {"longcat": LongCatDiT, "fastvideo": LongCatDiTSplit, "avatar": LongCatAvatarDiT}[naming_]
+    with torch.device("meta"):
+        model = cls(config)
+    specs = [(n, tuple(p.shape)) for n, p in model.state_dict().items()]
+    if naming_ == "avatar":
+        extra = [(f"blocks.{i}.pre_video_crs_attn_norm.{leaf}", (config.hidden_size,))
+                 for i in range(config.depth) for leaf in ("weight", "bias")]
+        if audio_prenorm:
+            extra += [(f"blocks.{i}.pre_audio_crs_attn_norm.{leaf}", (config.audio_dim,))
+                      for i in range(config.depth) for leaf in ("weight", "bias")]
+        specs += extra
+    return specs
+
+
 def write_base_checkpoint(path: str, config, naming_: str = "longcat", shards: int = 2,
                           dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                          index_name: str = "diffusion_pytorch_model.safetensors.index.json") -> str:
-    """A sharded base checkpoint of a reference DiT (`dit.DiTConfig`), in either naming, streamed.
+                          index_name: str = "diffusion_pytorch_model.safetensors.index.json",
+                          audio_prenorm: bool = False) -> str:
+    """A sharded base checkpoint of a reference DiT (`dit.DiTConfig`), in either naming (or "avatar":
+    LongCat-Video-Avatar's official tensors, `official_specs`), streamed.
 
     Tensors are random (std 0.02, norms 1) and written one at a time; shards split by size like
     diffusers' `save_pretrained` (`...-0000k-of-0000n.safetensors` plus an index and config.json).
@@ -86,12 +119,8 @@ def write_base_checkpoint(path: str, config, naming_: str = "longcat", shards: i
     import math
     import os
 
-    from .dit import LongCatDiT, LongCatDiTSplit
-
     os.makedirs(path, exist_ok=True)
-    with torch.device("meta"):
-        model = (LongCatDiT if naming_ == "longcat" else LongCatDiTSplit)(config)
-    specs = [(n, tuple(p.shape)) for n, p in model.state_dict().items()]
+    specs = official_specs(config, naming_, audio_prenorm)
     total = sum(math.prod(s) for _, s in specs) * torch.empty((), dtype=dtype).element_size()
     per_shard = total / shards
     groups: list[list[tuple[str, tuple]]] = [[]]
@@ -109,11 +138,8 @@ def write_base_checkpoint(path: str, config, naming_: str = "longcat", shards: i
         entries = []
         for name, shape in group:
             weight_map[name] = fname
-            ones = name.endswith("norm.weight") or name.endswith("norm_cross.weight") or "_norm." in name
             entries.append(Entry(name, dtype_name(dtype), shape,
-                                 lambda name=name, shape=shape, ones=ones: tensor_bytes(
-                                     torch.ones(shape, dtype=dtype) if ones and name.endswith("weight")
-                                     else _random(name, shape, dtype, seed))))
+                                 lambda name=name, shape=shape: tensor_bytes(base_value(name, shape, dtype, seed))))
         write_safetensors(os.path.join(path, fname), entries, {"format": "pt"})
     with open(os.path.join(path, index_name), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
@@ -122,3 +148,78 @@ def write_base_checkpoint(path: str, config, naming_: str = "longcat", shards: i
                    "depth": config.depth, "num_heads": config.num_heads}, f, indent=2)
     return path
 
+
+# the wrapper-style fixtures' fp8 weights: the block attention / FFN Linears (those an fp8_e4m3fn_scaled
+# repack quantizes: apply/repack.py FP8_KINDS)
+FP8_FIXTURE_KINDS = frozenset({"attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear",
+                               "cross_attn.proj", "ffn.w1", "ffn.w2", "ffn.w3", "audio_cross_attn.q_linear",
+                               "audio_cross_attn.kv_linear", "audio_cross_attn.proj"})
+
+
+def _fp8_scale_shape(kind: str, out: int, inp: int, block: int) -> tuple[int, ...]:
+    return {"tensor": (), "tensor1": (1,), "row": (out,), "row2d": (out, 1),
+            "block": (out // block, inp // block)}[kind]
+
+
+def fp8_quantize(w: torch.Tensor, scale_shape: tuple[int, ...], fmt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixture's fp8 weight: per block of the scale's shape, scale = absmax / the format's max (1 for a
+    zero block), float32, and the codes torch's cast gives (not the library's quantizer)."""
+    out, inp = w.shape
+    fmax = torch.finfo(fmt).max
+    if len(scale_shape) == 2 and math.prod(scale_shape) > 1:
+        R, C = scale_shape
+        blocks = w.float().abs().view(R, out // R, C, inp // C).amax(dim=(1, 3))
+    elif scale_shape == (out,):
+        blocks = w.float().abs().amax(dim=1).view(out, 1)
+    else:
+        blocks = w.float().abs().amax().view(1, 1)
+    s = torch.where(blocks > 0, blocks / fmax, torch.ones_like(blocks))
+    R, C = s.shape
+    full = s.repeat_interleave(out // R, 0).repeat_interleave(inp // C, 1)
+    q = (w.float() / full).clamp(-fmax, fmax).to(fmt)
+    return q, s.reshape(scale_shape).contiguous()
+
+
+def wanvideo_tensors(config, naming_: str = "longcat", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                     fp8: str | None = None, scale: str = "tensor", scale_name: str = "scale_weight",
+                     block: int = 16, marker: bool = True) -> list[Entry]:
+    """Entries of the same model as `write_base_checkpoint` (same values), in ComfyUI-WanVideoWrapper's
+    layout: every tensor renamed and split by the naming table (`naming.param_to`). With `fp8`
+    ("e4m3fn" or "e5m2") the weights of FP8_FIXTURE_KINDS are quantized (`fp8_quantize`, from float32
+    values) with a scale of kind `scale` (tensor, tensor1, row, row2d, block) named `<m>.<scale_name>`,
+    plus the `scaled_fp8` marker (when `marker`)."""
+    fmt = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, None: None}[fp8]
+    entries: list[Entry] = []
+    for name, shape in official_specs(config, naming_):
+        outs = naming.param_to(name, naming.Scheme.WANVIDEO)
+        assert outs is not None, name
+        for oname, j, n in outs:
+            h = shape[0] // n
+            oshape = (h, *shape[1:])
+            module, leaf = naming.split_param(oname)
+            found = naming.resolve(module)
+            quantized = (fmt is not None and leaf == "weight" and found is not None
+                         and found.kind.kind in FP8_FIXTURE_KINDS)
+
+            def value(name=name, shape=shape, j=j, h=h, d=dtype) -> torch.Tensor:
+                return base_value(name, shape, d, seed)[j * h:(j + 1) * h]
+
+            if not quantized:
+                entries.append(Entry(oname, dtype_name(dtype), oshape, lambda v=value: tensor_bytes(v())))
+                continue
+            sshape = _fp8_scale_shape(scale, *oshape, block)
+
+            def pair(v=value, sshape=sshape) -> tuple[torch.Tensor, torch.Tensor]:
+                return fp8_quantize(v(d=torch.float32), sshape, fmt)
+
+            entries.append(Entry(oname, dtype_name(fmt), oshape, lambda p=pair: tensor_bytes(p()[0])))
+            entries.append(Entry(f"{module}.{scale_name}", "F32", sshape, lambda p=pair: tensor_bytes(p()[1])))
+    if fmt is not None and marker:
+        entries.append(Entry("scaled_fp8", dtype_name(fmt), (0,), lambda: b""))
+    return entries
+
+
+def write_wanvideo_checkpoint(path: str, config, **kwargs) -> str:
+    """One safetensors file in the wrapper's layout (`wanvideo_tensors`)."""
+    write_safetensors(path, wanvideo_tensors(config, **kwargs), {"format": "pt"})
+    return path
