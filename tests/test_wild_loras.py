@@ -271,3 +271,13 @@ def test_a_lora_with_more_tensors_than_any_longcat_lora_is_refused_before_parsin
     monkeypatch.setattr(registry, "MAX_LORA_TENSORS", 7)
     with pytest.raises(L.LoraError, match="more than 7 tensor entries"):
         L.load_lora(str(spelled))
+
+
+def test_convert_to_wanvideo_says_when_the_wrappers_unmerged_path_would_skip_modules(wild, tmp_path):
+    """Measured with the wrapper's own code: its unmerged LoRA path attaches nothing to head.* layers (the
+    final layer), silently; convert says so on stderr, and only then."""
+    d, _ = wild
+    p = cli("convert", str(d / "refinement.safetensors"), tmp_path / "r.safetensors", "--to", "comfyui")
+    assert "note: ComfyUI-WanVideoWrapper applies head.head, head.modulation.1 only with merge_loras on" in p.stderr
+    p = cli("convert", str(d / "cfg_step.safetensors"), tmp_path / "c.safetensors", "--to", "wanvideo")
+    assert "note:" not in p.stderr

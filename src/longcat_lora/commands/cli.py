@@ -15,7 +15,7 @@ import sys
 
 from .. import __version__
 from ..errors import NAME_ONLY, LoraError, Param, q
-from ..formats import convert, load_lora, outputs
+from ..formats import convert, get, load_lora, outputs
 from ..io.interrupts import Terminated, handle_signals
 
 
@@ -33,6 +33,15 @@ def _convert(args: argparse.Namespace) -> int:
     for m in skipped:
         print(f"skipped (no name in {args.to}): {q(m)}", file=sys.stderr)
     print(_line(f"wrote {args.output} ({args.to})" + (f", {len(skipped)} modules skipped" if skipped else "")))
+    if get(args.to).name == "wanvideo":
+        from ..io.reader import SafeFile
+
+        with SafeFile(args.output) as f:
+            head = sorted({k.split(".lora_")[0].split(".alpha")[0] for k in f.keys() if ".head." in k})
+        if head:
+            print(_line(f"note: ComfyUI-WanVideoWrapper applies {', '.join(x.removeprefix('diffusion_model.') for x in head)} "
+                        f"only with merge_loras on (its default); its unmerged path skips every key containing "
+                        f"'head'"), file=sys.stderr)
     return 0
 
 
