@@ -228,6 +228,10 @@ class ExactMerge:
             self.nu.append(full)
             self.nd.append(cn)
             self.nd_max.append(float(cn.max()) if cn.size else 0.0)
+        # per term: both factors hold float32 values (bf16, fp16, fp32 files), so that every product of
+        # two of them (at most 48 significant bits) is exact in float64 (double-double level, `_dd`)
+        self._narrow = [bool(np.array_equal(u, u.astype(np.float32)) and np.array_equal(d, d.astype(np.float32)))
+                        for u, d in zip(self.up_np, self.down_np)]
         if not all(np.isfinite(a) for a in self.alphas) or not all(
                 np.isfinite(x).all() for x in self.nu + self.nd):
             self.finite_inputs = False
@@ -273,14 +277,32 @@ class ExactMerge:
         if self.out_dtype == "F64":
             self._chunk_f64(w64, r0, r1, out, base)
             return
-        for up, down, t in self.gemm:
-            lo, hi = max(r0, t.rows[0]), min(r1, t.rows[1])
-            if lo < hi:
-                w64[lo - r0:hi - r0].addmm_(up[lo - t.rows[0]:hi - t.rows[0]], down, alpha=t.alpha)
+        self.sums(w64, r0, r1)
         scratch = scratch or Scratch()
         flat = self._bulk(w64, r0, r1, out, scratch)
         if flat.numel():
             self._resolve(w64, flat, r0, out, base)
+
+    def sums(self, w64: torch.Tensor, r0: int, r1: int) -> None:
+        """Level 1's float64 sums of rows r0:r1 into `w64` (holding the exact base values): any BLAS, any
+        order; each within `bound` of the exact sum. (fp8.py rounds from these itself.)"""
+        for up, down, t in self.gemm:
+            lo, hi = max(r0, t.rows[0]), min(r1, t.rows[1])
+            if lo < hi:
+                w64[lo - r0:hi - r0].addmm_(up[lo - t.rows[0]:hi - t.rows[0]], down, alpha=t.alpha)
+
+    def bound(self, v: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """E_ij >= |v - exact| for float64 sums v at (rows, cols) computed by `sums` (see `_bound`)."""
+        return self._bound(v, rows, cols)
+
+    def max_bound(self, value: float) -> float:
+        """An upper bound of `bound` over every element whose float64 sum is at most `value` in magnitude."""
+        a = self._row_bound(0, self.rows)
+        return (self.g * (abs(value) + 2.0 * a)) * (1 + 2.0 ** -29) + self.g * 2.0 ** -1021
+
+    def low_threshold(self, r0: int, r1: int, budget: float) -> float:
+        """|value| below which, in rows r0:r1, the bound may exceed `budget` times the value."""
+        return self._low_threshold(r0, r1, budget) if self.terms else 0.0
 
     def _bulk(self, w64: torch.Tensor, r0: int, r1: int, out: torch.Tensor, s: Scratch) -> torch.Tensor:
         """Round every element; the flat indices (in the chunk) of those the bound may not decide."""
@@ -348,6 +370,16 @@ class ExactMerge:
             if free.size:
                 bits[free] = round_f64(base(rows[free], cols[free]) + 0.0, dt)
                 todo = np.setdiff1d(todo, free)
+        if todo.size:  # level 2b: the sums again in double-double, each interval end rounded exactly
+            hi, lo, e, known = self._dd(rows[todo], cols[todo], base(rows[todo], cols[todo]))
+            with np.errstate(over="ignore", invalid="ignore"):
+                ra = _round_dd(*_two_sum(hi, np.nextafter(lo - e, -np.inf)), dt)
+                rb = _round_dd(*_two_sum(hi, np.nextafter(lo + e, np.inf)), dt)
+                ra[known] = _round_dd(hi[known], lo[known], dt)  # the exact sum itself: ties included
+                rb[known] = ra[known]
+            same = (ra == rb) & np.isfinite(hi)
+            bits[todo[same]] = ra[same]
+            todo = todo[~same]
         if todo.size:
             wb = base(rows[todo], cols[todo])
             for k, i in enumerate(todo):
@@ -355,6 +387,75 @@ class ExactMerge:
         if not np.isfinite(from_bits(bits, dt)).all():
             raise NotFinite
         return bits
+
+    def _dd(self, rows: np.ndarray, cols: np.ndarray, b: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The sums at (rows, cols) in double-double: (hi, lo, e, exact) with |hi + lo - exact sum| <= e, and
+        `exact` where hi + lo is the exact sum itself (every step below was error-free there). Catches, at a
+        few hundred operations per element, what the float64 bound cannot: sums within 1e-15 of a
+        midpoint, or exactly on one, which factors with few significant bits and strengths such as 1.0 or
+        0.8 make common in float32 (about 1 element in 40 for a bf16 LoRA at strength 1, alpha_scale 0.5:
+        their exact sums have fewer than 53 bits).
+
+        Every product of two stored factors is exact in float64 when both factors hold float32 values,
+        else split exactly (two_prod: p = ph + pl); the ph are summed in a pairwise tree of error-free
+        additions (two_sum, all elements and ranks at once), the tree's errors and the pl in float64:
+        that sum's error is at most (r + 1)(levels + 2) u**2 sum|ph| (each level's errors total at most u
+        sum|ph|, the pl u sum|ph|, and a float64 sum of m terms errs by at most m u times their
+        magnitudes), and it is zero where they all are. Then strength x scale and the base in
+        double-double (a few u**2 of the magnitudes each; error-free where strength x scale is a float64
+        and the sums need no low part). Products or sums in the subnormal range add at most 2**-1070 each."""
+        hi = np.asarray(b, dtype=np.float64).copy()
+        lo = np.zeros_like(hi)
+        mag = np.abs(hi)
+        exact = np.ones(hi.shape, dtype=bool)
+        units = 16.0  # multiples of u**2 = 2**-106 of mag that bound the error
+        tiny = 2.0
+        for j, (t, u, d) in enumerate(zip(self.terms, self.up_np, self.down_np)):
+            ii = np.flatnonzero((rows >= t.rows[0]) & (rows < t.rows[1]))
+            r = u.shape[1]
+            if not ii.size or not r:
+                continue
+            uu, dd = u[rows[ii] - t.rows[0]], d[:, cols[ii]].T  # [n, r] each
+            if self._narrow[j]:  # factors of at most 24 bits: every product is exact
+                ph = uu * dd
+                err = np.zeros(ii.size)
+                tiny += 4 * r  # (a product in the subnormal range is not)
+            else:
+                ph, pl = _two_prod(uu, dd)
+                err = pl.sum(axis=1)
+            m = np.abs(ph).sum(axis=1) * (1 + 2.0 ** -40)
+            h = ph
+            levels = 0
+            while h.shape[1] > 1:
+                if h.shape[1] % 2:
+                    h = np.concatenate([h, np.zeros((h.shape[0], 1))], axis=1)
+                h, e2 = _two_sum(h[:, 0::2], h[:, 1::2])
+                err += e2.sum(axis=1)
+                exact[ii] &= ~(e2 != 0).any(axis=1)
+                levels += 1
+            exact[ii] &= err == 0  # (then no low part at all: the tree summed without error)
+            sh, sl = _two_sum(h[:, 0], err)
+            ah, al = _two_prod(np.float64(t.strength), np.float64(t.scale))
+            if al == 0:  # strength x scale is a float64: (sh + sl) * ah in double-double, error-free when sl == 0
+                xh, xl = _two_prod(sh, ah)
+                xl = xl + sl * ah
+                exact[ii] &= sl == 0
+            else:
+                xh, xl = _dd_mul(sh, sl, ah, al)
+                exact[ii] = False
+            # hi + lo + xh + xl, error-free where the low parts add without rounding
+            s1, e1 = _two_sum(hi[ii], xh)
+            t1, te = _two_sum(lo[ii], xl)
+            u1, ue = _two_sum(e1, t1)
+            exact[ii] &= (te == 0) & (ue == 0)
+            hi[ii], lo[ii] = _two_sum(s1, u1 + (ue + te))
+            mag[ii] += abs(float(ah)) * m * 2
+            units += 2.0 * (r + 1) * (levels + 2) + 16
+            tiny += 4 * r
+        exact &= np.isfinite(hi) & (np.abs(hi) >= 2.0 ** -960)  # (far from the subnormal range)
+        e = units * 2.0 ** -106 * mag + tiny * 2.0 ** -1070
+        return hi, lo, e, exact
 
     def compare(self, rows: np.ndarray, cols: np.ndarray, base: Callable[[np.ndarray, np.ndarray], np.ndarray],
                 t: np.ndarray) -> np.ndarray:
@@ -385,6 +486,17 @@ class ExactMerge:
             raise NotFinite
         e = self._bound(v, r, c)
         s = np.where(v - e > tt, 1, np.where(v + e < tt, -1, 0)).astype(np.int8)
+        und = np.flatnonzero(s == 0)
+        if und.size:  # double-double: sign(hi + lo - t) where the bound of that sum decides
+            hi, lo, ed, known = self._dd(r[und], c[und], b[todo[und]])
+            d, derr = _two_sum(hi, -tt[und])
+            u, ue = _two_sum(derr, lo)
+            w, we = _two_sum(d, u)
+            # known: hi + lo - t = w + we + ue exactly, a nonoverlapping sum: its sign is the first nonzero's
+            exact_sign = np.where(w != 0, np.sign(w), np.where(we != 0, np.sign(we), np.sign(ue)))
+            sure = np.abs(w) > ed + 2.0 ** -52 * (np.abs(u) + np.abs(w))
+            s[und[sure]] = np.sign(w[sure]).astype(np.int8)
+            s[und[known]] = exact_sign[known].astype(np.int8)
         for k in np.flatnonzero(s == 0):
             n, ex = exact_sum(float(b[todo[k]]), self._terms_at(int(r[k]), int(c[k])))
             tn, te = dyadic(float(tt[k]))
@@ -508,6 +620,33 @@ def _dd_add(ah, al, bh, bl):
     e = e + al + bl
     h = s + e
     return h, e - (h - s)
+
+
+def _two_sum(a, b):
+    """(s, e) with s = fl(a + b) and s + e == a + b exactly (Knuth)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _round_dd(hi: np.ndarray, lo: np.ndarray, dtype: str) -> np.ndarray:
+    """Bits of the double-double value hi + lo (normalized: |lo| <= ulp(hi) / 2) rounded to nearest even in
+    `dtype` (BF16, F16, F32), exactly: it rounds as hi does unless hi is itself a midpoint of the grid,
+    where lo's sign decides (lo can move hi by half a float64 ulp at most, and any other midpoint is at
+    least one float64 ulp away)."""
+    f = FMTS[dtype]
+    bits = round_f64(hi, dtype).astype(np.int64)
+    sign = bits & (1 << (f.bits - 1))
+    mag = bits ^ sign
+    a = np.abs(hi)
+    r = from_bits(mag.astype(f.np_uint), dtype)
+    other = np.where(a > r, mag + 1, np.where(a < r, mag - 1, mag))
+    with np.errstate(over="ignore", invalid="ignore"):
+        mid = (r + from_bits(np.clip(other, 0, None).astype(f.np_uint), dtype)) / 2
+    at_mid = (a != r) & (a == mid) & (lo != 0)
+    away = (lo > 0) == (hi > 0)  # lo moves the value away from zero
+    new = np.where(at_mid, np.where(away, np.maximum(mag, other), np.minimum(mag, other)), mag)
+    return (new | sign).astype(f.np_uint)
 
 
 def _dd_mul(ah, al, bh, bl):

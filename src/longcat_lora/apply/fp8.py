@@ -273,10 +273,33 @@ def round_fp8(y: torch.Tensor, fmt: Fp8Format) -> Rounded:
     return Rounded(code, floor, tie, steps)
 
 
+class Exact:
+    """What the requantizer asks of the exact merged values `x` (exact.ExactMerge, through merge_compute):
+    `f32(rows, cols, w)`: x correctly rounded to float32 (float64 values), given float32 approximations w
+    from `sums` rounded once; `sign(rows, cols, t)`: sign(x - t); `margin(a)`: a bound of |v - x| for any
+    float64 sum v with |v| <= a; `small(r0, r1)`: |value| below which, in rows r0:r1, that bound may reach
+    2**-25 of the value (there a float32 approximation no longer tells which side of a grid point x is)."""
+
+    def f32(self, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> np.ndarray: ...
+
+    def sign(self, rows: np.ndarray, cols: np.ndarray, t: np.ndarray) -> np.ndarray: ...
+
+    def margin(self, a: float) -> float: ...
+
+    def small(self, r0: int, r1: int) -> float: ...
+
+
 class Requantizer:
-    """A merged weight (float32, row chunk by row chunk) to fp8 codes and fresh power-of-two scales of the
-    layout `layout` (module docstring). `observe` every chunk first (any order, any thread), then `finish`,
-    then `quantize` every chunk; `report()` gives the requantization error."""
+    """A merged weight to fp8 codes and fresh power-of-two scales of the layout `layout` (module docstring).
+
+    Its input is the float64 sums of exact.ExactMerge (any BLAS, any order) rounded once to float32, `w`,
+    row chunk by row chunk: `observe` every chunk (any order, any thread), then `finish` (the scales), then
+    `quantize` every chunk; `report()` gives the requantization error. The bytes depend only on the exact
+    values x: each scale comes from the largest |x| correctly rounded to float32 (the few elements that
+    may be a block's largest are rounded exactly, `Exact.f32`), and each code is x / scale rounded to
+    nearest even, which `w` decides wherever it lies more than one float32 step from a midpoint of the fp8
+    grid and the sums' bound is below half a step (a value sitting exactly on a midpoint, values near zero,
+    fp8 subnormals: decided by `Exact.sign` against the midpoint)."""
 
     def __init__(self, fmt: Fp8Format, layout: ScaleLayout, scale_dtype: str, where: str):
         self.fmt, self.layout, self.scale_dtype, self.where = fmt, layout, scale_dtype, where
@@ -292,11 +315,9 @@ class Requantizer:
         return max(bo, step // bo * bo) if bo <= step else step
 
     def observe(self, w: torch.Tensor, r0: int, r1: int) -> None:
-        """Take the block maxima of |W'| rows r0:r1 (float32 [r1 - r0, cols])."""
+        """Take the block maxima of |w| over rows r0:r1 (float32 [r1 - r0, cols])."""
         lay = self.layout
         rowmax = w.abs().view(r1 - r0, lay.nc, lay.bi).amax(2).double().numpy()  # [rows, nc]
-        if np.isnan(rowmax).any():
-            raise LoraError(f"{self.where}: merging gives non-finite values")
         blocks = np.arange(r0, r1) // lay.bo
         starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]])
         m = np.maximum.reduceat(rowmax, starts, axis=0)
@@ -304,25 +325,37 @@ class Requantizer:
             ids = blocks[starts]
             self.amax[ids] = np.maximum(self.amax[ids], m)
 
-    def finish(self) -> np.ndarray:
-        """The new scales (float64 [nr, nc]); raises naming the tensor where a block cannot be held."""
-        k = scale_exponent(self.amax, self.fmt)
+    def finish(self, w: torch.Tensor, exact: Exact) -> np.ndarray:
+        """The new scales (float64 [nr, nc]) from the whole float32 weight `w` [rows, cols]; raises naming the
+        tensor where a block's scale cannot be held."""
+        lay = self.layout
+        if not np.isfinite(self.amax).all():
+            raise LoraError(f"{self.where}: merging gives non-finite values")
+        # the elements that may be their block's largest |x|: within two float32 steps and twice the sums'
+        # bound of the largest |w|; their exact values rounded to float32 give the block's largest
+        margin = np.vectorize(exact.margin)(self.amax * (1 + 2.0 ** -22))
+        thr = torch.from_numpy(self.amax * (1 - 2.0 ** -21) - 2 * margin - 2.0 ** -148)
+        cand = (w.abs().view(lay.nr, lay.bo, lay.nc, lay.bi) >= thr.view(lay.nr, 1, lay.nc, 1).float()).view(-1)
+        flat = cand.nonzero().view(-1)
+        rows, cols = (flat // lay.cols).numpy(), (flat % lay.cols).numpy()
+        x32 = np.abs(exact.f32(rows, cols, w.view(-1)[flat].double().numpy()))
+        amax = np.zeros_like(self.amax)
+        np.maximum.at(amax, (rows // lay.bo, cols // lay.bi), x32)
+        k = scale_exponent(amax, self.fmt)
         lo, hi = POW2_RANGE[self.scale_dtype]
-        bad = (k < max(lo, K_MIN)) | (k > min(hi, 127))
+        bad = (k < max(lo, K_MIN)) | (k > min(hi, 126))
         if bad.any():
             i = tuple(int(x) for x in np.argwhere(bad)[0])
-            a = float(self.amax[i])
+            a = float(amax[i])
             why = (f"a scale of 2**{int(k[i])} is outside what {self.scale_dtype} holds exactly" if (k[i] < lo or k[i] > hi)
                    else f"its values are too small to requantize (largest |value| {a!r}, below {self.fmt.max} * 2**{K_MIN})")
-            at = "" if self.amax.size == 1 else f" block {list(i)}"
+            at = "" if amax.size == 1 else f" block {list(i)}"
             raise LoraError(f"{self.where}{at}: {why}")
         self.k = k
         return np.ldexp(1.0, k)
 
-    def quantize(self, w: torch.Tensor, r0: int, r1: int, out: torch.Tensor,
-                 resolve: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> None:
-        """Codes of rows r0:r1 into `out` (uint8 [r1 - r0, cols]). `resolve(rows, cols, values)` gives the
-        sign of (exact merged value - value) at those elements (absolute rows), for the ties."""
+    def quantize(self, w: torch.Tensor, r0: int, r1: int, out: torch.Tensor, exact: Exact) -> None:
+        """Codes of rows r0:r1 into `out` (uint8 [r1 - r0, cols]), from their float32 values `w`."""
         assert self.k is not None
         lay, fmt = self.layout, self.fmt
         n = r1 - r0
@@ -330,24 +363,35 @@ class Requantizer:
         y = (w.view(n, lay.nc, lay.bi) * pow2(-k)).view(n, lay.cols)  # exact (tiny values aside: they round to 0)
         q = round_fp8(y, fmt)
         code = q.code
-        if bool(q.tie.any()):
-            flat = q.tie.view(-1).nonzero().view(-1)
+        # undecided by w: on a midpoint, near zero (the bound is not small against a float32 step there),
+        # or below the smallest normal fp8 value
+        small = exact.small(r0, r1)
+        flag = q.tie | (w.abs() < small) | (y.abs() < 2.0 ** fmt.emin)
+        if bool(flag.any()):
+            flat = flag.view(-1).nonzero().view(-1)
             rows, cols = (flat // lay.cols + r0).numpy(), (flat % lay.cols).numpy()
-            wv = w.view(-1)[flat].double().numpy()
-            sign = resolve(rows, cols, wv)  # exact - value
-            neg = wv < 0
-            mag_up = np.where(neg, sign < 0, sign > 0)  # the exact value lies farther from zero
-            decided = sign != 0
-            fl = q.floor.view(-1)[flat]
-            new = torch.where(torch.from_numpy(decided), fl + torch.from_numpy(mag_up).to(torch.int32),
-                              code.view(-1)[flat])
+            fl = q.floor.view(-1)[flat]  # |y| truncated: x rounds to fl or fl + 1 (x lies far closer to y than a step)
+            kk = torch.from_numpy(self.k)[torch.from_numpy(rows // lay.bo), torch.from_numpy(cols // lay.bi)]
+            mid = (self.values[fl.long()] + self.values[(fl + 1).clamp(max=fmt.max_code).long()]) / 2
+            neg = torch.signbit(w.view(-1)[flat])
+            t = torch.where(neg, -mid, mid) * pow2(kk, torch.float64)
+            s = torch.from_numpy(exact.sign(rows, cols, t.numpy()).astype(np.int64))
+            away = torch.where(neg, s < 0, s > 0)  # x lies beyond the midpoint, away from zero
+            tie = s == 0
+            new = torch.where(tie, fl + (fl & 1), fl + away.to(torch.int32))
+            if bool((new == 0).any()):  # a zero code takes the exact value's sign (an exact zero is +0)
+                z = torch.from_numpy(exact.sign(rows, cols, np.zeros(len(rows))).astype(np.int64))
+                neg = torch.where(new == 0, z < 0, neg)
             code = code.clone()
             code.view(-1)[flat] = new
-        if int(code.max()) > fmt.max_code if code.numel() else False:
+            sgn = torch.signbit(w).clone()
+            sgn.view(-1)[flat] = neg
+        else:
+            sgn = torch.signbit(w)
+        if code.numel() and int(code.max()) > fmt.max_code:
             raise LoraError(f"{self.where}: a value past {fmt.max} after scaling (internal: the scale rule failed)")
-        sign = (y.view(torch.int32) < 0).to(torch.int32) << 7
-        out.copy_((code | sign).to(torch.uint8))
-        # the error against the float32 merged weight: |dequant - W'|, relative (Frobenius) and in steps
+        out.copy_((code | (sgn.to(torch.int32) << 7)).to(torch.uint8))
+        # the error against the float32 merged weight: |dequant - w|, relative (Frobenius) and in steps
         deq = self.values[code.long()] * pow2(k, torch.float64).view(n, lay.nc, 1).expand(n, lay.nc, lay.bi).reshape(n, lay.cols)
         ww = w.double().abs()
         e2 = float(((deq - ww) ** 2).sum())
@@ -371,10 +415,6 @@ class Requantizer:
         s = torch.from_numpy(np.ldexp(1.0, self.k)).to(torch_dtype(self.scale_dtype))  # exact: powers of two
         return s.reshape(-1).contiguous().view(torch.uint8).numpy()
 
-    @property
-    def scale_nbytes(self) -> int:
-        return self.layout.nr * self.layout.nc * ITEMSIZE[self.scale_dtype]
-
 
 __all__ = ["MARKER", "SCALE_NAMES", "Fp8Format", "E4M3", "E5M2", "FORMATS", "ScaleLayout", "layout_of",
-           "Fp8Layer", "Fp8Scan", "scan", "Requantizer", "round_fp8", "scale_exponent", "pow2"]
+           "Fp8Layer", "Fp8Scan", "scan", "Exact", "Requantizer", "round_fp8", "scale_exponent", "pow2"]

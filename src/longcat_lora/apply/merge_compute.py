@@ -39,8 +39,8 @@ from ..io.direct import ALIGN
 from ..io.dtypes import ITEMSIZE, torch_dtype
 from ..io.reader import SafeFile
 from ..threads import single_threaded
-from .exact import ExactMerge, NotFinite, Scratch, Term
-from .fp8 import Fp8Format, Requantizer, ScaleLayout
+from .exact import ExactMerge, NotFinite, Scratch, Term, from_bits
+from .fp8 import Exact, Fp8Format, Requantizer, ScaleLayout
 from .targets import Target
 
 CHUNK_ELEMENTS = 1 << 19  # float64 elements per row chunk of a merged weight on the CPU (4 MiB)
@@ -202,6 +202,34 @@ class Job:
             self.result["report"] = rq.report()
 
 
+class _ExactView(Exact):
+    """The exact merged values of one job as fp8.py's requantizer asks for them (fp8.Exact)."""
+
+    def __init__(self, merge: ExactMerge, base: Callable[[np.ndarray, np.ndarray], np.ndarray], job: Job):
+        self.merge, self.base, self.job = merge, base, job
+
+    def f32(self, rows: np.ndarray, cols: np.ndarray, w: np.ndarray) -> np.ndarray:
+        a = np.abs(w)
+        # |x - w| <= |x - v| + |v - w|: the sums' bound, and a float32 step
+        err = np.spacing(a.astype(np.float32)).astype(np.float64) + self.merge.bound(a * (1 + 2.0 ** -22), rows, cols)
+        try:
+            return from_bits(self.merge.decide(w, rows, cols, self.base, err), "F32")
+        except NotFinite:
+            raise self.job.nonfinite_error() from None
+
+    def sign(self, rows: np.ndarray, cols: np.ndarray, t: np.ndarray) -> np.ndarray:
+        try:
+            return self.merge.compare(rows, cols, self.base, t)
+        except NotFinite:
+            raise self.job.nonfinite_error() from None
+
+    def margin(self, a: float) -> float:
+        return self.merge.max_bound(a)
+
+    def small(self, r0: int, r1: int) -> float:
+        return max(self.merge.low_threshold(r0, r1, 2.0 ** -25), 2.0 ** -126)
+
+
 def gflop(adds: Sequence[tuple[Target, float]]) -> float:
     """The LoRA products' arithmetic on one weight: 2 * rows * columns * rank per part, in GFLOP."""
     return sum(2.0 * (p.rows[1] - p.rows[0]) * t.module.in_features * p.up.shape[1]
@@ -282,26 +310,23 @@ class CpuStages:
             self.f64[k] = _grow(self.f64[k], step * cols)
             w = self.f64[k][:(r1 - r0) * cols].view(r1 - r0, cols)
             job.dequantize_into(w, src, scales, r0, r1)  # to float64: exact
+            if rq is not None:  # fp8: the float64 sums rounded once to float32; fp8.py decides from there
+                merge.sums(w, r0, r1)
+                dst[r0:r1].copy_(w)
+                rq.observe(dst[r0:r1], r0, r1)
+                return
             try:
                 merge.chunk(w, r0, r1, dst[r0:r1], base, self.scratch[k])
             except NotFinite:
                 raise job.nonfinite_error() from None
-            if rq is not None:
-                rq.observe(dst[r0:r1], r0, r1)
 
         self._each(chunks, merged)
         if rq is not None:
-            rq.finish()
+            exact = _ExactView(merge, base, job)
+            rq.finish(dst, exact)
             if not job.scale_only:
                 codes = self._out(job, slot).view(rows, cols)
-
-                def resolve(r: np.ndarray, c: np.ndarray, t: np.ndarray) -> np.ndarray:
-                    try:
-                        return merge.compare(r, c, base, t)
-                    except NotFinite:
-                        raise job.nonfinite_error() from None
-
-                self._each(chunks, lambda k, r0, r1: rq.quantize(dst[r0:r1], r0, r1, codes[r0:r1], resolve))
+                self._each(chunks, lambda k, r0, r1: rq.quantize(dst[r0:r1], r0, r1, codes[r0:r1], exact))
             job.requantized(rq)
             if job.scale_only:
                 self._out(job, slot).numpy()[:] = job.result["scale"]
@@ -420,16 +445,18 @@ class DeviceStages:
             w = self.f64[:rows * cols].view(rows, cols)
             job.dequantize_into(w, job.stored(self.d_in[slot]), None if scales is None else scales.to(self.dev), 0, rows)
             self.consumed[slot].record(self.streams[comp])
-            if rq is None:
-                out = self.d_out[slot][:m].view(torch_dtype(job.out_dtype)).view(rows, cols)
-            else:
-                out = self.d_f32[:rows * cols].view(rows, cols)
             merge = ExactMerge(self.terms[slot], rows, cols, job.merge_dtype, device=self.dev)
             base = job.base_values(self.h_in[slot], scales)
-            try:  # the few undecided elements are decided on the host (this waits for the stream)
-                merge.chunk(w, 0, rows, out, base, self.scratch)
-            except NotFinite:
-                raise job.nonfinite_error() from None
+            if rq is None:
+                out = self.d_out[slot][:m].view(torch_dtype(job.out_dtype)).view(rows, cols)
+                try:  # the few undecided elements are decided on the host (this waits for the stream)
+                    merge.chunk(w, 0, rows, out, base, self.scratch)
+                except NotFinite:
+                    raise job.nonfinite_error() from None
+            else:  # fp8: the float64 sums rounded once to float32, requantized on the host (fp8.py)
+                out = self.d_f32[:rows * cols].view(rows, cols)
+                merge.sums(w, 0, rows)
+                out.copy_(w)
             self.computed[slot].record(self.streams[comp])
         if rq is None:
             with self._on(d2h):
@@ -444,18 +471,12 @@ class DeviceStages:
             chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
             for r0, r1 in chunks:
                 rq.observe(h[r0:r1], r0, r1)
-            rq.finish()
+            exact = _ExactView(merge, base, job)
+            rq.finish(h, exact)
             if not job.scale_only:
                 codes = self.h_out[slot][:m].view(rows, cols)
-
-                def resolve(r: np.ndarray, c: np.ndarray, t: np.ndarray) -> np.ndarray:
-                    try:
-                        return merge.compare(r, c, base, t)
-                    except NotFinite:
-                        raise job.nonfinite_error() from None
-
                 for r0, r1 in chunks:
-                    rq.quantize(h[r0:r1], r0, r1, codes[r0:r1], resolve)
+                    rq.quantize(h[r0:r1], r0, r1, codes[r0:r1], exact)
             job.requantized(rq)
             if job.scale_only:
                 self.h_out[slot][:m].numpy()[:] = job.result["scale"]
