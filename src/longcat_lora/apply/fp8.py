@@ -247,30 +247,44 @@ class Rounded:
     code: torch.Tensor  # int32 magnitude codes (RNE)
     floor: torch.Tensor  # int32 codes of the value truncated toward zero
     tie: torch.Tensor  # bool: the value was exactly halfway between floor and floor + 1
-    steps: torch.Tensor  # float64 |rounded - value| in units of the fp8 step there
+    sub: torch.Tensor  # bool: below the smallest normal value (the subnormal grid)
+    steps: float  # the largest |rounded - value|, in units of the fp8 step there
 
 
-def round_fp8(y: torch.Tensor, fmt: Fp8Format) -> Rounded:
+def round_fp8(y: torch.Tensor, fmt: Fp8Format, below: float = 0.0) -> Rounded:
     """Round float32 values `y` (their magnitudes) to `fmt` with round to nearest, ties to even, exactly:
-    integer operations on the float32 bits. Values past the format's range are the caller's to refuse."""
+    integer operations on the float32 bits (the few values in the subnormal range through an exact
+    power-of-two scaling). Values past the format's range are the caller's to refuse. `sub` marks the
+    values below the smallest normal one, or below `below` if that is larger (what the caller decides
+    otherwise)."""
     a = y.view(torch.int32) & 0x7FFFFFFF
     sh = 23 - (fmt.p - 1)  # float32 fraction bits below the format's
-    off = (127 - fmt.bias) << (fmt.p - 1)
-    rem = a & ((1 << sh) - 1)
     half = 1 << (sh - 1)
-    floor_n = (a >> sh) - off  # normal range: exponent and fraction bits, truncated
-    # below the smallest normal: multiples of 2**(emin - p + 1), in float32 (a power-of-two scaling: exact)
-    t = y.abs() * float(2.0 ** (fmt.p - 1 - fmt.emin))
-    tf = t.floor()
-    normal = a >= ((fmt.emin + 127) << 23)
-    floor = torch.where(normal, floor_n, tf.to(torch.int32))
-    frac_n = rem.double() / (1 << sh)
-    frac = torch.where(normal, frac_n, (t - tf).double())
-    tie = frac == 0.5
-    up = (frac > 0.5) | (tie & ((floor & 1) == 1))
-    code = floor + up.to(torch.int32)
-    steps = torch.where(up, 1.0 - frac, frac)
-    return Rounded(code, floor, tie, steps)
+    off = (127 - fmt.bias) << (fmt.p - 1)
+    hi = a >> sh
+    code = ((a + (half - 1)).add_(hi & 1) >> sh).sub_(off)  # to nearest, ties to the even last bit
+    floor = hi.sub_(off)  # exponent and fraction bits, truncated
+    rem = a.bitwise_and_((1 << sh) - 1)
+    tie = rem == half
+    steps = float(rem.sub_((code - floor) << sh).abs_().max()) / (1 << sh) if rem.numel() else 0.0
+    lim = max(2.0 ** fmt.emin, below)
+    sub = y.abs() < lim
+    idx = sub.view(-1).nonzero().view(-1)
+    if idx.numel():  # multiples of 2**(emin - p + 1): a power-of-two scaling of float32 values, exact
+        t = y.view(-1)[idx].abs()
+        small = t < 2.0 ** fmt.emin
+        t = t * float(2.0 ** (fmt.p - 1 - fmt.emin))
+        tf = t.floor()
+        fr = t - tf
+        fi = tf.to(torch.int32)
+        up = (fr > 0.5) | ((fr == 0.5) & ((fi & 1) == 1))
+        j = idx[small]
+        code.view(-1)[j] = (fi + up.to(torch.int32))[small]
+        floor.view(-1)[j] = fi[small]
+        tie.view(-1)[j] = (fr == 0.5)[small]
+        if bool(small.any()):
+            steps = max(steps, float(torch.where(up, 1 - fr, fr)[small].max()))
+    return Rounded(code, floor, tie, sub, steps)
 
 
 class Exact:
@@ -359,48 +373,57 @@ class Requantizer:
         assert self.k is not None
         lay, fmt = self.layout, self.fmt
         n = r1 - r0
-        k = lay.expand(torch.from_numpy(self.k), r0, r1)  # [n, nc, 1]
-        y = (w.view(n, lay.nc, lay.bi) * pow2(-k)).view(n, lay.cols)  # exact (tiny values aside: they round to 0)
-        q = round_fp8(y, fmt)
-        code = q.code
-        # undecided by w: on a midpoint, near zero (the bound is not small against a float32 step there),
-        # or below the smallest normal fp8 value
+        kb = torch.from_numpy(self.k)
+        k = lay.expand(kb, r0, r1)  # [n, nc, 1]
+        if kb.numel() == 1:
+            y = w * float(2.0 ** -int(kb.reshape(())))  # exact (tiny values aside: they round to 0)
+        else:
+            y = (w.view(n, lay.nc, lay.bi) * pow2(-k)).view(n, lay.cols)
         small = exact.small(r0, r1)
-        flag = q.tie | (w.abs() < small) | (y.abs() < 2.0 ** fmt.emin)
-        if bool(flag.any()):
-            flat = flag.view(-1).nonzero().view(-1)
+        per_tensor = kb.numel() == 1
+        # undecided by w: on a midpoint, on the subnormal grid, or near zero (the sums' bound is not small
+        # against a float32 step there: |w| < small, in units of the scale for one scale per tensor)
+        q = round_fp8(y, fmt, small * float(2.0 ** -int(kb.reshape(()))) if per_tensor else 0.0)
+        code = q.code
+        flag = q.tie | q.sub if per_tensor else q.tie | q.sub | (w.abs() < small)
+        flat = flag.view(-1).nonzero().view(-1)
+        sign = (y.view(torch.int32) >> 24) & 0x80
+        if flat.numel():
             rows, cols = (flat // lay.cols + r0).numpy(), (flat % lay.cols).numpy()
             fl = q.floor.view(-1)[flat]  # |y| truncated: x rounds to fl or fl + 1 (x lies far closer to y than a step)
-            kk = torch.from_numpy(self.k)[torch.from_numpy(rows // lay.bo), torch.from_numpy(cols // lay.bi)]
+            kk = kb[torch.from_numpy(rows // lay.bo), torch.from_numpy(cols // lay.bi)]
             mid = (self.values[fl.long()] + self.values[(fl + 1).clamp(max=fmt.max_code).long()]) / 2
-            neg = torch.signbit(w.view(-1)[flat])
-            t = torch.where(neg, -mid, mid) * pow2(kk, torch.float64)
+            ng = sign.view(-1)[flat] != 0
+            t = torch.where(ng, -mid, mid) * pow2(kk, torch.float64)
             s = torch.from_numpy(exact.sign(rows, cols, t.numpy()).astype(np.int64))
-            away = torch.where(neg, s < 0, s > 0)  # x lies beyond the midpoint, away from zero
-            tie = s == 0
-            new = torch.where(tie, fl + (fl & 1), fl + away.to(torch.int32))
+            away = torch.where(ng, s < 0, s > 0)  # x lies beyond the midpoint, away from zero
+            new = torch.where(s == 0, fl + (fl & 1), fl + away.to(torch.int32))
             if bool((new == 0).any()):  # a zero code takes the exact value's sign (an exact zero is +0)
                 z = torch.from_numpy(exact.sign(rows, cols, np.zeros(len(rows))).astype(np.int64))
-                neg = torch.where(new == 0, z < 0, neg)
-            code = code.clone()
+                ng = torch.where(new == 0, z < 0, ng)
             code.view(-1)[flat] = new
-            sgn = torch.signbit(w).clone()
-            sgn.view(-1)[flat] = neg
-        else:
-            sgn = torch.signbit(w)
+            sign.view(-1)[flat] = ng.to(torch.int32) << 7
         if code.numel() and int(code.max()) > fmt.max_code:
             raise LoraError(f"{self.where}: a value past {fmt.max} after scaling (internal: the scale rule failed)")
-        out.copy_((code | (sgn.to(torch.int32) << 7)).to(torch.uint8))
-        # the error against the float32 merged weight: |dequant - w|, relative (Frobenius) and in steps
-        deq = self.values[code.long()] * pow2(k, torch.float64).view(n, lay.nc, 1).expand(n, lay.nc, lay.bi).reshape(n, lay.cols)
-        ww = w.double().abs()
-        e2 = float(((deq - ww) ** 2).sum())
-        r2 = float((ww ** 2).sum())
-        st = float(q.steps.max()) if q.steps.numel() else 0.0
+        out.copy_(code | sign)
+        # the error against the float32 merged weight, |dequant - w|: relative (Frobenius) and in steps.
+        # Codes back to float32 by their bits (exact), the subnormal ones (only where flagged) by their multiple
+        sh = 23 - (fmt.p - 1)
+        deq = ((code + ((127 - fmt.bias) << (fmt.p - 1))) << sh).view(torch.float32)
+        if flat.numel():
+            low = flat[code.view(-1)[flat] < (1 << (fmt.p - 1))]
+            deq.view(-1)[low] = code.view(-1)[low].to(torch.float32) * float(2.0 ** (fmt.emin - fmt.p + 1))
+        err = deq.sub_(y.abs())  # in units of the scale: exact (Sterbenz), or nearly
+        if per_tensor:
+            e2 = float(torch.linalg.vector_norm(err.view(-1), dtype=torch.float64) ** 2) * 4.0 ** int(kb.reshape(()))
+        else:
+            e2 = torch.sum((err * err).view(n, lay.nc, lay.bi), dim=2, dtype=torch.float64)  # [n, nc]
+            e2 = float((e2 * pow2(2 * k.view(n, lay.nc), torch.float64)).sum())
+        r2 = float(torch.linalg.vector_norm(w.view(-1), dtype=torch.float64) ** 2)
         with self.lock:
             self.err2 += e2
             self.ref2 += r2
-            self.steps = max(self.steps, st)
+            self.steps = max(self.steps, q.steps)
 
     def report(self) -> tuple[float, float]:
         """(relative Frobenius error, worst element error in fp8 steps)."""
