@@ -708,3 +708,22 @@ def test_repack_output_is_a_file_and_overwrite_replaces_only_a_file(setup, tmp_p
                               check=None))
     assert "exists and is a directory; --overwrite replaces only a regular file" in line
     assert temps(tmp_path) == []
+
+
+def test_comfyui_prefixed_checkpoint_is_merged_under_its_prefix(setup, tmp_path):
+    """ComfyUI saves every tensor under `model.diffusion_model.` (the wrapper strips it when loading): the
+    same merge, the same bytes, under the same names; a repack of such a file is refused."""
+    base_path = write_wanvideo_checkpoint(str(tmp_path / "base.safetensors"), TINY, fp8="e4m3fn", scale="tensor")
+    plain = tmp_path / "plain.safetensors"
+    cli("merge", base_path, plain, "--lora", setup["loras"]["cfg"])
+    sd = load_all(base_path)
+    pre = str(tmp_path / "prefixed.safetensors")
+    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, pre)
+    out = tmp_path / "out.safetensors"
+    p = cli("merge", pre, out, "--lora", setup["loras"]["cfg"])
+    assert "requantized 480 fp8 weights" in p.stdout  # 10 per block: q k v o, q k v, w1 w2 w3
+    a, b = load_all(str(plain)), load_all(str(out))
+    assert set(b) == {"model.diffusion_model." + k for k in a}
+    assert all(raw(b["model.diffusion_model." + k]) == raw(v) for k, v in a.items())
+    line = one_error_line(cli("merge", pre, tmp_path / "x.safetensors", "--layout", "wanvideo", check=None))
+    assert "named under 'model.diffusion_model.'" in line

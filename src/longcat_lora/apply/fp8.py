@@ -158,14 +158,14 @@ class Fp8Scan:
     """What a checkpoint holds of the scaled fp8 scheme."""
 
     layers: dict[str, Fp8Layer]  # layer -> its fp8 weight and scale
-    marker: bool  # `scaled_fp8` present
+    marker: str | None  # the `scaled_fp8` marker's name (a ComfyUI prefix included), if present
     input_scales: tuple[str, ...]  # activation scales (kept, or dropped with the scheme)
 
     def scheme_tensors(self) -> set[str]:
         """Tensors that belong to the scheme itself: the scales, the marker, the activation scales."""
         out = {x.scale for x in self.layers.values()} | set(self.input_scales)
         if self.marker:
-            out.add(MARKER)
+            out.add(self.marker)
         return out
 
 
@@ -175,9 +175,10 @@ def scan(b: Base) -> Fp8Scan | None:
     def where(t: str) -> str:
         return b.shards[b.tensors[t]].path
 
-    fp8 = [t for t in b.tensors if t != MARKER and b.shards[b.tensors[t]].info(t).dtype in FORMATS]
+    markers = [t for t in b.tensors if t == MARKER or t.endswith("." + MARKER)]
+    marker = markers[0] if markers else None
+    fp8 = [t for t in b.tensors if t not in markers and b.shards[b.tensors[t]].info(t).dtype in FORMATS]
     scales = [t for t in b.tensors if t.endswith(SCALE_NAMES)]
-    marker = MARKER in b.tensors
     if not fp8 and not marker and not any(t.endswith(".scale_weight") for t in scales):
         return None  # (a `.weight_scale` alone is the INT8 layout's)
     layers: dict[str, Fp8Layer] = {}

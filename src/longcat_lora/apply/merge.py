@@ -45,6 +45,7 @@ from .targets import Target, find_targets
 
 DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32", FP8_SCALED: None}
 LAYOUTS = ("keep", "wanvideo")
+PREFIXES = ("model.diffusion_model.",)  # a prefix every tensor name of BASE may carry (module docstring)
 DEPTH = 2  # adapted weights in flight: one read, one computed, one written (see pipeline.py)
 
 
@@ -123,7 +124,14 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
         per_weight: dict[str, list[tuple[Target, float]]] = {}
         skipped: list[str] = []
 
+        # ComfyUI saves checkpoints with every name under `model.diffusion_model.` (the wrapper strips it)
+        prefix = next((p for p in PREFIXES if b.tensors and all(t.startswith(p) for t in b.tensors)), "")
+        if prefix and repacking:
+            raise LoraError(f"{base}: its tensors are named under {prefix!r} (a ComfyUI checkpoint): it is in a "
+                            "runtime's layout already; merge into it without ", Param("layout", "wanvideo"))
+
         def layer_shape(layer: str) -> tuple[int, int] | None:
+            layer = prefix + layer
             shape = b.shape(layer + ".weight")
             if shape is None and int8 is not None and layer in int8:
                 shape = int8[layer].shape
@@ -133,13 +141,13 @@ def merge_checkpoint(base: str, out: str, loras: Iterable[tuple[str | LoraAdapte
             adapter = lora if isinstance(lora, LoraAdapter) else load_lora(str(lora))
             if adapter is not lora:
                 opened.append(adapter)
-            if int8 is not None:
+            if int8 is not None and not prefix:
                 check_fit(int8, b, adapter, str(lora) if adapter is not lora else "(in memory)")
             targets, missing = find_targets(adapter, layer_shape, skip_unmapped, f"base {base}")
             skipped += missing
             for t in targets:
-                suffix = ".weight_int8" if int8 is not None and t.layer in int8 else ".weight"
-                per_weight.setdefault(t.layer + suffix, []).append((t, float(strength)))
+                suffix = ".weight_int8" if int8 is not None and prefix + t.layer in int8 else ".weight"
+                per_weight.setdefault(prefix + t.layer + suffix, []).append((t, float(strength)))
         for tensor in per_weight:
             d = b.shards[b.tensors[tensor]].info(tensor).dtype
             quantized = tensor.endswith(".weight_int8") or (f8 is not None and tensor[:-len(".weight")] in f8.layers)
