@@ -725,5 +725,7 @@ def test_comfyui_prefixed_checkpoint_is_merged_under_its_prefix(setup, tmp_path)
     a, b = load_all(str(plain)), load_all(str(out))
     assert set(b) == {"model.diffusion_model." + k for k in a}
     assert all(raw(b["model.diffusion_model." + k]) == raw(v) for k, v in a.items())
-    line = one_error_line(cli("merge", pre, tmp_path / "x.safetensors", "--layout", "wanvideo", check=None))
-    assert "named under 'model.diffusion_model.'" in line
+    pre16 = str(tmp_path / "prefixed_bf16.safetensors")
+    save_file({"model.diffusion_model." + k: v for k, v in load_all(setup["wv"]).items()}, pre16)
+    line = one_error_line(cli("merge", pre16, tmp_path / "x.safetensors", "--layout", "wanvideo", check=None))
+    assert "named under 'model.diffusion_model.' (a ComfyUI checkpoint)" in line and "without --layout wanvideo" in line
