@@ -17,7 +17,6 @@ import signal
 import struct
 import subprocess
 import sys
-from fractions import Fraction
 
 import numpy as np
 import pytest

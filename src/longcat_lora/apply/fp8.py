@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,7 +40,6 @@ import numpy as np
 import torch
 
 from ..errors import LoraError
-from ..io.dtypes import ITEMSIZE
 
 if TYPE_CHECKING:
     from .base_checkpoint import Base
