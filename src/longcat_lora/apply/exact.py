@@ -228,6 +228,7 @@ class ExactMerge:
             self.nu.append(full)
             self.nd.append(cn)
             self.nd_max.append(float(cn.max()) if cn.size else 0.0)
+        self._certificate: list | None = None  # what `_exact_sums` needs, made on its first use
         # per term: both factors hold float32 values (bf16, fp16, fp32 files), so that every product of
         # two of them (at most 48 significant bits) is exact in float64 (double-double level, `_dd`)
         self._narrow = [bool(np.array_equal(u, u.astype(np.float32)) and np.array_equal(d, d.astype(np.float32)))
@@ -270,18 +271,38 @@ class ExactMerge:
     # ------------------------------------------------------------------ the chunk
 
     def chunk(self, w64: torch.Tensor, r0: int, r1: int, out: torch.Tensor,
-              base: Callable[[np.ndarray, np.ndarray], np.ndarray], scratch: Scratch | None = None) -> None:
+              base: Callable[[np.ndarray, np.ndarray], np.ndarray], scratch: Scratch | None = None,
+              defer: list | None = None) -> None:
         """Rows r0:r1: `w64` holds the exact base values (float64, overwritten), `out` [r1-r0, cols] in the
         output dtype receives the correctly rounded merged values; `base(rows, cols)` gives exact base
-        values (float64, absolute row indices) for the few elements decided exactly. Raises NotFinite."""
+        values (float64, absolute row indices) for the few elements decided exactly. Raises NotFinite.
+
+        With `defer` (a list), the flagged elements of this chunk are appended to it instead of decided
+        (their rounded float32 bits stay in `out` meanwhile): `resolve` decides them all at once, for a
+        weight whose chunks run on the CPU (one call instead of one per chunk)."""
         if self.out_dtype == "F64":
             self._chunk_f64(w64, r0, r1, out, base)
             return
         self.sums(w64, r0, r1)
         scratch = scratch or Scratch()
         flat = self._bulk(w64, r0, r1, out, scratch)
-        if flat.numel():
+        if not flat.numel():
+            return
+        if defer is None:
             self._resolve(w64, flat, r0, out, base)
+        else:
+            defer.append((flat.cpu().numpy() + r0 * self.cols, w64.view(-1)[flat].cpu().numpy()))
+
+    def resolve(self, out: torch.Tensor, deferred: list, base: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        """Decide the elements `chunk(..., defer=deferred)` set aside and write their bits into `out`, the
+        whole weight's output [rows, cols]. Raises NotFinite."""
+        if not deferred:
+            return
+        idx = np.concatenate([i for i, _ in deferred])
+        v = np.concatenate([x for _, x in deferred])
+        bits = self.decide(v, idx // self.cols, idx % self.cols, base)
+        out.view(FMTS[self.out_dtype].torch_int).view(-1)[torch.from_numpy(idx).to(out.device)] = torch.from_numpy(
+            bits.view(_signed(self.out_dtype))).to(out.device)
 
     def sums(self, w64: torch.Tensor, r0: int, r1: int) -> None:
         """Level 1's float64 sums of rows r0:r1 into `w64` (holding the exact base values): any BLAS, any
@@ -305,40 +326,65 @@ class ExactMerge:
         return self._low_threshold(r0, r1, budget) if self.terms else 0.0
 
     def _bulk(self, w64: torch.Tensor, r0: int, r1: int, out: torch.Tensor, s: Scratch) -> torch.Tensor:
-        """Round every element; the flat indices (in the chunk) of those the bound may not decide."""
+        """Round every element; the flat indices (in the chunk) of those the bound may not decide.
+
+        The flag test (see the module docstring) in a few integer operations on the bits: for bf16 / fp16
+        outputs on the float32 value t of the sum (magnitude bits outside [lo, hi), or the bits below the
+        output's exactly a midpoint); for fp32 outputs on the float64 sum (outside [lo, hi), or within
+        F32_WINDOW of a midpoint). On the CPU in numpy (several times faster than torch's integer and bool
+        operations here), on a device in torch."""
+        if self.out_dtype in ("BF16", "F16"):
+            smallest = 2.0 ** -126 if self.out_dtype == "BF16" else 2.0 ** -14  # below: subnormal output grids
+            lo = _f32_bits_ceil(max(self._low_threshold(r0, r1, 2.0 ** -26), smallest))
+            hi = _f32_bits_floor(FMTS[self.out_dtype].max)  # at or past the largest value, Inf, NaN
+            low = 16 if self.out_dtype == "BF16" else 13  # float32 fraction bits below the output's
+            wide, bits, mask, mid = torch.float32, torch.int32, 0x7FFFFFFF, -(1 << 31)  # mid: low bits << (32 - low)
+        else:  # F32: on the float64 sum itself
+            lo = _f64_bits(max(self._low_threshold(r0, r1, F32_WINDOW * 2.0 ** -53), 2.0 ** -126))
+            hi = _f64_bits(FMTS["F32"].max)
+            low, wide, bits, mask = 29, None, torch.int64, 0x7FFFFFFFFFFFFFFF
         n = w64.numel()
+        if wide is not None:
+            t = s.get("t32", n, wide, w64.device).view_as(w64)
+            t.copy_(w64)  # to nearest even: exact near midpoints only where flagged
+        else:
+            t = w64
+        if w64.device.type == "cpu":
+            ti = t.numpy().view(np.int32 if wide is not None else np.int64).reshape(-1)
+            m = s.get("m", n, bits, w64.device).numpy()
+            flag = s.get("flag", n, torch.bool, w64.device).numpy()
+            other = s.get("other", n, torch.bool, w64.device).numpy()
+            np.bitwise_and(ti, mask, out=m)
+            np.less(m, lo, out=flag)
+            np.greater_equal(m, hi, out=other)
+            np.logical_or(flag, other, out=flag)
+            if wide is not None:  # exactly a midpoint: the low bits, shifted to the top, are 100...0
+                np.left_shift(ti, 32 - low, out=m)
+                np.equal(m, mid, out=other)
+            else:  # within F32_WINDOW float64 ulps of a midpoint
+                np.add(ti, F32_WINDOW - (1 << (low - 1)), out=m)
+                np.bitwise_and(m, (1 << low) - 1, out=m)
+                np.less(m, 2 * F32_WINDOW, out=other)
+            np.logical_or(flag, other, out=flag)
+            out.copy_(t)
+            return torch.from_numpy(np.flatnonzero(flag))
+        ti = t.view(bits)
+        m = s.get("m", n, bits, w64.device).view_as(w64)
         flag = s.get("flag", n, torch.bool, w64.device).view_as(w64)
         other = s.get("other", n, torch.bool, w64.device).view_as(w64)
-        if self.out_dtype in ("BF16", "F16"):
-            t32 = s.get("t32", n, torch.float32, w64.device).view_as(w64)
-            t32.copy_(w64)  # to nearest even: exact near midpoints only where flagged below
-            ti = t32.view(torch.int32)
-            m = s.get("m32", n, torch.int32, w64.device).view_as(w64)
-            f = FMTS[self.out_dtype]
-            smallest = 2.0 ** -126 if self.out_dtype == "BF16" else 2.0 ** -14  # below: subnormal output grids
-            lo = max(self._low_threshold(r0, r1, 2.0 ** -26), smallest)
-            torch.bitwise_and(ti, 0x7FFFFFFF, out=m)
-            torch.lt(m, _f32_bits_ceil(lo), out=flag)
-            torch.ge(m, _f32_bits_floor(f.max), out=other)  # at or past the largest value, Inf, NaN
-            flag.logical_or_(other)
-            low = 16 if self.out_dtype == "BF16" else 13  # float32 fraction bits below the output's
+        torch.bitwise_and(ti, mask, out=m)
+        torch.lt(m, lo, out=flag)
+        torch.ge(m, hi, out=other)
+        flag.logical_or_(other)
+        if wide is not None:
             torch.bitwise_and(ti, (1 << low) - 1, out=m)
-            torch.eq(m, 1 << (low - 1), out=other)  # exactly a midpoint of the output grid
-            flag.logical_or_(other)
-            out.copy_(t32)
-        else:  # F32
-            vi = w64.view(torch.int64)
-            m = s.get("m64", n, torch.int64, w64.device).view_as(w64)
-            lo = max(self._low_threshold(r0, r1, F32_WINDOW * 2.0 ** -53), 2.0 ** -126)
-            torch.bitwise_and(vi, 0x7FFFFFFFFFFFFFFF, out=m)
-            torch.lt(m, _f64_bits(lo), out=flag)
-            torch.ge(m, _f64_bits(FMTS["F32"].max), out=other)
-            flag.logical_or_(other)
-            torch.add(vi, F32_WINDOW - (1 << 28), out=m)
-            m.bitwise_and_((1 << 29) - 1)
+            torch.eq(m, 1 << (low - 1), out=other)
+        else:
+            torch.add(ti, F32_WINDOW - (1 << (low - 1)), out=m)
+            m.bitwise_and_((1 << low) - 1)
             torch.lt(m, 2 * F32_WINDOW, out=other)
-            flag.logical_or_(other)
-            out.copy_(w64)
+        flag.logical_or_(other)
+        out.copy_(t)
         return flag.view(-1).nonzero().view(-1)
 
     def _resolve(self, w64: torch.Tensor, flat: torch.Tensor, r0: int, out: torch.Tensor,
@@ -370,6 +416,10 @@ class ExactMerge:
             if free.size:
                 bits[free] = round_f64(base(rows[free], cols[free]) + 0.0, dt)
                 todo = np.setdiff1d(todo, free)
+        if todo.size:  # where every step of the float64 sums was exact, v is the exact sum: round it
+            sure = self._exact_sums(v[todo], rows[todo], cols[todo], base(rows[todo], cols[todo]))
+            bits[todo[sure]] = round_f64(v[todo[sure]], dt)
+            todo = todo[~sure]
         if todo.size:  # level 2b: the sums again in double-double, each interval end rounded exactly
             hi, lo, e, known = self._dd(rows[todo], cols[todo], base(rows[todo], cols[todo]))
             with np.errstate(over="ignore", invalid="ignore"):
@@ -387,6 +437,38 @@ class ExactMerge:
         if not np.isfinite(from_bits(bits, dt)).all():
             raise NotFinite
         return bits
+
+    def _exact_sums(self, v: np.ndarray, rows: np.ndarray, cols: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Where the float64 sums `v` at (rows, cols) are the exact sums, whatever the order and the kernel.
+
+        A certificate, not an estimate: every value any evaluation of `b + sum alpha_p * up_p @ down_p` can
+        form (a factor scaled by alpha, a product, a partial sum, alpha times a partial sum) is a multiple
+        of 2**L, L the lowest bit of the base value, of each term's up row plus down column plus
+        min(0, the lowest bit of alpha), and of alpha times a factor; and each is at most
+        M = |b| + sum_p max(1, |alpha_p|) (S_p + max|up row| + max|down column|) in magnitude, S_p >= sum_k
+        |up_ik down_kj| (Cauchy-Schwarz). If M < 2**(L + 53), each is a float64 and every operation exact.
+        This is the common case that makes exact ties common: bf16 or fp16 factors, alpha a power of two
+        (1 x 0.5), whose sums need few bits (a float32 result exactly on a midpoint of its grid)."""
+        if self._certificate is None:  # per term: the lowest bit of each up row's and each down column's
+            # values, their largest magnitudes, and the lowest bit of strength x scale
+            big = np.int64(1 << 20)
+            cert = []
+            for t, u, d in zip(self.terms, self.up_np, self.down_np):
+                lu, um = np.full(self.rows, big), np.zeros(self.rows)
+                lu[t.rows[0]:t.rows[1]] = _lsb(u).min(axis=1)
+                um[t.rows[0]:t.rows[1]] = np.abs(u).max(axis=1)
+                cert.append((lu, _lsb(d).min(axis=0), um, np.abs(d).max(axis=0), int(_lsb(np.array([t.alpha]))[0])))
+            self._certificate = cert
+        low = _lsb(b)
+        mag = np.abs(b)
+        for al, (lu, ld, um, dm, la), nu, nd in zip(self.alphas, self._certificate, self.nu, self.nd):
+            lu_, ld_ = lu[rows], ld[cols]
+            a0 = min(0, la)
+            low = np.minimum(low, np.minimum(lu_ + ld_ + a0, np.minimum(lu_, ld_) + a0))
+            mag = mag + max(1.0, al) * (nu[rows] * nd[cols] + um[rows] + dm[cols])
+        with np.errstate(over="ignore"):
+            room = np.ldexp(1.0, np.clip(low + 53, -1074, 1100).astype(np.int32))
+        return np.isfinite(v) & (low >= -1074) & (mag * (1 + 2.0 ** -40) < room)
 
     def _dd(self, rows: np.ndarray, cols: np.ndarray, b: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -570,6 +652,18 @@ class Scratch:
         if b is None or b.numel() < n or b.device != torch.device(device):
             b = self.bufs[name] = torch.empty(n, dtype=dtype, device=device)
         return b[:n]
+
+
+def _lsb(x: np.ndarray) -> np.ndarray:
+    """The exponent of the lowest set bit of each float64 (x = odd integer * 2**lsb), as int64; a large
+    value (2**20) for 0 (no bit), so that minima over values skip zeros."""
+    x = np.asarray(x, dtype=np.float64)
+    m, e = np.frexp(np.abs(x))  # |x| = m * 2**e, 0.5 <= m < 1
+    sig = (m * 2.0 ** 53).astype(np.int64)  # the significand as an integer, exactly
+    _, le = np.frexp((sig & -sig).astype(np.float64))  # its lowest set bit, 2**(le - 1)
+    out = e.astype(np.int64) - 53 + (le.astype(np.int64) - 1)
+    out[(x == 0) | ~np.isfinite(x)] = 1 << 20
+    return out
 
 
 def _signed(dtype: str):

@@ -314,6 +314,7 @@ class CpuStages:
         if rq is not None:
             step = rq.chunk_rows(step)
         chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+        deferred: list = []  # the few elements the chunks' bound cannot decide: decided at once, below
 
         def merged(k: int, r0: int, r1: int) -> None:
             self.f64[k] = _grow(self.f64[k], step * cols)
@@ -325,11 +326,15 @@ class CpuStages:
                 rq.observe(dst[r0:r1], r0, r1)
                 return
             try:
-                merge.chunk(w, r0, r1, dst[r0:r1], base, self.scratch[k])
+                merge.chunk(w, r0, r1, dst[r0:r1], base, self.scratch[k], defer=deferred)
             except NotFinite:
                 raise job.nonfinite_error() from None
 
         self._each(chunks, merged)
+        try:
+            merge.resolve(dst, deferred, base)
+        except NotFinite:
+            raise job.nonfinite_error() from None
         if rq is not None:
             exact = _ExactView(merge, base, job)
             rq.finish(dst, exact)
