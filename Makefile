@@ -1,11 +1,12 @@
-# Everything a fresh machine needs: `make demo` runs the main job, `make test` the test suite.
+# Everything a fresh machine needs: `make demo` runs the main job, `make test` the whole test suite (CI),
+# `make check` its fast tier (under 90 s on 2 cores; docs/contributing.md says when to run which).
 # torch is pinned first (a CPU wheel); the package itself only asks for torch>=2.1.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test check docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+check: setup
+	$(PY) -m pytest -q -m "not slow"
+
+docs: setup
+	$(PY) tools/gen_docs.py
 
 bench: setup
 	$(PY) benchmarks/convert.py
