@@ -329,7 +329,7 @@ def test_library_errors_name_parameters(ckpts, tmp_path):
     with pytest.raises(LoraError, match="exactly one"):
         extract_lora(base, tuned, str(tmp_path / "o.safetensors"))
     with pytest.raises(LoraError, match="format"):
-        extract_lora(base, tuned, str(tmp_path / "o.safetensors"), rank=2, format="kohya")
+        extract_lora(base, tuned, str(tmp_path / "o.safetensors"), rank=2, format="lycoris")
     with pytest.raises(LoraError, match="nothing to extract|no change"):
         extract_lora(base, base, str(tmp_path / "o.safetensors"), rank=2)
     assert not os.listdir(tmp_path)

@@ -187,12 +187,12 @@ def test_a_table_entry_added_in_a_test_reaches_shapes_fixtures_and_inspect(tmp_p
     assert r["up_blocks"]["audio_proj.norm_proj"] == {"1": 1}
     assert r["modules"] == 2 * (7 + 5) + 5 and r["looks_like"] == "avatar-like"
     assert "every module's shape is consistent with that DiT" in r["findings"]
-    assert not any("not Linear layers" in f for f in r["findings"])
+    assert not any("not modules of LongCat" in f for f in r["findings"])
     assert r["dims"] == {**DISTINCT_SIZES, "final_out": 64}  # no final_layer.linear in the avatar layout
     # the new entry's shape is checked too: without it the file's modules are unknown
     monkeypatch.setattr(naming, "TABLE", naming.TABLE[:-2])
     r = inspect_lora(path)
-    assert any("3 modules are not Linear layers" in f for f in r["findings"])
+    assert any("3 modules are not modules of LongCat-Video or LongCat-Video-Avatar" in f for f in r["findings"])
 
 
 def test_wanvideo_names_against_an_independent_table():

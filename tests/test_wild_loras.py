@@ -281,3 +281,32 @@ def test_convert_to_wanvideo_says_when_the_wrappers_unmerged_path_would_skip_mod
     assert "note: ComfyUI-WanVideoWrapper applies head.head, head.modulation.1 only with merge_loras on" in p.stderr
     p = cli("convert", str(d / "cfg_step.safetensors"), tmp_path / "c.safetensors", "--to", "wanvideo")
     assert "note:" not in p.stderr
+
+
+def test_alphas_give_the_scale_exactly_where_a_float64_can():
+    """kohya / wanvideo / PEFT loaders compute alpha / rank: the alpha written gives the part's scale exactly
+    in float64 whenever any float64 near scale * rank does (checked against the 9 neighbours), and is within
+    one float64 ulp otherwise (0.1 at rank 3: no float64 alpha gives it); never <= 0 where loaders read 0
+    as "no alpha"."""
+    import math
+    import random
+
+    from longcat_lora.formats._common import exact_alpha
+
+    rnd = random.Random(3)
+    scales = [0.5, 0.3, 0.1, 0.37, 1 / 3, float(torch.tensor(0.3, dtype=torch.float32))] + [rnd.uniform(1e-3, 4)
+                                                                                             for _ in range(300)]
+    inexact = 0
+    for s in scales:
+        for r in (1, 3, 4, 6, 7, 128, 384, 768):
+            a = exact_alpha(s, r)
+            near = [s * r]
+            for _ in range(4):
+                near = [near[0], *near, near[-1]]
+                near[0], near[-1] = math.nextafter(near[0], 0.0), math.nextafter(near[-1], math.inf)
+            possible = any(x / r == s for x in near)
+            assert a > 0 and (a / r == s) == possible, (s, r, a)
+            assert abs(a / r - s) <= math.ulp(s)
+            inexact += not possible
+    assert inexact > 0  # (0.1 at rank 3 is one)
+    assert exact_alpha(0.0, 4) is None and exact_alpha(-0.5, 4) is None and exact_alpha(-0.5, 4, positive=False) == -2.0

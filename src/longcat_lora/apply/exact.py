@@ -223,16 +223,17 @@ class ExactMerge:
         self.down_np = [t.down.cpu().numpy() for t in self.terms]
         for t, u, d in zip(self.terms, self.up_np, self.down_np):
             full = np.zeros(rows)
-            full[t.rows[0]:t.rows[1]] = np.sqrt(np.einsum("ij,ij->i", u, u)) * (1 + 2.0 ** -40)
-            cn = np.sqrt(np.einsum("ij,ij->j", d, d)) * (1 + 2.0 ** -40)
+            full[t.rows[0]:t.rows[1]] = _norms(u, 1)
+            cn = _norms(d, 0)
             self.nu.append(full)
             self.nd.append(cn)
             self.nd_max.append(float(cn.max()) if cn.size else 0.0)
         self._certificate: list | None = None  # what `_exact_sums` needs, made on its first use
         # per term: both factors hold float32 values (bf16, fp16, fp32 files), so that every product of
         # two of them (at most 48 significant bits) is exact in float64 (double-double level, `_dd`)
-        self._narrow = [bool(np.array_equal(u, u.astype(np.float32)) and np.array_equal(d, d.astype(np.float32)))
-                        for u, d in zip(self.up_np, self.down_np)]
+        with np.errstate(over="ignore"):  # (a factor past float32's range is simply not narrow)
+            self._narrow = [bool(np.array_equal(u, u.astype(np.float32)) and np.array_equal(d, d.astype(np.float32)))
+                            for u, d in zip(self.up_np, self.down_np)]
         if not all(np.isfinite(a) for a in self.alphas) or not all(
                 np.isfinite(x).all() for x in self.nu + self.nd):
             self.finite_inputs = False
@@ -257,11 +258,12 @@ class ExactMerge:
         return (self.g * (np.abs(v) + 2.0 * a)) * (1 + 2.0 ** -30) + self.g * 2.0 ** -1022
 
     def _change_free(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Where no term can change the element (a zero up row, down column or strength x scale)."""
-        a = np.zeros(len(rows))
-        for al, nu, nd in zip(self.alphas, self.nu, self.nd):
-            a += al * nu[rows] * nd[cols]
-        return a == 0.0
+        """Where no term can change the element: each has a zero strength x scale, up row or down column."""
+        touched = np.zeros(len(rows), dtype=bool)
+        for t, nu, nd in zip(self.terms, self.nu, self.nd):
+            if t.alpha != 0:
+                touched |= (nu[rows] > 0) & (nd[cols] > 0)
+        return ~touched
 
     def _low_threshold(self, r0: int, r1: int, budget: float) -> float:
         """|value| below which the relative window cannot be trusted: 2 g A (1+eps) / (budget - g (1+eps))."""
@@ -418,7 +420,7 @@ class ExactMerge:
                 todo = np.setdiff1d(todo, free)
         if todo.size:  # where every step of the float64 sums was exact, v is the exact sum: round it
             sure = self._exact_sums(v[todo], rows[todo], cols[todo], base(rows[todo], cols[todo]))
-            bits[todo[sure]] = round_f64(v[todo[sure]], dt)
+            bits[todo[sure]] = round_f64(v[todo[sure]] + 0.0, dt)  # (an exact zero is +0 whatever the order made)
             todo = todo[~sure]
         if todo.size:  # level 2b: the sums again in double-double, each interval end rounded exactly
             hi, lo, e, known = self._dd(rows[todo], cols[todo], base(rows[todo], cols[todo]))
@@ -457,18 +459,24 @@ class ExactMerge:
                 lu, um = np.full(self.rows, big), np.zeros(self.rows)
                 lu[t.rows[0]:t.rows[1]] = _lsb(u).min(axis=1)
                 um[t.rows[0]:t.rows[1]] = np.abs(u).max(axis=1)
-                cert.append((lu, _lsb(d).min(axis=0), um, np.abs(d).max(axis=0), int(_lsb(np.array([t.alpha]))[0])))
+                exact_alpha = float(_two_prod(np.float64(t.strength), np.float64(t.scale))[1]) == 0.0
+                cert.append((lu, _lsb(d).min(axis=0), um, np.abs(d).max(axis=0), int(_lsb(np.array([t.alpha]))[0]),
+                             exact_alpha, t.rows))
             self._certificate = cert
         low = _lsb(b)
         mag = np.abs(b)
-        for al, (lu, ld, um, dm, la), nu, nd in zip(self.alphas, self._certificate, self.nu, self.nd):
+        ok = np.isfinite(v)
+        for al, (lu, ld, um, dm, la, exact_alpha, span), nu, nd in zip(self.alphas, self._certificate, self.nu,
+                                                                        self.nd):
+            if not exact_alpha:  # the sums used strength x scale rounded: never exact where the term applies
+                ok &= (rows < span[0]) | (rows >= span[1])
             lu_, ld_ = lu[rows], ld[cols]
             a0 = min(0, la)
             low = np.minimum(low, np.minimum(lu_ + ld_ + a0, np.minimum(lu_, ld_) + a0))
             mag = mag + max(1.0, al) * (nu[rows] * nd[cols] + um[rows] + dm[cols])
         with np.errstate(over="ignore"):
             room = np.ldexp(1.0, np.clip(low + 53, -1074, 1100).astype(np.int32))
-        return np.isfinite(v) & (low >= -1074) & (mag * (1 + 2.0 ** -40) < room)
+        return ok & (low >= -1074) & (mag * (1 + 2.0 ** -40) < room)
 
     def _dd(self, rows: np.ndarray, cols: np.ndarray, b: np.ndarray
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -506,6 +514,9 @@ class ExactMerge:
             else:
                 ph, pl = _two_prod(uu, dd)
                 err = pl.sum(axis=1)
+                exact[ii] &= ~(pl != 0).any(axis=1)  # (a float64 sum of low parts can be 0 and they not)
+            # a product near the subnormal range may have lost bits (and its split, its low part), or all
+            exact[ii] &= ~((np.abs(ph) < 2.0 ** -960) & (uu != 0) & (dd != 0)).any(axis=1)
             m = np.abs(ph).sum(axis=1) * (1 + 2.0 ** -40)
             h = ph
             levels = 0
@@ -522,7 +533,7 @@ class ExactMerge:
             if al == 0:  # strength x scale is a float64: (sh + sl) * ah in double-double, error-free when sl == 0
                 xh, xl = _two_prod(sh, ah)
                 xl = xl + sl * ah
-                exact[ii] &= sl == 0
+                exact[ii] &= (sl == 0) & ((xh == 0) | (np.abs(xh) >= 2.0 ** -960))
             else:
                 xh, xl = _dd_mul(sh, sl, ah, al)
                 exact[ii] = False
@@ -654,6 +665,19 @@ class Scratch:
         return b[:n]
 
 
+def _norms(x: np.ndarray, axis: int) -> np.ndarray:
+    """Upper bounds of the 2-norms of x's rows (axis 1) or columns (axis 0), scaled by each one's largest
+    magnitude so that tiny or huge factors neither underflow to 0 nor overflow (a bound of 0 only for an
+    all-zero row); inflated past the rounding of the computation."""
+    if not x.size:
+        return np.zeros(x.shape[1 - axis])
+    m = np.abs(x).max(axis=axis)
+    safe = np.where(m > 0, m, 1.0)
+    y = x / (safe[:, None] if axis == 1 else safe[None, :])
+    with np.errstate(over="ignore"):
+        return np.where(m > 0, np.sqrt(np.einsum("ij,ij->i" if axis == 1 else "ij,ij->j", y, y)) * m, 0.0) * (1 + 2.0 ** -40)
+
+
 def _lsb(x: np.ndarray) -> np.ndarray:
     """The exponent of the lowest set bit of each float64 (x = odd integer * 2**lsb), as int64; a large
     value (2**20) for 0 (no bit), so that minima over values skip zeros."""
@@ -729,14 +753,17 @@ def _round_dd(hi: np.ndarray, lo: np.ndarray, dtype: str) -> np.ndarray:
     where lo's sign decides (lo can move hi by half a float64 ulp at most, and any other midpoint is at
     least one float64 ulp away)."""
     f = FMTS[dtype]
+    hi = np.where((hi == 0) & (lo == 0), 0.0, hi)  # an exact zero is +0
     bits = round_f64(hi, dtype).astype(np.int64)
     sign = bits & (1 << (f.bits - 1))
     mag = bits ^ sign
     a = np.abs(hi)
     r = from_bits(mag.astype(f.np_uint), dtype)
     other = np.where(a > r, mag + 1, np.where(a < r, mag - 1, mag))
-    with np.errstate(over="ignore", invalid="ignore"):
-        mid = (r + from_bits(np.clip(other, 0, None).astype(f.np_uint), dtype)) / 2
+    o = from_bits(np.clip(other, 0, None).astype(f.np_uint), dtype)
+    below, above = np.minimum(r, o), np.maximum(r, o)
+    with np.errstate(over="ignore", invalid="ignore"):  # past the largest value: its half ulp, not (max + inf) / 2
+        mid = np.where(np.isinf(above), below + math.ldexp(1.0, f.emax - f.p), (below + above) / 2)
     at_mid = (a != r) & (a == mid) & (lo != 0)
     away = (lo > 0) == (hi > 0)  # lo moves the value away from zero
     new = np.where(at_mid, np.where(away, np.maximum(mag, other), np.minimum(mag, other)), mag)

@@ -201,6 +201,16 @@ def scan(b: Base) -> Fp8Scan | None:
                             f"{list(info.shape)} it must be a float tensor of shape [], [1], [1, 1] (per tensor), "
                             f"[{info.shape[0]}] or [{info.shape[0]}, 1] (per row), or [out/bo, in/bi] (per block)")
         values = sf.read(s).double().reshape(-1)
+        if sinfo.dtype == "F64":  # an fp8 value (at most 4 bits) times the scale must be exact in float64
+            from .exact import _lsb
+
+            v = values.numpy()
+            _, e = np.frexp(v)
+            wide = np.flatnonzero(np.isfinite(v) & (v > 0) & ((e.astype(np.int64) - 1) - _lsb(v) + 1 > 49))
+            if wide.size:
+                at = f"element {int(wide[0])} " if values.numel() > 1 else ""
+                raise LoraError(f"{sf.path}: scale {s!r} {at}is {float(v[wide[0]])!r}, a float64 with more than 49 "
+                                f"significant bits: its products with fp8 values are not exact in float64")
         bad = ~(torch.isfinite(values) & (values > 0))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])

@@ -36,11 +36,11 @@ from .int8_layout import check_fit, scan
 from .merge_int8 import Int8Merge, Requant
 from .pipeline import Pipeline
 from .side_files import copy_rest, copy_side_file
-from ..io.dtypes import FLOATS, tensor_bytes, torch_dtype
+from ..io.dtypes import FLOATS
 from ..io.writer import Entry, layout as header_layout, write_safetensors
 from ..io.reader import FileRange, SafeFile, file_kind
 from ..io.outputs import atomic_output, check_output, dir_problem
-from .repack import FP8_SCALED
+from .repack import FP8_SCALED, cast
 from .targets import Target, find_targets
 
 DTYPES = {"keep": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32", FP8_SCALED: None}
@@ -331,7 +331,7 @@ def _entry(sf: SafeFile, name: str, adds: list[tuple[Target, float]] | None, out
     if not adds:
         if dt == info.dtype:
             return Entry(name, dt, info.shape, lambda: FileRange(sf.fd, info.start, info.nbytes, sf.path, name))
-        return Entry(name, dt, info.shape, lambda: tensor_bytes(sf.read(name).to(torch_dtype(dt))))
+        return Entry(name, dt, info.shape, lambda: cast(sf, name, None, dt))  # rounded once; overflow refused
     return Entry(name, dt, info.shape, jobs.add(Job(sf, name, tuple(adds), dt)))
 
 

@@ -83,6 +83,10 @@ def find_targets(adapter: LoraAdapter, layer_shape: Callable[[str], tuple[int, i
             continue
         shapes = [layer_shape(name) for name in layers]
         h = m.out_features // len(layers)
+        if h * len(layers) != m.out_features:  # its rows do not split equally over those layers
+            bad.append(f"{q(m.name)} has {m.out_features} rows, which do not split into {len(layers)} equal layers "
+                       f"({', '.join(map(q, layers))})")
+            continue
         for j, (name, shape) in enumerate(zip(layers, shapes)):
             if shape != (h, m.in_features):
                 bad.append(f"{q(name)} is {list(shape)}, the LoRA needs {[h, m.in_features]}")

@@ -257,7 +257,7 @@ def _loader_notes(a: LoraAdapter, kinds: set[str]) -> list[str]:
     if a.format == "kohya" and a.schemes.get("longcat") and fused:
         applies = sorted(kinds - set(fused))
         notes.append(f"ComfyUI's LongCat model (ComfyUI-WanVideoWrapper) names {', '.join(fused)} otherwise and will "
-                     f"not find them: loaded there, only {', '.join(applies) if applies else 'nothing'} would apply "
+                     f"not find them: loaded there, {'only ' + ', '.join(applies) if applies else 'none of its modules'} would apply "
                      f"(the rest is a console warning); `convert --to wanvideo` (or comfyui) writes its form. "
                      f"Wan2GP, DiffSynth-Studio and kohya-style loaders of the official model take this file as it is")
     if a.format == "wanvideo" and kinds & {"final_layer.linear", "final_layer.adaLN_modulation.1"}:

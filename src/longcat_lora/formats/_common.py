@@ -63,7 +63,10 @@ def scalar(sf: SafeFile, key: str) -> tuple[float, str]:
         raise LoraError(f"{sf.path}: tensor {key!r} has dtype {info.dtype}; expected a number")
     if info.shape not in ((), (1,)):
         raise LoraError(f"{sf.path}: tensor {key!r} has shape {list(info.shape)}; expected a scalar")
-    value = decode_scalar(sf.read_raw(key).tobytes(), info.dtype)
+    raw = sf.read_raw(key).tobytes()
+    value = decode_scalar(raw, info.dtype)
+    if info.dtype in INTS and int.from_bytes(raw, "little", signed=info.dtype.startswith("I")) != value:
+        raise LoraError(f"{sf.path}: tensor {key!r} holds an integer a float64 cannot hold exactly")
     if not math.isfinite(value):
         raise LoraError(f"{sf.path}: tensor {key!r} is {value}; expected a finite number")
     return value, info.dtype
@@ -242,6 +245,22 @@ def add_standard_layer(adapter: LoraAdapter, sf: SafeFile, layer: str, keys: Std
     h = b.shape[0]
     add_part(adapter, sf.path, layer, name, split, nsplit, naming_, h, a.shape[1],
              Part((split * h, (split + 1) * h), a, b, scale), partial(split_diagonal, hint=chunks))
+
+
+def exact_alpha(scale: float, rank: int, positive: bool = True) -> float | None:
+    """The alpha to write for a scale, read back by loaders as alpha / rank: one with alpha / rank == scale
+    exactly in float64 where there is one (a neighbour of scale * rank, when that product rounded), else
+    scale * rank (within one float64 ulp of the scale: 1.1e-16, far below any storage rounding, where
+    folding the scale into the up matrix would cost a float32 rounding). Positive when asked (kohya-style
+    loaders: an alpha of 0 means "no alpha" to some): None for a scale that is not (the writer then writes
+    a negative scale on the negated up matrix, exactly, or folds it)."""
+    if not math.isfinite(scale) or (positive and not scale > 0):
+        return None
+    alpha = scale * rank
+    for candidate in (alpha, math.nextafter(alpha, 0.0), math.nextafter(alpha, math.copysign(math.inf, alpha))):
+        if (candidate > 0 or not positive) and candidate / rank == scale:
+            return candidate
+    return alpha
 
 
 @dataclass

@@ -5,8 +5,9 @@ pipeline prefix `pipe.dit.` removed: `blocks.0.attn.qkv.lora_A.default.weight` [
 `lora_B.default.weight` [out, r] (LongCat's names; `default` is the PEFT adapter's name), no alpha
 (its lora_alpha is the rank: scale 1), metadata `{"format": "pt"}`. Read here: that form, with any
 adapter name (the same on every tensor) or none, behind an optional `pipe.dit.` / `dit.` (or
-`diffusion_model.`, `transformer.`, `base_model.model.`) prefix, with an optional `<layer>.alpha` (scale
-alpha / rank, as DiffSynth's loader applies it). A fused module is one LoRA of rank n*r; its lora_B is
+`diffusion_model.`, `transformer.`, `base_model.model.`) prefix, and behind `pipe.dit.` / `dit.` an
+optional `<layer>.alpha` (scale alpha / rank, as DiffSynth's loader applies it; a bare `<layer>.alpha` key
+is kohya's, so a file mixing it with adapter-name segments is refused as two formats). A fused module is one LoRA of rank n*r; its lora_B is
 split into its diagonal blocks where it is block-diagonal (`layout.split_diagonal`).
 
 There is no writer: DiffSynth-Studio's loader applies `--to kohya` files exactly (see kohya.py).

@@ -17,6 +17,7 @@ from ..io.reader import SafeFile
 from ..io.writer import write_safetensors
 from ._common import (WriteOptions, add_standard_layer, finish, group_keys, metadata, peft_config, peft_scales,
                       layer_entries, standard_key)
+from ._common import exact_alpha
 from ..model.naming import Scheme
 from .base import Format
 
@@ -51,7 +52,8 @@ def read(sf: SafeFile) -> LoraAdapter:
 
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     entries, infos = layer_entries(adapter, opts, Scheme.LONGCAT, lambda m: f"{PREFIX}{m}.lora_A.weight",
-                                   lambda m: f"{PREFIX}{m}.lora_B.weight", lambda scale, rank: scale * rank,
+                                   lambda m: f"{PREFIX}{m}.lora_B.weight",
+                                   lambda scale, rank: exact_alpha(scale, rank, positive=False),
                                    "LongCat naming")
     config = peft_config(infos)
     config.pop("peft_type")

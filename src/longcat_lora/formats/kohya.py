@@ -25,8 +25,8 @@ from ..io.reader import SafeFile
 from ..io.writer import write_safetensors
 from ..model.adapter import LoraAdapter
 from ..model.naming import Scheme
-from ._common import (WriteOptions, add_standard_layer, exact_dtype, finish, group_keys, layer_entries, metadata,
-                      scalar, scalar_entry)
+from ._common import (WriteOptions, add_standard_layer, exact_alpha, exact_dtype, finish, group_keys, layer_entries,
+                      metadata, scalar, scalar_entry)
 from .base import Format
 
 NAME = "kohya"
@@ -63,11 +63,10 @@ def read(sf: SafeFile) -> LoraAdapter:
 
 
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
-    # alpha = scale * rank; a scale that is not positive is folded into the up matrix (alpha = rank): an
-    # alpha of 0 means "no alpha" to some loaders, and this reader refuses alphas <= 0
+    # alpha / rank == scale exactly, alpha > 0 (an alpha of 0 means "no alpha" to some loaders, and this reader
+    # refuses alphas <= 0); otherwise the scale goes into the up matrix (see layer_entries)
     entries, infos = layer_entries(adapter, opts, Scheme.LONGCAT, lambda m: f"{PREFIX}{m}.lora_down.weight",
-                                   lambda m: f"{PREFIX}{m}.lora_up.weight",
-                                   lambda scale, rank: scale * rank if scale > 0 else None, "LongCat naming")
+                                   lambda m: f"{PREFIX}{m}.lora_up.weight", exact_alpha, "LongCat naming")
     for i in infos:
         entries.append(scalar_entry(f"{PREFIX}{i.module}.alpha", i.alpha, exact_dtype(i.alpha, "F32")))
     write_safetensors(path, entries, metadata(adapter), opts.progress)

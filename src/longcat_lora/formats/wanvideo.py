@@ -16,33 +16,20 @@ Reading is the kohya reader's (`kohya.py`): a file with these names reads back a
 
 from __future__ import annotations
 
-import math
-
 from ..io.writer import write_safetensors
 from ..model.adapter import LoraAdapter
 from ..model.naming import Scheme
 from . import kohya
-from ._common import WriteOptions, exact_dtype, layer_entries, metadata, scalar_entry
+from ._common import WriteOptions, exact_alpha, exact_dtype, layer_entries, metadata, scalar_entry
 from .base import Format
 
 NAME = "wanvideo"
 PREFIX = "diffusion_model."
 
 
-def alpha_for(scale: float, rank: int) -> float | None:
-    """An alpha > 0 with alpha / rank == scale exactly (float64), or None."""
-    if not (math.isfinite(scale) and scale > 0):
-        return None
-    alpha = scale * rank
-    for candidate in (alpha, math.nextafter(alpha, 0.0), math.nextafter(alpha, math.inf)):
-        if candidate > 0 and candidate / rank == scale:
-            return candidate
-    return None
-
-
 def write(adapter: LoraAdapter, path: str, opts: WriteOptions) -> None:
     entries, infos = layer_entries(adapter, opts, Scheme.WANVIDEO, lambda layer: f"{PREFIX}{layer}.lora_down.weight",
-                                   lambda layer: f"{PREFIX}{layer}.lora_up.weight", alpha_for,
+                                   lambda layer: f"{PREFIX}{layer}.lora_up.weight", exact_alpha,
                                    "ComfyUI-WanVideoWrapper's naming")
     for i in infos:
         entries.append(scalar_entry(f"{PREFIX}{i.module}.alpha", i.alpha, exact_dtype(i.alpha, "F32")))

@@ -46,6 +46,8 @@ class DitDims:
 
 
 OFFICIAL = DitDims()
+MAX_BLOCKS = OFFICIAL.depth  # LongCat-Video's and LongCat-Video-Avatar's DiTs have 48 blocks: a module of
+# block 48 or later is of neither (a smaller test DiT has fewer; none has more)
 # LongCat-Video-Avatar 1.5's audio projection (Whisper features: 5 blocks x 1280 channels instead of 12 x 768)
 AVATAR_15 = DitDims(audio_proj_in=32000, audio_proj_vf_in=51200)
 
@@ -234,7 +236,7 @@ def _template(name: str, sep: str) -> tuple[str, int | None]:
 def _match(name: str, sep: str = ".") -> Layer | None:
     t, i = _template(name, sep)
     entry = _lookups()[sep].get(t)
-    if entry is None or (i is None) == entry["at"][0].per_block:
+    if entry is None or (i is None) == entry["at"][0].per_block or (i is not None and i >= MAX_BLOCKS):
         return None
     k, j, n = entry["at"]
     return Layer(k.longcat.format(i=i), j, n, frozenset(entry["schemes"]), k, i)
@@ -354,6 +356,10 @@ def hint(name: str) -> str | None:
                 found = _match(tail, sep)
                 if found is not None:
                     return f"{name!r} ends in the layer {tail!r} after the prefix {name[:k + 1]!r}, which is not one the format takes"
+    for sep in ".", "_":
+        t, i = _template(name, sep)
+        if i is not None and i >= MAX_BLOCKS and _match(t.replace("{i}", "0"), sep) is not None:
+            return f"block {i} is past the {MAX_BLOCKS} blocks of LongCat-Video and LongCat-Video-Avatar"
     t, i = _template(name, ".")
     parent = t.rpartition(".")[0]
     if not parent:
