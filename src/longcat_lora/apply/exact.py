@@ -3,28 +3,37 @@
 The bytes of a merge depend only on its inputs: not on the CPU (Intel or AMD, AVX2 or AVX-512 kernels),
 the BLAS, the number of threads or chunk workers, the chunk size, or the device. That holds by
 construction, because each output element is the one value the exact sum rounds to (round to nearest,
-ties to even, directly to the output dtype), and every machine agrees on that. Three levels compute it:
+ties to even, directly to the output dtype), and every machine agrees on that. Levels compute it, each
+deciding what it can and handing the rest on:
 
 1. **Bulk** (every element): the sum in float64 (`addmm_`, any BLAS, any summation order). Its error is
    bounded by `g * (|v| + 2 * A_ij)` with `g = 2 * N * 2**-53` (N: the LoRA ranks summed, plus a few
    roundings per part) and `A_ij = sum_p |strength_p * scale_p| * |up_p[i]| * |down_p[:, j]|` (2-norms,
-   Cauchy-Schwarz on `sum_k |up_ik * down_kj|`). The value is rounded to the output dtype; an element is
-   *flagged* when that rounding could differ from the exact sum's: for bf16 / fp16 outputs, when the
-   float32 value of the sum is exactly a midpoint of the output's grid (then, and only then, the bound
-   can cross it or rounding through float32 could round twice); for fp32 outputs, when the float64 sum
-   lies within 2**19 of its units in the last place of a float32 midpoint; in both, when the value is
-   too small for the bound to be relative (near zero, subnormal) or too large (overflow), or not finite.
-   About 1 in 65,000 elements (bf16), 1 in 500 (fp32).
-2. **Interval** (flagged elements): `v +- E_ij` with the per-element bound, each end rounded to the
-   output dtype; equal ends decide.
-3. **Exact** (the rest: ties, exact zeros, sums within 1e-15 of a midpoint): the sum in Python integers
-   (every input is a dyadic rational), rounded exactly.
+   Cauchy-Schwarz on `sum_k |up_ik * down_kj|`; the norms are computed scaled, so tiny or huge factors
+   neither underflow nor overflow). The value is rounded to the output dtype; an element is *flagged*
+   when that rounding could differ from the exact sum's: for bf16 / fp16 outputs, when the float32
+   value of the sum is exactly a midpoint of the output's grid (then, and only then, the bound can
+   cross it or rounding through float32 could round twice); for fp32 outputs, when the float64 sum lies
+   within 2**19 of its units in the last place of a float32 midpoint; in both, when the value is too
+   small for the bound to be relative (near zero, subnormal) or too large (overflow), or not finite.
+   About 1 in 65,000 elements (bf16), 1 in 500 (fp32). Flagged elements are decided once per weight,
+   after its last chunk (`resolve`), by the levels below.
+2. **Interval**: `v +- E_ij` with the per-element bound, each end rounded to the output dtype; equal
+   ends decide. An element no term changes is its base value, rounded.
+3. **Certificate** (`_exact_sums`): where every value any evaluation order can form is a multiple of
+   2**L below 2**(L + 53), the float64 sum is the exact sum, so rounding it decides, ties included.
+   This is the common case of ties (bf16 factors, strength x scale a power of two such as 1 x 0.5).
+4. **Double-double** (`_dd`): the sums again with error-free products and additions and a rigorous
+   bound of order 2**-106; it decides sums within ~1e-15 of a midpoint, and exactly where no step lost
+   a bit.
+5. **Exact**: what remains, in Python integers (every input is a dyadic rational), rounded exactly.
 
 float64 outputs are summed in double-double arithmetic in a fixed order (level 1 cannot decide them),
-then levels 2 and 3 as above: exact, and slow (a float64 checkpoint of LongCat-Video is 108 GB).
+then levels 2 to 5 as above: exact, and slow (a float64 checkpoint of LongCat-Video is 108 GB).
 
-The cost against a plain float32 merge is the float64 products (about twice the float32 GEMM time) and
-a few cheap passes over each chunk; see the README's reproducibility section.
+The cost against a plain float32 merge is the float64 products (about twice the float32 GEMM time on
+the project's machine) and a few cheap passes over each chunk; figures in docs/performance.md, the
+guarantee and its edges in docs/formats.md.
 """
 
 from __future__ import annotations
