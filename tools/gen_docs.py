@@ -1,12 +1,13 @@
 """Generate the reference parts of docs/ from the code, so that they cannot drift from it.
 
-    .venv/bin/python tools/gen_docs.py           # rewrite the generated regions of docs/cli.md, docs/python-api.md
+    .venv/bin/python tools/gen_docs.py           # rewrite the generated regions of docs/cli.md, python-api.md, formats.md
     .venv/bin/python tools/gen_docs.py --check   # only say which regions are stale (exit 1); tests/test_docs.py
 
 docs/cli.md's command reference comes from the argparse definitions (`commands.cli.build_parser`): one
 region per subcommand with its synopsis and every argument (help text, choices, default); docs/python-api.md's
 reference comes from `longcat_lora.__all__`: every public name's signature and docstring, and the classes
-the public functions return. A generated region is everything between
+the public functions return; docs/formats.md's naming tables come from the naming table itself
+(`model/naming.py`: `TABLE`, `OTHER_PARAMS`). A generated region is everything between
 
     <!-- BEGIN GENERATED <region> (tools/gen_docs.py: do not edit by hand) -->
     <!-- END GENERATED <region> -->
@@ -29,6 +30,7 @@ import typing
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI_DOC = os.path.join(ROOT, "docs", "cli.md")
 API_DOC = os.path.join(ROOT, "docs", "python-api.md")
+FORMATS_DOC = os.path.join(ROOT, "docs", "formats.md")
 REGION = re.compile(r"<!-- BEGIN GENERATED (?P<name>\S+) \(tools/gen_docs.py: do not edit by hand\) -->\n"
                     r"(?P<body>.*?)<!-- END GENERATED (?P=name) -->\n", re.S)
 WIDTH = 100  # signatures are wrapped at this many characters
@@ -303,6 +305,40 @@ def api_regions() -> dict[str, str]:
     return {"api:reference": "\n".join(out)}
 
 
+# ----------------------------------------------------------------------------------- the naming table
+
+def _names(templates) -> str:
+    """A module's layer names in one scheme, block index as N: `a` / `b` / `c` (shared prefix written once)."""
+    if not templates:
+        return "—"
+    names = [t.replace("{i}", "N") for t in templates]
+    if len(names) == 1:
+        return f"`{names[0]}`"
+    head = names[0].rpartition(".")[0] + "."
+    if all(n.startswith(head) for n in names):
+        return f"`{names[0]}`" + "".join(f" / `{n[len(head):]}`" for n in names[1:])
+    return " / ".join(f"`{n}`" for n in names)
+
+
+def naming_regions() -> dict[str, str]:
+    """`naming:modules` (every LoRA-targetable Linear in the three schemes, with its shape) and `naming:other`
+    (the base checkpoint's other tensors), from `longcat_lora.model.naming`."""
+    from longcat_lora.model import naming
+
+    rows = ["| module kind | LongCat-Video (official, canonical) | FastVideo | ComfyUI-WanVideoWrapper | "
+            "shape (out × in) |", "|---|---|---|---|---|"]
+    for k in naming.TABLE:
+        out = f"{k.chunks}·{k.out}" if k.chunks > 1 else k.out
+        kind = f"`{k.kind}`" + (" (Avatar)" if k.avatar else "")
+        rows.append(f"| {kind} | {_names(k.templates(naming.Scheme.LONGCAT))} | "
+                    f"{_names(k.templates(naming.Scheme.FASTVIDEO))} | {_names(k.templates(naming.Scheme.WANVIDEO))} "
+                    f"| {out} × {k.inp} |")
+    other = ["| LongCat-Video (official) | FastVideo | ComfyUI-WanVideoWrapper |", "|---|---|---|"]
+    for row in naming.OTHER_PARAMS:
+        other.append("| " + " | ".join("—" if n is None else f"`{n.replace('{i}', 'N')}`" for n in row) + " |")
+    return {"naming:modules": "\n".join(rows) + "\n", "naming:other": "\n".join(other) + "\n"}
+
+
 # ----------------------------------------------------------------------------------- regions in files
 
 def regions_in(text: str) -> dict[str, str]:
@@ -336,7 +372,7 @@ def render(text: str, regions: dict[str, str], *, append_missing: bool) -> tuple
 
 
 def targets() -> list[tuple[str, object]]:
-    return [(CLI_DOC, cli_regions), (API_DOC, api_regions)]
+    return [(CLI_DOC, cli_regions), (API_DOC, api_regions), (FORMATS_DOC, naming_regions)]
 
 
 def stale() -> list[str]:
