@@ -142,6 +142,16 @@ def _int8(path):
                    "bits": 8}, f)
 
 
+def _wanvideo(path, **kw):
+    """A checkpoint in ComfyUI-WanVideoWrapper's layout (the `LongCat-Video_comfy` single files), the same
+    model as `dit` under the wrapper's names; with `fp8="e4m3fn"` its block Linear weights are fp8 "scaled",
+    one scale per tensor (the `..._fp8_e4m3fn_scaled_KJ` files)."""
+    from longcat_lora.testing.dit import TINY
+    from longcat_lora.testing.fixtures import write_wanvideo_checkpoint
+
+    write_wanvideo_checkpoint(str(path), TINY, **kw)
+
+
 # The files an example may name, all at the reference DiT's small sizes (longcat_lora.testing.dit.TINY:
 # 48 blocks, every module type, hidden 64), in build order. An example that needs another file makes it
 # itself (an earlier command or block of its page), or adds it here.
@@ -153,6 +163,8 @@ INPUTS = {
     "dit": _dit,  # a sharded base checkpoint in LongCat's naming (the official dit/ folder)
     "dit_finetuned": _dit_finetuned,  # dit with refinement_lora merged in (what extract recovers)
     "base_model_int8": _int8,  # the official INT8 DiT's folder
+    "LongCat_TI2V_comfy_bf16.safetensors": _wanvideo,  # ComfyUI-WanVideoWrapper's bf16 file
+    "LongCat_TI2V_comfy_fp8_e4m3fn_scaled_KJ.safetensors": lambda p: _wanvideo(p, fp8="e4m3fn", scale="tensor"),
 }
 
 
