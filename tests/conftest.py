@@ -157,6 +157,11 @@ SLOW = {
         "test_merge_strength_that_overflows_is_a_clean_refusal",
     ],
     "test_reproducible.py": ["*"],
+    "test_review_exact.py": [  # the CLI cases (subprocesses); the ExactMerge cases stay fast
+        "test_merge_refuses_rows_that_do_not_split_over_split_layers",
+        "test_merge_dtype_rounds_untouched_tensors_once_and_refuses_their_overflow",
+        "test_a_float64_fp8_scale_whose_products_are_not_exact_is_refused",
+    ],
     "test_runtime.py": [
         "test_parity_all_paths",
         "test_two_adapters_at_once_and_strengths",
@@ -174,6 +179,7 @@ SLOW = {
     ],
     "test_wild_loras.py": [
         "test_each_producer_form_is_read_exactly_and_converts_to_every_format",
+        "test_wanvideo_output_is_the_wrappers_form",
         "test_unknown_modules_are_refused_by_merge_apply_and_the_algebra",
         "test_wild_bad_inputs_are_one_line_and_exit_2",
         "test_inspect_names_the_form_the_naming_and_the_producer",
