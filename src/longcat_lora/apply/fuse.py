@@ -37,8 +37,9 @@ class RequantError:
 @dataclass
 class MergeReport:
     """What `merge_lora` did: the layers it changed, and for each INT8 layer the requantization error
-    against the exact merged weight `dequant(W) + strength * dW` (fp32). Float layers are cast once
-    from fp32 to their dtype and are not listed in `requantized`."""
+    against the exact merged weight `dequant(W) + strength * dW` (fp32). In float layers each element is
+    the correctly rounded value of the exact sum (`apply/exact.py`); they are not listed in
+    `requantized`."""
 
     layers: list[str] = field(default_factory=list)
     requantized: dict[str, RequantError] = field(default_factory=dict)

@@ -6,9 +6,10 @@ wrapper's layer names (`naming.Scheme.WANVIDEO`): `blocks.N.self_attn.q` / `k` /
 the down matrix and its own up block); `modulation.1` (adaLN) and `head.modulation.1` take the whole
 down matrix and a block-diagonal up matrix. The wrapper (both its merged and its unmerged LoRA path)
 applies `strength * alpha / r`, r the rows of lora_down, so alpha is written such that alpha / r is the
-part's scale exactly in float64 (stored as float32 when that holds it, else float64); where no alpha
-does (or the scale is not positive: the wrapper reads an alpha of 0 as "no alpha" on one path), the
-scale is folded into the up matrix (one rounding, float32 or wider) and alpha = r.
+part's scale exactly in float64 where any float64 alpha gives it, else within one float64 ulp
+(`_common.exact_alpha`; stored as float32 when that holds it, else float64). Alpha is always positive
+(the wrapper reads an alpha of 0 as "no alpha" on one path): a negative scale is written as the alpha
+of its magnitude on the negated up matrix (exact); a zero scale is folded into the up matrix, alpha = r.
 
 Reading is the kohya reader's (`kohya.py`): a file with these names reads back as `wanvideo`.
 `comfyui` is another name for this format (`--to comfyui`).
