@@ -12,8 +12,9 @@ failure ends the run) against that copy (PYTHONPATH points at the copy's src, so
 the mutant too). A mutant is killed when the subset fails or runs past its timeout.
 
 Mutants are generated from the AST of each core module (formats/, model/, io/, apply/runtime.py,
-apply/merge.py with base_checkpoint.py and side_files.py, apply/targets.py, commands/verify.py, the
-numpy arithmetic of resize / combine in algebra/cells.py, lowrank.py, combine.py, and threads.py):
+apply/merge.py with base_checkpoint.py and side_files.py, apply/targets.py, the correctly rounded merge
+arithmetic of apply/exact.py, commands/verify.py, the numpy arithmetic of resize / combine in
+algebra/cells.py, lowrank.py, combine.py, and threads.py):
 comparison and arithmetic operators, and/or, `not`, small integer and float constants, True/False,
 dtype names ("F64" <-> "F32", "F16" <-> "BF16", torch.float64 <-> torch.float32). Lines that only
 build messages, docstrings and type hints are left alone. `EQUIVALENT` lists mutants that cannot
@@ -46,7 +47,7 @@ CORE = ["formats/__init__.py", "formats/_common.py", "formats/base.py", "formats
         "model/sources.py", "model/layout.py", "model/naming.py", "io/dtypes.py", "io/reader.py", "io/serdejson.py",
         "io/writer.py", "io/outputs.py", "io/direct.py", "apply/runtime.py", "apply/layers.py", "apply/fuse.py", "apply/targets.py",
         "apply/merge.py", "apply/base_checkpoint.py", "apply/side_files.py", "apply/pipeline.py",
-        "apply/merge_compute.py", "commands/verify.py", "algebra/cells.py", "algebra/lowrank.py",
+        "apply/merge_compute.py", "apply/exact.py", "commands/verify.py", "algebra/cells.py", "algebra/lowrank.py",
         "algebra/combine.py", "threads.py"]
 
 # Fast subsets (pytest node ids), per core module, the quickest and most telling first (`-x` stops a
@@ -83,6 +84,18 @@ _MERGE = ["tests/test_merge.py::test_parse_lora_arg", "tests/test_merge.py::test
           R + "test_merge_output_dtypes_and_values", "tests/test_merge.py::test_unmapped_lora_modules",
           "tests/test_merge.py::test_merged_checkpoint_reproduces_apply_lora[longcat]"]
 _ALGEBRA = ["tests/test_numpy_kernels.py", "tests/test_algebra_resize.py"]
+X = "tests/test_review_exact.py::"
+P = "tests/test_reproducible.py::test_every_merged_element_is_correctly_rounded"
+# apply/exact.py: each path on tiny crafted inputs against Fractions (1 s in all), the review's findings,
+# its levels, then whole merges against the reference (the module fixture costs ~6 s once)
+_EXACT = ["tests/test_exact_mutants.py", X + "test_an_exact_zero_is_plus_zero_whatever_the_summation_order",
+          X + "test_float64_factors_too_small_for_their_squares_or_products",
+          X + "test_just_below_the_overflow_threshold_rounds_to_the_largest_value",
+          X + "test_strength_times_scale_that_rounds_in_float64_is_not_certified_exact",
+          "tests/test_merge_exact_levels.py", P + "[bf16-keep]", P + "[fp32-keep]", P + "[fp16-keep]",
+          P + "[fp32-bf16]", P + "[bf16-fp32]", P + "[fp64-keep]",
+          "tests/test_reproducible.py::test_runtime_merge_lora_is_correctly_rounded_too",
+          "tests/test_reproducible.py::test_bytes_do_not_depend_on_workers_chunks_threads_or_summation_order"]
 SUBSETS = {
     "formats": _FORMATS,
     "model/adapter.py": _FORMATS + ["tests/test_lazy.py"],
@@ -120,6 +133,7 @@ SUBSETS = {
     "apply/side_files.py": _MERGE,
     "apply/pipeline.py": _MERGE + ["tests/test_merge.py"],
     "apply/merge_compute.py": _MERGE + ["tests/test_merge_workers.py", "tests/test_direct.py", "tests/test_merge.py"],
+    "apply/exact.py": _EXACT,
     "commands/verify.py": [R + "test_verify_when_the_two_sides_split_rows_differently",
                   R + "test_verify_reports_the_reference_relative_error",
                   "tests/test_cli.py::test_verify_exit_codes_and_worst_location"],
