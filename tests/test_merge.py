@@ -354,13 +354,20 @@ mc.CpuStages.compute = compute
 """
 
 
+def _foreground_signals() -> None:
+    """The child as a foreground command gets them: a suite run as a background job (`make test &`) has
+    SIGINT ignored, which children inherit and the CLI rightly keeps ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_mid_pipeline_stops_promptly_and_leaves_nothing(setup, tmp_path, sig, code):
     d, bases, loras = setup
     out = tmp_path / "merged"
     p = subprocess.Popen([sys.executable, "-c", "import sys\n" + SLOW + MAIN, "merge", bases["longcat"], str(out),
                           "--lora", loras["ref"], "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=ENV)
+                         text=True, env=ENV, preexec_fn=_foreground_signals)
     assert p.stdout.readline().strip() == "COMPUTING"
     time.sleep(0.5)
     t0 = time.perf_counter()
