@@ -235,11 +235,10 @@ def test_products_with_strength_in_the_subnormal_range_are_not_taken_as_exact():
               (0, 1, t64([[a]]), t64([[-a]]), 2.0**-100, 1.0)], ("F32",))
 
 
-@pytest.mark.xfail(strict=True, reason="_dd takes strength x scale x sum underflowing to 0 as exact "
-                   "(`xh == 0` with sh != 0): a float32 or bf16 midpoint plus 2**-1160 rounds to even")
 def test_a_term_whose_product_with_strength_underflows_is_not_exact():
     """2**-480 x 2**-480 x 2**-200 = 2**-1160 is below float64's range but not zero: W = 1 + 2**-24 (a float32
-    midpoint) and 1 + 2**-8 (a bf16 one) plus it round up, not to even."""
+    midpoint) and 1 + 2**-8 (a bf16 one) plus it round up, not to even. (The double-double level took a
+    product that underflowed to 0 for an exact 0.)"""
     w = t64([[1 + 2.0**-24, 1 + 2.0**-8]])
     check(w, [(0, 1, t64([[2.0**-480]]), t64([[2.0**-480, 2.0**-480]]), 2.0**-200, 1.0)], ("F32", "BF16"))
 
@@ -290,3 +289,15 @@ def test_bulk_flags_exactly_the_midpoints_and_rounds_the_rest(dtype, device_path
             lambda r, c: w.numpy()[r, c], CpuScratch())
     want = merged_fractions(w, [(0, 1, t64([[2.0**-35]]), t64([[2.0**-35] * cols]), 1.0, 1.0)], TD[dtype])
     assert same_bits(torch.as_tensor(res).as_subclass(torch.Tensor), want)
+
+
+def test_products_that_underflow_before_a_huge_strength_x_scale_are_bounded():
+    """up x down = 1.5 * 2**-1074 rounds to 2**-1073 in float64 (a subnormal product loses bits), and
+    BLAS kernels may scale the sum by strength x scale = 2**1000 after it: the float64 sum is then off by
+    2**-75, far more than a bound relative to the values (2**-118 here). W sits between the computed sum
+    and the exact one around a float32 midpoint M, so only a bound that counts the underflow gets it
+    right, in the bulk and in the double-double level."""
+    mid = 1.5 * 2.0**-70 + 2.0**-94  # a float32 midpoint
+    w = t64([[mid - 0.875 * 2.0**-73, 1.0]])
+    up, down = t64([[2.0**-537]]), t64([[1.5 * 2.0**-537, 2.0**-537]])
+    check(w, [(0, 1, up, down, 1.0, 2.0**1000)], ("F32", "BF16", "F64"))

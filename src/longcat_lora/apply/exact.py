@@ -228,6 +228,11 @@ class ExactMerge:
         self.nd: list[np.ndarray] = []  # per term: |down column|
         self.nd_max: list[float] = []
         self.alphas = [abs(t.alpha) * (1 + 2.0 ** -50) for t in self.terms]
+        # the absolute error that products and sums in the subnormal range may add (each at most 2**-1075),
+        # times strength x scale: a BLAS may scale the sum after forming it (then 1.5 * 2**-1074 rounded to
+        # 2**-1073, times 2**1000, is 2**-75 off); far below anything for ordinary scales
+        self.tiny = sum(math.ldexp(max(al, 1.0) * (t.up.shape[1] + 2) * (1 + 2.0 ** -20), -1073) + 2.0 ** -1072
+                        for al, t in zip(self.alphas, self.terms))
         self.up_np = [t.up.cpu().numpy() for t in self.terms]
         self.down_np = [t.down.cpu().numpy() for t in self.terms]
         for t, u, d in zip(self.terms, self.up_np, self.down_np):
@@ -264,7 +269,7 @@ class ExactMerge:
         for al, nu, nd in zip(self.alphas, self.nu, self.nd):
             a += al * nu[rows] * nd[cols]
         # (+ g * 2**-1022: the absolute error of float64 operations whose results are subnormal)
-        return (self.g * (np.abs(v) + 2.0 * a)) * (1 + 2.0 ** -30) + self.g * 2.0 ** -1022
+        return (self.g * (np.abs(v) + 2.0 * a)) * (1 + 2.0 ** -30) + self.g * 2.0 ** -1022 + self.tiny
 
     def _change_free(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Where no term can change the element: each has a zero strength x scale, up row or down column."""
@@ -275,9 +280,10 @@ class ExactMerge:
         return ~touched
 
     def _low_threshold(self, r0: int, r1: int, budget: float) -> float:
-        """|value| below which the relative window cannot be trusted: 2 g A (1+eps) / (budget - g (1+eps))."""
+        """|value| below which the relative window cannot be trusted:
+        (2 g A + the absolute terms) (1+eps) / (budget - g (1+eps))."""
         a = self._row_bound(r0, r1)
-        return 2.0 * self.g * a * (1 + 2.0 ** -20) / (budget - self.g * (1 + 2.0 ** -20))
+        return (2.0 * self.g * a + 2.0 * self.tiny) * (1 + 2.0 ** -20) / (budget - self.g * (1 + 2.0 ** -20))
 
     # ------------------------------------------------------------------ the chunk
 
@@ -330,7 +336,7 @@ class ExactMerge:
     def max_bound(self, value: float) -> float:
         """An upper bound of `bound` over every element whose float64 sum is at most `value` in magnitude."""
         a = self._row_bound(0, self.rows)
-        return (self.g * (abs(value) + 2.0 * a)) * (1 + 2.0 ** -29) + self.g * 2.0 ** -1021
+        return (self.g * (abs(value) + 2.0 * a)) * (1 + 2.0 ** -29) + self.g * 2.0 ** -1021 + self.tiny
 
     def low_threshold(self, r0: int, r1: int, budget: float) -> float:
         """|value| below which, in rows r0:r1, the bound may exceed `budget` times the value."""
@@ -509,17 +515,19 @@ class ExactMerge:
         mag = np.abs(hi)
         exact = np.ones(hi.shape, dtype=bool)
         units = 16.0  # multiples of u**2 = 2**-106 of mag that bound the error
-        tiny = 2.0
+        tiny = 2.0 * 2.0 ** -1070  # absolute: subnormal products and sums, each term's times its strength x scale
         for j, (t, u, d) in enumerate(zip(self.terms, self.up_np, self.down_np)):
             ii = np.flatnonzero((rows >= t.rows[0]) & (rows < t.rows[1]))
             r = u.shape[1]
             if not ii.size or not r:
                 continue
+            ah, al = _two_prod(np.float64(t.strength), np.float64(t.scale))
+            sub = max(1.0, abs(float(ah))) * 2.0 ** -1070 * 4 * r  # (2**-1070 * |ah| does not overflow)
             uu, dd = u[rows[ii] - t.rows[0]], d[:, cols[ii]].T  # [n, r] each
             if self._narrow[j]:  # factors of at most 24 bits: every product is exact
                 ph = uu * dd
                 err = np.zeros(ii.size)
-                tiny += 4 * r  # (a product in the subnormal range is not)
+                tiny += sub  # (a product in the subnormal range is not)
             else:
                 ph, pl = _two_prod(uu, dd)
                 err = pl.sum(axis=1)
@@ -538,11 +546,10 @@ class ExactMerge:
                 levels += 1
             exact[ii] &= err == 0  # (then no low part at all: the tree summed without error)
             sh, sl = _two_sum(h[:, 0], err)
-            ah, al = _two_prod(np.float64(t.strength), np.float64(t.scale))
             if al == 0:  # strength x scale is a float64: (sh + sl) * ah in double-double, error-free when sl == 0
                 xh, xl = _two_prod(sh, ah)
                 xl = xl + sl * ah
-                exact[ii] &= (sl == 0) & ((xh == 0) | (np.abs(xh) >= 2.0 ** -960))
+                exact[ii] &= (sl == 0) & ((sh == 0) | (np.abs(xh) >= 2.0 ** -960))  # (xh == 0 may be an underflow)
             else:
                 xh, xl = _dd_mul(sh, sl, ah, al)
                 exact[ii] = False
@@ -554,9 +561,9 @@ class ExactMerge:
             hi[ii], lo[ii] = _two_sum(s1, u1 + (ue + te))
             mag[ii] += abs(float(ah)) * m * 2
             units += 2.0 * (r + 1) * (levels + 2) + 16
-            tiny += 4 * r
+            tiny += sub + 4 * 2.0 ** -1070
         exact &= np.isfinite(hi) & (np.abs(hi) >= 2.0 ** -960)  # (far from the subnormal range)
-        e = units * 2.0 ** -106 * mag + tiny * 2.0 ** -1070
+        e = units * 2.0 ** -106 * mag + tiny
         return hi, lo, e, exact
 
     def compare(self, rows: np.ndarray, cols: np.ndarray, base: Callable[[np.ndarray, np.ndarray], np.ndarray],
@@ -624,6 +631,7 @@ class ExactMerge:
         lo = np.zeros_like(hi)
         mag = np.abs(hi)  # sum of the magnitudes of everything added (for the bound)
         count = 0
+        tiny = 2.0 ** -1070  # absolute: subnormal products and sums, each term's times its strength x scale
         for t, u, d in zip(self.terms, self.up_np, self.down_np):
             a, b = max(r0, t.rows[0]), min(r1, t.rows[1])
             if a >= b:
@@ -640,8 +648,9 @@ class ExactMerge:
             hi[a - r0:b - r0], lo[a - r0:b - r0] = _dd_add(hi[a - r0:b - r0], lo[a - r0:b - r0], xh, xl)
             mag[a - r0:b - r0] += np.abs(float(ah)) * sm * 2
             count += uu.shape[1] + 4
+            tiny += max(1.0, abs(float(ah))) * 2.0 ** -1070 * 4 * (uu.shape[1] + 2)
         v = hi + lo
-        e = (count + 2) * 8 * 2.0 ** -106 * mag + 2.0 ** -1070
+        e = (count + 2) * 8 * 2.0 ** -106 * mag + tiny
         with np.errstate(over="ignore", invalid="ignore"):
             ra = hi + np.nextafter(lo - e, -np.inf)
             rb = hi + np.nextafter(lo + e, np.inf)
@@ -728,8 +737,12 @@ _SPLIT = 134217729.0  # 2**27 + 1
 
 
 def _split(a):
-    c = _SPLIT * a
-    hi = c - (c - a)
+    """(hi, lo), a = hi + lo exactly, each of at most 26 significant bits (Dekker). A value past 2**995,
+    whose 2**27 + 1 multiple would overflow, is split scaled down by 2**-54 (exact) and scaled back."""
+    s = np.where(np.abs(a) > 2.0 ** 995, 2.0 ** -54, 1.0)
+    a_s = a * s
+    c = _SPLIT * a_s
+    hi = (c - (c - a_s)) / s
     return hi, a - hi
 
 
