@@ -34,6 +34,10 @@ then levels 2 to 5 as above: exact, and slow (a float64 checkpoint of LongCat-Vi
 The cost against a plain float32 merge is the float64 products (about twice the float32 GEMM time on
 the project's machine) and a few cheap passes over each chunk; figures in docs/performance.md, the
 guarantee and its edges in docs/formats.md.
+
+One module, longer than the house's usual: the levels share one weight's norms, bound, certificate and
+double-double helpers, and each level's correctness argument leans on the one before it; split, the
+argument would be spread over files.
 """
 
 from __future__ import annotations
