@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -324,9 +325,18 @@ def test_device_stages_on_cpu_agree_with_the_cpu_path_and_the_reference(setup, t
 def test_nonfinite_merge_and_failing_read_leave_nothing_and_no_thread(setup, tmp_path, monkeypatch):
     d, bases, loras = setup
     out = tmp_path / "o"
-    with pytest.raises(L.LoraError, match=r"merging gives non-finite values in .* \(as F16\)"):
-        L.merge_checkpoint(bases["longcat"], str(out), [(loras["ref"], 1e30)], dtype="fp16")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(L.LoraError, match=r"merging gives non-finite values in .* \(as F16\)"):
+            L.merge_checkpoint(bases["longcat"], str(out), [(loras["ref"], 1e30)], dtype="fp16")
+    assert [str(w.message) for w in seen] == []  # (numpy's overflow warning would be a second stderr line)
     assert not out.exists() and os.listdir(tmp_path) == [] and _threads() == []
+    # the CLI as users run it (the suite's `cli` silences Python warnings): one line
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    p = subprocess.run([sys.executable, "-m", "longcat_lora", "merge", bases["longcat"], str(out), "--lora",
+                        f"{loras['ref']}:1e30", "--dtype", "fp16"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "non-finite" in p.stderr, p.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []
     calls = []
     real = SafeFile.read_into
 
