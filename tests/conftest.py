@@ -19,7 +19,8 @@ DIMS = DitDims(hidden=64, ffn=176, adaln=32, final_out=16, depth=48)
 def cli(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess."""
     p = subprocess.run([sys.executable, "-m", "longcat_lora", *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
+    assert "Warning" not in p.stderr, p.stderr
     if check is not None:
         assert p.returncode == check, f"exit {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
     return p

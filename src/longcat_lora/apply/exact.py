@@ -719,14 +719,16 @@ def _signed(dtype: str):
 
 def _f32_bits_ceil(x: float) -> int:
     """The bits of the smallest float32 >= x (x >= 0), as an int (magnitude bits compare like values)."""
-    t = np.float32(x)
+    with np.errstate(over="ignore"):  # past float32's range: inf, whose bits compare above every value
+        t = np.float32(x)
     if float(t) < x:
         t = np.nextafter(t, np.float32(np.inf))
     return int(np.array(t, dtype=np.float32).view(np.int32))
 
 
 def _f32_bits_floor(x: float) -> int:
-    t = np.float32(x)
+    with np.errstate(over="ignore"):
+        t = np.float32(x)
     if float(t) > x:
         t = np.nextafter(t, np.float32(0))
     return int(np.array(t, dtype=np.float32).view(np.int32))
